@@ -1,0 +1,327 @@
+"""The one typed configuration model of RackTwin.
+
+Sources, strongest first: environment variables ``RACKTWIN_*`` (flat names, e.g.
+``RACKTWIN_MQTT_HOST``), secrets read from ``RACKTWIN_<FIELD>_FILE`` files, then the YAML file named
+by ``RACKTWIN_CONFIG`` (same flat keys, plus the ``mapping`` section). Unknown keys are rejected
+everywhere, so a typo stops start-up with the field's name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "RACKTWIN_"
+
+# Keys the rule-engine / device payloads carry, for the one-device-per-rack model (our users' names).
+DEFAULT_RACK_KEYS: dict[str, list[str]] = {
+    "tempTop": ["tempTop", "temperature_top", "temp_top"],
+    "tempBottom": ["tempBottom", "temperature_bottom", "temp_bottom"],
+    "humidityTop": ["humidityTop", "humidity_top", "hum_top"],
+    "humidityBottom": ["humidityBottom", "humidity_bottom", "hum_bottom"],
+}
+DEFAULT_SENSOR_KEYS: dict[str, list[str]] = {
+    "temperature": ["temperature", "temp"],
+    "humidity": ["humidity", "hum"],
+}
+
+
+class ConfigError(Exception):
+    """Raised when the configuration is invalid; the message names the offending field(s)."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RackMeta(StrictModel):
+    """Where a rack stands. Any field left out falls back to the mapping defaults."""
+
+    site: str | None = Field(None, description="Site (data center) name, e.g. 'fra1'.")
+    room: str | None = Field(None, description="Room or data hall, e.g. 'hall-1'.")
+    row: str | None = Field(None, description="Row in the room, e.g. 'A'.")
+    position_in_row: int | None = Field(None, description="Order of the rack within its row, 1-based.")
+
+
+class MappingConfig(StrictModel):
+    """How ThingsBoard devices and telemetry keys map to racks and sensor positions."""
+
+    mode: Literal["per_rack", "per_sensor"] = Field(
+        "per_rack",
+        description="per_rack: one device per rack with keys tempTop/tempBottom/humidityTop/humidityBottom. "
+        "per_sensor: one device per sensor position, named by device_pattern, with keys temperature/humidity.",
+    )
+    device_pattern: str = Field(
+        r"(?P<rack>.+)",
+        description="Regex matched against the whole device name. Named groups: rack (required), position "
+        "(per_sensor: must match top|bottom), optionally site, room, row. Devices that do not match are rejected.",
+    )
+    device_types: list[str] = Field(
+        default_factory=list,
+        description="If set, only devices of these ThingsBoard device types (profile names) are accepted.",
+    )
+    rack_keys: dict[Literal["tempTop", "tempBottom", "humidityTop", "humidityBottom"], list[str]] = Field(
+        default_factory=lambda: dict(DEFAULT_RACK_KEYS),
+        description="per_rack: telemetry key aliases for each twin field.",
+    )
+    sensor_keys: dict[Literal["temperature", "humidity"], list[str]] = Field(
+        default_factory=lambda: dict(DEFAULT_SENSOR_KEYS),
+        description="per_sensor: telemetry key aliases for temperature and humidity.",
+    )
+    default_site: str = Field("site1", description="Site of racks with no site in racks: or the device name.")
+    default_room: str = Field("room1", description="Room of racks with no room in racks: or the device name.")
+    default_row: str = Field("row1", description="Row of racks with no row in racks: or the device name.")
+    racks: dict[str, RackMeta] = Field(default_factory=dict, description="Per-rack metadata keyed by rack name.")
+    only_listed_racks: bool = Field(False, description="Reject devices whose rack is not listed under racks:.")
+
+    @field_validator("device_pattern")
+    @classmethod
+    def _pattern_compiles(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        if "rack" not in compiled.groupindex:
+            raise ValueError("must have a named group (?P<rack>...)")
+        return value
+
+    @model_validator(mode="after")
+    def _per_sensor_needs_position(self) -> "MappingConfig":
+        if self.mode == "per_sensor" and "position" not in re.compile(self.device_pattern).groupindex:
+            raise ValueError("device_pattern: mode per_sensor needs a named group (?P<position>top|bottom)")
+        seen: dict[str, str] = {}
+        aliases = self.rack_keys if self.mode == "per_rack" else self.sensor_keys
+        for field, keys in aliases.items():
+            for key in keys:
+                if key in seen and seen[key] != field:
+                    raise ValueError(f"key alias {key!r} is used for both {seen[key]} and {field}")
+                seen[key] = field
+        return self
+
+
+class YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by RACKTWIN_CONFIG (flat keys as in the environment, plus mapping)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None):
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if not path:
+            return
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"RACKTWIN_CONFIG: cannot read {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"RACKTWIN_CONFIG: {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"RACKTWIN_CONFIG: {path} must hold a mapping of settings at the top level")
+        self._data = loaded
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """RACKTWIN_<FIELD>_FILE=/run/secrets/x puts the file's content (stripped) into a secret field."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            if field.annotation not in (SecretStr, SecretStr | None):
+                continue
+            env = f"{ENV_PREFIX}{name.upper()}_FILE"
+            path = os.environ.get(env)
+            if path:
+                try:
+                    values[name] = Path(path).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ConfigError(f"{env}: cannot read {path}: {exc.strerror}") from exc
+        return values
+
+
+class Settings(BaseSettings):
+    """Everything the bridge needs to run. Env: RACKTWIN_<FIELD NAME IN CAPITALS>."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, case_sensitive=False)
+
+    # MQTT: the broker ThingsBoard's rule engine publishes to.
+    mqtt_host: str = Field("localhost", description="MQTT broker host.")
+    mqtt_port: int = Field(1883, ge=1, le=65535, description="MQTT broker port.")
+    mqtt_username: str | None = Field(None, description="MQTT user name.")
+    mqtt_password: SecretStr | None = Field(None, description="MQTT password (or RACKTWIN_MQTT_PASSWORD_FILE).")
+    mqtt_tls: bool = Field(False, description="Connect to the broker with TLS.")
+    mqtt_client_id: str = Field(
+        "racktwin-bridge",
+        min_length=1,
+        max_length=64,
+        description="Fixed client id: with a persistent session the broker keeps messages while the bridge restarts.",
+    )
+    mqtt_topic: str = Field("racktwin/telemetry/#", min_length=1, description="Topic filter to subscribe to.")
+    mqtt_shared_group: str | None = Field(
+        None,
+        pattern=r"^[^/+#]+$",
+        description="If set, subscribe as $share/<group>/<topic> so several bridge replicas split the load.",
+    )
+    mqtt_session_expiry_s: int = Field(
+        86400, ge=0, description="How long the broker keeps the session (and queued messages) while we are away."
+    )
+    mqtt_receive_maximum: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="Unacknowledged messages the broker may have in flight to us: bounds memory under backpressure.",
+    )
+    mqtt_keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
+
+    # Ditto: current twin state.
+    ditto_url: str = Field("http://localhost:8080", description="Ditto base URL (nginx in front of the gateway).")
+    ditto_username: str = Field("bridge", description="Ditto (nginx basic auth) user of the bridge.")
+    ditto_password: SecretStr | None = Field(None, description="Its password (or RACKTWIN_DITTO_PASSWORD_FILE).")
+    ditto_namespace: str = Field(
+        "dc.site1",
+        pattern=r"^[a-zA-Z]\w*(?:[.-][a-zA-Z]\w*)*$",
+        description="Namespace of the rack things: <namespace>:<rack>.",
+    )
+    ditto_policy_id: str | None = Field(
+        None, description="Shared policy of all rack things; default <namespace>:racktwin."
+    )
+    ditto_policy_subjects: dict[Literal["admin", "bridge", "reader"], list[str]] = Field(
+        default_factory=lambda: {"admin": ["nginx:ditto"], "bridge": ["nginx:bridge"], "reader": ["nginx:grafana"]},
+        description="Subjects granted on the shared policy: admin (policy+thing RW), bridge (thing RW), reader (thing R).",
+    )
+    ditto_concurrency: int = Field(8, ge=1, le=256, description="Things updated concurrently (HTTP connections).")
+    ditto_timeout_s: float = Field(10.0, gt=0, le=60, description="Timeout of one Ditto request.")
+
+    # InfluxDB: history.
+    influx_url: str = Field("http://localhost:8086", description="InfluxDB base URL.")
+    influx_token: SecretStr | None = Field(
+        None, description="2.x API token, or 'user:password' for 1.8+ (or RACKTWIN_INFLUX_TOKEN_FILE)."
+    )
+    influx_org: str = Field("racktwin", description="2.x organisation ('-' for 1.8+).")
+    influx_bucket: str = Field("racktwin", min_length=1, description="2.x bucket, or 'db/rp' for 1.8+.")
+    influx_batch_size: int = Field(1000, ge=1, le=50000, description="Points per write request at most.")
+    influx_flush_interval_s: float = Field(0.2, gt=0, le=60, description="Longest a point waits for its batch.")
+    influx_timeout_s: float = Field(10.0, gt=0, le=120, description="Timeout of one InfluxDB write.")
+    influx_stats_interval_s: float = Field(
+        10.0, ge=0, description="How often the bridge writes its own counters to InfluxDB (0 = never)."
+    )
+
+    # Input validation.
+    max_payload_bytes: int = Field(65536, ge=256, description="Larger MQTT payloads are rejected.")
+    temp_min_c: float = Field(-20.0, description="Lowest plausible temperature (°C).")
+    temp_max_c: float = Field(80.0, description="Highest plausible temperature (°C).")
+    humidity_min_pct: float = Field(0.0, ge=0, le=100, description="Lowest plausible relative humidity (%).")
+    humidity_max_pct: float = Field(100.0, ge=0, le=100, description="Highest plausible relative humidity (%).")
+    max_future_s: float = Field(300.0, ge=0, description="Readings further in the future than this are rejected.")
+    max_age_s: float = Field(7 * 86400.0, gt=0, description="Readings older than this are rejected.")
+
+    mapping: MappingConfig = Field(default_factory=MappingConfig, description="Device and key mapping (YAML).")
+
+    # Operating.
+    http_host: str = Field("0.0.0.0", description="Bind address of /healthz, /readyz, /metrics.")
+    http_port: int = Field(9108, ge=0, le=65535, description="Port of /healthz, /readyz, /metrics (0 = any).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_json: bool = Field(False, description="One JSON object per log line.")
+    reject_log_interval_s: float = Field(60.0, ge=0, description="At most one reject log line per device per interval.")
+    shutdown_timeout_s: float = Field(20.0, gt=0, description="How long SIGTERM waits for in-flight readings.")
+
+    @field_validator("ditto_url", "influx_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "Settings":
+        if self.temp_min_c >= self.temp_max_c:
+            raise ValueError("temp_min_c must be below temp_max_c")
+        if self.humidity_min_pct >= self.humidity_max_pct:
+            raise ValueError("humidity_min_pct must be below humidity_max_pct")
+        return self
+
+    @property
+    def policy_id(self) -> str:
+        return self.ditto_policy_id or f"{self.ditto_namespace}:racktwin"
+
+    @property
+    def subscription_topic(self) -> str:
+        if self.mqtt_shared_group:
+            return f"$share/{self.mqtt_shared_group}/{self.mqtt_topic}"
+        return self.mqtt_topic
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            SecretFileSource(settings_cls),
+            YamlFileSource(settings_cls, os.environ.get(f"{ENV_PREFIX}CONFIG")),
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        top = str(err["loc"][0]) if err["loc"] else ""
+        hint = f" (env {ENV_PREFIX}{top.upper()})" if top and top != "mapping" else ""
+        lines.append(f"  {loc}{hint}: {err['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from env/files; raise ConfigError with every bad field named."""
+    unknown = sorted(
+        key
+        for key in os.environ
+        if key.upper().startswith(ENV_PREFIX)
+        and key.upper() != f"{ENV_PREFIX}CONFIG"
+        and _field_of_env(key.upper()) is None
+    )
+    if unknown:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {k}: unknown setting" for k in unknown))
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _field_of_env(env: str) -> str | None:
+    name = env[len(ENV_PREFIX):].lower()
+    if name in Settings.model_fields:
+        return name
+    if name.endswith("_file") and name[:-5] in Settings.model_fields:
+        return name[:-5]
+    return None
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with secrets masked, for `racktwin check-config`."""
+    data = settings.model_dump(mode="json")
+    for name, field in Settings.model_fields.items():
+        if field.annotation in (SecretStr, SecretStr | None):
+            data[name] = "***" if getattr(settings, name) is not None else None
+    return data

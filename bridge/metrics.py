@@ -1,0 +1,71 @@
+"""Prometheus metrics of one bridge instance (own registry, so tests can run several bridges)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REJECT_REASONS = (
+    "payload_too_large",
+    "invalid_json",
+    "not_object",
+    "unknown_device",
+    "invalid_rack_name",
+    "no_readings",
+    "non_numeric",
+    "not_finite",
+    "out_of_range",
+    "ts_invalid",
+    "ts_future",
+    "ts_too_old",
+)
+
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("racktwin_messages_received", "MQTT messages received", registry=r)
+        self.accepted = Counter("racktwin_messages_accepted", "Messages that mapped to readings", registry=r)
+        self.rejected = Counter(
+            "racktwin_messages_rejected", "Messages rejected, by reason", ["reason"], registry=r
+        )
+        self.readings = Counter("racktwin_readings_accepted", "Sensor readings accepted", registry=r)
+        self.influx_points = Counter("racktwin_influx_points_written", "Points confirmed by InfluxDB", registry=r)
+        self.influx_errors = Counter(
+            "racktwin_influx_write_errors", "Failed InfluxDB writes (retried), by kind", ["kind"], registry=r
+        )
+        self.influx_dropped = Counter(
+            "racktwin_influx_points_refused", "Points InfluxDB refused permanently (4xx)", registry=r
+        )
+        self.ditto_updates = Counter(
+            "racktwin_ditto_updates", "Ditto requests by result", ["result"], registry=r
+        )
+        self.coalesced = Counter(
+            "racktwin_ditto_coalesced", "Readings merged into a pending twin update instead of their own request",
+            registry=r,
+        )
+        self.stale = Counter(
+            "racktwin_ditto_stale", "Readings older than the twin's state, not written", registry=r
+        )
+        self.in_flight = Gauge("racktwin_messages_in_flight", "Messages not yet confirmed by all sinks", registry=r)
+        self.lag = Histogram(
+            "racktwin_end_to_end_lag_seconds",
+            "From the reading's source timestamp to the sink's confirmation",
+            ["sink"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.connected = Gauge("racktwin_mqtt_connected", "1 while connected to the broker", registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for result in ("ok", "created", "stale", "retry", "error"):
+            self.ditto_updates.labels(result)
+        for sink in ("influx", "ditto"):
+            self.lag.labels(sink)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of a sample, for tests and the stats writer."""
+        got = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if got is None else got

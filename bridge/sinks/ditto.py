@@ -1,0 +1,378 @@
+"""Ditto twin sink: one request in flight per thing, later readings merged into the next request.
+
+Ditto is slower than the input, so each rack thing has a pending merge patch. While a request for
+that thing is in flight, new readings fold into the pending patch; when the request ends the
+pending patch goes next. Workers run different things concurrently over kept-alive connections.
+Every PATCH carries a condition that the twin's source timestamps are older than ours, so an older
+reading can never overwrite a newer one; a failed condition is "stale", not an error.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import requests
+
+from .. import twin
+from ..config import Settings
+from ..mapping import Position, RackLocation, SensorReading
+from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+RETRY_STATUSES = {401, 403, 404, 408, 429, 500, 502, 503, 504}
+
+
+class DittoError(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(f"HTTP {status}: {text[:200]}")
+        self.status = status
+
+
+@dataclass
+class _Waiter:
+    ts_ms: int
+    on_confirmed: Callable[[], None] | None
+
+
+@dataclass
+class _Thing:
+    tid: str
+    location: RackLocation
+    ensured: bool = False
+    known: dict[Position, twin.PositionState] = field(default_factory=dict)
+    attributes_sent: dict[str, Any] | None = None
+    devices: dict[Position, str] = field(default_factory=dict)
+    pending: dict[Position, twin.PositionState] = field(default_factory=dict)
+    waiters: list[_Waiter] = field(default_factory=list)
+    scheduled: bool = False
+    attempts: int = 0
+
+
+class DittoClient:
+    """Thin HTTP adapter for the few Ditto calls we make. One instance per worker thread."""
+
+    def __init__(self, settings: Settings):
+        self.base = settings.ditto_url
+        self.timeout = settings.ditto_timeout_s
+        self.session = requests.Session()
+        password = settings.ditto_password.get_secret_value() if settings.ditto_password else ""
+        self.session.auth = (settings.ditto_username, password)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return self.session.request(method, self.base + path, timeout=self.timeout, **kwargs)
+
+    def get_thing(self, tid: str) -> dict[str, Any] | None:
+        resp = self.request(
+            "GET",
+            twin.thing_path(tid),
+            params={"fields": f"thingId,policyId,attributes,{twin.PROPS_PATH}"},
+        )
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise DittoError(resp.status_code, resp.text)
+        return resp.json()
+
+    def create_thing(self, tid: str, body: dict[str, Any]) -> bool:
+        """Create only; False if the thing already exists."""
+        resp = self.request(
+            "PUT",
+            twin.thing_path(tid),
+            data=json.dumps(body),
+            headers={"Content-Type": "application/json", "If-None-Match": "*"},
+        )
+        if resp.status_code == 201:
+            return True
+        if resp.status_code == 412:
+            return False
+        raise DittoError(resp.status_code, resp.text)
+
+    def patch_thing(self, tid: str, patch: dict[str, Any], condition: str) -> int:
+        resp = self.request(
+            "PATCH",
+            twin.thing_path(tid),
+            params={"condition": condition},
+            data=json.dumps(patch, separators=(",", ":")),
+            headers={"Content-Type": MERGE_PATCH},
+        )
+        if resp.status_code in (201, 204, 412):
+            return resp.status_code
+        raise DittoError(resp.status_code, resp.text)
+
+    def ensure_policy(self, policy_id: str, body: dict[str, Any]) -> bool:
+        resp = self.request(
+            "PUT",
+            "/api/2/policies/" + requests.utils.quote(policy_id, safe=":"),
+            data=json.dumps(body),
+            headers={"Content-Type": "application/json", "If-None-Match": "*"},
+        )
+        if resp.status_code == 201:
+            return True
+        if resp.status_code == 412:
+            return False
+        raise DittoError(resp.status_code, resp.text)
+
+    def health(self) -> bool:
+        try:
+            return self.session.get(self.base + "/health", timeout=self.timeout).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class DittoUpdater:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._things: dict[str, _Thing] = {}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._ready: list[str] = []  # FIFO of thing ids with pending work
+        self._ready_head = 0
+        self._delayed: list[tuple[float, int, str]] = []  # (due, seq, tid) for backoff
+        self._seq = 0
+        self._busy = 0
+        self._stopping = False
+        self._abandon = False
+        self._workers = [
+            threading.Thread(target=self._work, name=f"ditto-{i}", daemon=True)
+            for i in range(settings.ditto_concurrency)
+        ]
+        self.healthy = True
+        self.policy_ready = False
+        self.last_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for worker in self._workers:
+            worker.start()
+
+    def ensure_policy(self, client: DittoClient | None = None) -> None:
+        own = client is None
+        client = client or DittoClient(self.settings)
+        try:
+            created = client.ensure_policy(
+                self.settings.policy_id, twin.policy_body(self.settings.ditto_policy_subjects)
+            )
+            log.info("Ditto policy %s %s", self.settings.policy_id, "created" if created else "exists")
+            self.policy_ready = True
+        finally:
+            if own:
+                client.close()
+
+    def stop(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            while (self._pending_work() or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.1)
+            self._abandon = True
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join(timeout=max(0.1, deadline - time.monotonic()) + self.settings.ditto_timeout_s)
+
+    def _pending_work(self) -> bool:
+        return self._ready_head < len(self._ready) or bool(self._delayed)
+
+    @property
+    def things_pending(self) -> int:
+        with self._lock:
+            return sum(1 for t in self._things.values() if t.scheduled)
+
+    # -- input -----------------------------------------------------------------------------------------
+
+    def submit(self, reading: SensorReading, on_confirmed: Callable[[], None] | None) -> None:
+        tid = twin.thing_id(self.settings.ditto_namespace, reading.rack)
+        with self._cond:
+            thing = self._things.get(tid)
+            if thing is None:
+                thing = self._things[tid] = _Thing(tid, reading.location)
+            thing.location = reading.location
+            current = thing.pending.get(reading.position)
+            if thing.pending:
+                self.metrics.coalesced.inc()
+            if current is None or reading.ts_ms > current.ts_ms:
+                thing.pending[reading.position] = twin.merge_reading(current, reading)
+            thing.waiters.append(_Waiter(reading.ts_ms, on_confirmed))
+            if not thing.scheduled:
+                thing.scheduled = True
+                self._ready.append(tid)
+                self._cond.notify()
+
+    # -- workers ---------------------------------------------------------------------------------------
+
+    def _next(self) -> str | None:
+        with self._cond:
+            while True:
+                if self._abandon:
+                    return None
+                now = time.monotonic()
+                while self._delayed and self._delayed[0][0] <= now:
+                    self._ready.append(heapq.heappop(self._delayed)[2])
+                if self._ready_head < len(self._ready):
+                    tid = self._ready[self._ready_head]
+                    self._ready_head += 1
+                    if self._ready_head > 4096 and self._ready_head * 2 > len(self._ready):
+                        del self._ready[: self._ready_head]
+                        self._ready_head = 0
+                    self._busy += 1
+                    return tid
+                if self._stopping and not self._delayed and not self._busy:
+                    return None
+                wait = self._delayed[0][0] - now if self._delayed else 0.5
+                self._cond.wait(timeout=max(0.01, min(wait, 0.5)))
+
+    def _work(self) -> None:
+        client = DittoClient(self.settings)
+        try:
+            while (tid := self._next()) is not None:
+                try:
+                    self._update(client, tid)
+                finally:
+                    with self._cond:
+                        self._busy -= 1
+                        self._cond.notify_all()
+        finally:
+            client.close()
+
+    def _update(self, client: DittoClient, tid: str) -> None:
+        with self._lock:
+            thing = self._things[tid]
+            pending, waiters = thing.pending, thing.waiters
+            thing.pending, thing.waiters = {}, []
+        try:
+            outcome = self._send(client, thing, pending)
+        except (requests.RequestException, DittoError) as exc:
+            self._retry_later(thing, pending, waiters, exc)
+            return
+        self._mark_healthy()
+        self.metrics.ditto_updates.labels(outcome).inc()
+        now = time.time()
+        for waiter in waiters:
+            self.metrics.lag.labels("ditto").observe(max(0.0, now - waiter.ts_ms / 1000))
+            if waiter.on_confirmed:
+                waiter.on_confirmed()
+        with self._cond:
+            thing.attempts = 0
+            if thing.pending:
+                self._ready.append(tid)
+                self._cond.notify()
+            else:
+                thing.scheduled = False
+
+    def _send(self, client: DittoClient, thing: _Thing, pending: dict[Position, twin.PositionState]) -> str:
+        """Bring the twin up to ``pending``; returns the result label. Raises on retryable failure."""
+        if not thing.ensured:
+            self._ensure_thing(client, thing)
+        fresh, stale = twin.drop_stale(pending, thing.known)
+        result = "ok"
+        for _ in range(3):  # a failed condition means someone else wrote: re-read and try what is left
+            if stale:
+                self.metrics.stale.inc(len(stale))
+                result = "stale"
+            if not fresh:
+                return result
+            known = dict(thing.known)
+            for position, state in fresh.items():
+                known[position] = state
+                thing.devices[position] = state.device or thing.devices.get(position, "")
+            attributes = twin.attributes_for(thing.location, thing.devices)
+            patch = twin.build_patch(fresh, known, None if attributes == thing.attributes_sent else attributes)
+            status = client.patch_thing(thing.tid, patch, twin.newer_than_condition(fresh))
+            if status in (201, 204):
+                thing.known = known
+                thing.attributes_sent = attributes
+                return "created" if status == 201 else "ok"
+            current = client.get_thing(thing.tid)
+            if current is None:
+                thing.ensured = False
+                raise DittoError(404, f"thing {thing.tid} vanished")
+            thing.known = twin.known_from_thing(current)
+            thing.attributes_sent = current.get("attributes")
+            fresh, stale = twin.drop_stale(fresh, thing.known)
+        raise DittoError(412, f"condition kept failing on {thing.tid}")
+
+    def _ensure_thing(self, client: DittoClient, thing: _Thing) -> None:
+        if not self.policy_ready:
+            self.ensure_policy(client)
+        current = client.get_thing(thing.tid)
+        if current is None:
+            attributes = twin.attributes_for(thing.location, thing.devices)
+            if client.create_thing(thing.tid, twin.new_thing_body(self.settings.policy_id, attributes)):
+                log.info("created twin %s", thing.tid)
+                thing.known, thing.attributes_sent = {}, attributes
+                thing.ensured = True
+                return
+            current = client.get_thing(thing.tid)
+            if current is None:
+                raise DittoError(404, f"thing {thing.tid} neither creatable nor readable")
+        thing.known = twin.known_from_thing(current)
+        thing.attributes_sent = current.get("attributes")
+        for position, state in thing.known.items():
+            if state.device:
+                thing.devices.setdefault(position, state.device)
+        thing.ensured = True
+
+    def _retry_later(self, thing: _Thing, pending: dict, waiters: list[_Waiter], exc: Exception) -> None:
+        status = getattr(exc, "status", None)
+        if status is not None and status not in RETRY_STATUSES and status != 412:
+            # A request Ditto will never accept (bad id, body too large): it cannot succeed by waiting.
+            self.metrics.ditto_updates.labels("error").inc()
+            log.error("Ditto refused update of %s for good: %s", thing.tid, exc)
+            for waiter in waiters:
+                if waiter.on_confirmed:
+                    waiter.on_confirmed()
+            with self._cond:
+                if thing.pending:
+                    self._ready.append(thing.tid)
+                else:
+                    thing.scheduled = False
+            return
+        self.metrics.ditto_updates.labels("retry").inc()
+        error = str(exc)
+        if self.healthy or error != self.last_error:
+            log.warning("Ditto update of %s failed, will retry: %s", thing.tid, error[:200])
+        self.healthy = False
+        self.last_error = error
+        if status in (401, 403, 404):
+            thing.ensured = False
+        with self._cond:
+            # Readings that arrived meanwhile are newer: they win over the ones we failed to send.
+            for position, state in pending.items():
+                newer = thing.pending.get(position)
+                if newer is None:
+                    thing.pending[position] = state
+                elif newer.ts_ms > state.ts_ms:
+                    thing.pending[position] = twin.PositionState(
+                        newer.ts_ms,
+                        newer.temperature if newer.temperature is not None else state.temperature,
+                        newer.humidity if newer.humidity is not None else state.humidity,
+                        newer.device,
+                    )
+            thing.waiters = waiters + thing.waiters
+            thing.attempts += 1
+            delay = min(0.1 * 2 ** min(thing.attempts, 8), 10.0)
+            self._seq += 1
+            heapq.heappush(self._delayed, (time.monotonic() + delay, self._seq, thing.tid))
+            self._cond.notify()
+
+    def _mark_healthy(self) -> None:
+        if not self.healthy:
+            log.info("Ditto updates recovered")
+        self.healthy = True
+        self.last_error = None

@@ -1,0 +1,213 @@
+"""InfluxDB history sink: line protocol (pure) and a batching writer with confirmation per batch.
+
+influxdb-client's own batching WriteApi drops a batch after its retry budget and reports it with
+the line-protocol text only, so it cannot tell which MQTT messages a write confirmed. We batch
+ourselves and write each batch with the client's synchronous API; a batch is retried until it is
+written (or refused with a 4xx, which can never succeed), and only then are its messages confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from influxdb_client import InfluxDBClient, WritePrecision
+from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client.rest import ApiException
+
+from ..config import Settings
+from ..mapping import SensorReading
+from ..metrics import Metrics
+from ..twin import dew_point
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT = "rack_environment"
+
+_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": " ", "\r": " ", "\t": " "})
+
+
+def escape_tag(value: str) -> str:
+    """Escape a tag key or value; line protocol forbids newlines and a trailing backslash."""
+    escaped = value.translate(_TAG_ESCAPES)
+    if escaped.endswith("\\"):
+        escaped += " "  # a trailing backslash would escape the separator
+    return escaped
+
+
+def format_float(value: float) -> str:
+    return repr(float(value))
+
+
+def reading_line(reading: SensorReading) -> str | None:
+    """One point per reading: tags site, room, row, rack, position, device; float fields."""
+    fields = []
+    if reading.temperature is not None:
+        fields.append(f"temperature={format_float(reading.temperature)}")
+    if reading.humidity is not None:
+        fields.append(f"humidity={format_float(reading.humidity)}")
+    if reading.temperature is not None and reading.humidity is not None:
+        dp = dew_point(reading.temperature, reading.humidity)
+        if dp is not None:
+            fields.append(f"dew_point={format_float(dp)}")
+    if not fields:
+        return None
+    loc = reading.location
+    tags = {
+        "device": reading.device,
+        "position": reading.position,
+        "rack": loc.rack,
+        "room": loc.room,
+        "row": loc.row,
+        "site": loc.site,
+    }
+    tag_text = ",".join(f"{k}={escape_tag(v)}" for k, v in sorted(tags.items()) if v)
+    return f"{MEASUREMENT},{tag_text} {','.join(fields)} {reading.ts_ms}"
+
+
+@dataclass
+class _Entry:
+    lines: list[str]
+    on_written: Callable[[], None] | None
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class InfluxWriter:
+    """Single writer thread; ``submit`` never blocks (memory is bounded by the MQTT in-flight window)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        token = settings.influx_token.get_secret_value() if settings.influx_token else ""
+        self.client = InfluxDBClient(
+            url=settings.influx_url,
+            token=token,
+            org=settings.influx_org,
+            timeout=int(settings.influx_timeout_s * 1000),
+        )
+        self.write_api = self.client.write_api(write_options=SYNCHRONOUS)
+        self._queue: deque[_Entry] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="influx-writer", daemon=True)
+        self.healthy = True
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, lines: list[str], on_written: Callable[[], None] | None) -> None:
+        with self._cond:
+            self._queue.append(_Entry(lines, on_written))
+            self._cond.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+    def _take_batch(self) -> list[_Entry]:
+        s = self.settings
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return []
+            # Give a young batch a moment to fill, without holding the oldest point longer than the interval.
+            deadline = self._queue[0].enqueued + s.influx_flush_interval_s
+            while (
+                sum(len(e.lines) for e in self._queue) < s.influx_batch_size
+                and not self._stopping
+                and time.monotonic() < deadline
+            ):
+                self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
+            batch, points = [], 0
+            while self._queue and (points == 0 or points + len(self._queue[0].lines) <= s.influx_batch_size):
+                entry = self._queue.popleft()
+                batch.append(entry)
+                points += len(entry.lines)
+            return batch
+
+    def _run(self) -> None:
+        backoff = 0.2
+        batch: list[_Entry] = []
+        while True:
+            if not batch:
+                batch = self._take_batch()
+                if not batch:
+                    return  # stopping and drained
+            lines = [line for e in batch for line in e.lines]
+            outcome = self._write(lines)
+            if outcome == "retry":
+                if self._stopping and self._abandon:
+                    return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.2
+            for entry in batch:
+                if entry.on_written:
+                    entry.on_written()
+            batch = []
+
+    _abandon = False
+
+    def _write(self, lines: list[str]) -> str:
+        try:
+            self.write_api.write(
+                bucket=self.settings.influx_bucket,
+                org=self.settings.influx_org,
+                record="\n".join(lines),
+                write_precision=WritePrecision.MS,
+            )
+        except ApiException as exc:
+            status = exc.status or 0
+            if 400 <= status < 500 and status not in (401, 403, 404, 408, 429):
+                # The server refused these points for good (e.g. a field type conflict): retrying cannot help.
+                self.metrics.influx_dropped.inc(len(lines))
+                self.metrics.influx_errors.labels("refused").inc()
+                log.error("InfluxDB refused %d points (HTTP %s): %s", len(lines), status, _short(exc.body))
+                self.healthy = True
+                return "refused"
+            return self._failed(f"HTTP {status}: {_short(exc.body)}", "http")
+        except Exception as exc:  # noqa: BLE001 - network errors, timeouts: all retried
+            return self._failed(f"{type(exc).__name__}: {exc}", "network")
+        self.metrics.influx_points.inc(len(lines))
+        if not self.healthy:
+            log.info("InfluxDB writes recovered")
+        self.healthy = True
+        self.last_error = None
+        return "ok"
+
+    def _failed(self, error: str, kind: str) -> str:
+        self.metrics.influx_errors.labels(kind).inc()
+        if self.healthy or error != self.last_error:
+            log.warning("InfluxDB write failed, will retry: %s", error[:300])
+        self.healthy = False
+        self.last_error = error
+        return "retry"
+
+    def stop(self, timeout: float) -> None:
+        """Write what is queued (retrying until ``timeout``), then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abandon = True  # unconfirmed messages stay unacknowledged; the broker redelivers them
+            self._thread.join(2.0)
+        self.client.close()
+
+
+def _short(body: object) -> str:
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+    return text.strip()[:200]

@@ -1,0 +1,211 @@
+"""The rack twin model: what a Ditto thing holds and how readings become merge patches. Pure.
+
+Thing ``<namespace>:<rack>``::
+
+    attributes: {site, room, row, rack, tbDevices: {top: <device>, bottom: <device>}}
+    features.environment.properties:
+        tempTop, tempBottom, humidityTop, humidityBottom   (our users' field names)
+        dewPointTop, dewPointBottom                         (Magnus, °C)
+        deltaT                                              (tempTop - tempBottom)
+        tsTop, tsBottom                                     (source time, ISO 8601 UTC, ms)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+from .mapping import POSITIONS, Position, RackLocation, SensorReading
+
+FEATURE = "environment"
+PROPS_PATH = f"features/{FEATURE}/properties"
+
+# Magnus constants over liquid water, valid -45..60 °C (Sensirion, Sonntag 1990; domain.md).
+MAGNUS_BETA = 17.62
+MAGNUS_LAMBDA = 243.12
+
+SUFFIX: dict[Position, str] = {"top": "Top", "bottom": "Bottom"}
+
+
+def dew_point(temperature: float, humidity: float) -> float | None:
+    """Dew point in °C by the Magnus formula; None where it is undefined (RH 0)."""
+    if humidity <= 0:
+        return None
+    gamma = math.log(humidity / 100.0) + MAGNUS_BETA * temperature / (MAGNUS_LAMBDA + temperature)
+    return round(MAGNUS_LAMBDA * gamma / (MAGNUS_BETA - gamma), 2)
+
+
+def iso_ms(ts_ms: int) -> str:
+    """Fixed-width ISO 8601 UTC, so Ditto's string comparison orders timestamps correctly."""
+    dt = datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+
+
+def parse_iso_ms(text: str) -> int | None:
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return round(dt.timestamp() * 1000)
+
+
+def thing_id(namespace: str, rack: str) -> str:
+    return f"{namespace}:{rack}"
+
+
+def thing_path(tid: str) -> str:
+    """URL path of a thing; the name part may hold spaces and other characters that need escaping."""
+    return "/api/2/things/" + quote(tid, safe=":")
+
+
+@dataclass(frozen=True, slots=True)
+class PositionState:
+    """Newest values of one sensor position as the bridge knows them."""
+
+    ts_ms: int
+    temperature: float | None = None
+    humidity: float | None = None
+    device: str | None = None
+
+
+def merge_reading(state: PositionState | None, reading: SensorReading) -> PositionState:
+    """Fold a newer reading into a position; fields it lacks keep their value (as a merge-PATCH would)."""
+    if state is None:
+        return PositionState(reading.ts_ms, reading.temperature, reading.humidity, reading.device)
+    return PositionState(
+        ts_ms=reading.ts_ms,
+        temperature=reading.temperature if reading.temperature is not None else state.temperature,
+        humidity=reading.humidity if reading.humidity is not None else state.humidity,
+        device=reading.device,
+    )
+
+
+def attributes_for(location: RackLocation, devices: dict[Position, str]) -> dict[str, Any]:
+    return {
+        "site": location.site,
+        "room": location.room,
+        "row": location.row,
+        "rack": location.rack,
+        "tbDevices": dict(sorted(devices.items())),
+    }
+
+
+def position_properties(position: Position, state: PositionState) -> dict[str, Any]:
+    sfx = SUFFIX[position]
+    props: dict[str, Any] = {f"ts{sfx}": iso_ms(state.ts_ms)}
+    if state.temperature is not None:
+        props[f"temp{sfx}"] = state.temperature
+    if state.humidity is not None:
+        props[f"humidity{sfx}"] = state.humidity
+    if state.temperature is not None and state.humidity is not None:
+        dp = dew_point(state.temperature, state.humidity)
+        if dp is not None:
+            props[f"dewPoint{sfx}"] = dp
+    return props
+
+
+def delta_t(known: dict[Position, PositionState]) -> float | None:
+    top, bottom = known.get("top"), known.get("bottom")
+    if top is None or bottom is None or top.temperature is None or bottom.temperature is None:
+        return None
+    return round(top.temperature - bottom.temperature, 2)
+
+
+def build_patch(
+    pending: dict[Position, PositionState],
+    known: dict[Position, PositionState],
+    attributes: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Merge-patch body for the pending positions; ``known`` already includes them."""
+    props: dict[str, Any] = {}
+    for position in POSITIONS:
+        if position in pending:
+            props.update(position_properties(position, pending[position]))
+    dt = delta_t(known)
+    if dt is not None and any(pending[p].temperature is not None for p in pending):
+        props["deltaT"] = dt
+    patch: dict[str, Any] = {"features": {FEATURE: {"properties": props}}}
+    if attributes is not None:
+        patch["attributes"] = attributes
+    return patch
+
+
+def newer_than_condition(pending: dict[Position, PositionState]) -> str:
+    """RQL that holds only where every pending position is newer than the twin's (or the twin has none)."""
+    parts = []
+    for position in POSITIONS:
+        if position in pending:
+            path = f"{PROPS_PATH}/ts{SUFFIX[position]}"
+            parts.append(f'or(not(exists({path})),lt({path},"{iso_ms(pending[position].ts_ms)}"))')
+    return parts[0] if len(parts) == 1 else f"and({','.join(parts)})"
+
+
+def known_from_thing(thing: dict[str, Any]) -> dict[Position, PositionState]:
+    """Read the twin's per-position state back from a thing JSON (as GET returns it)."""
+    props = thing.get("features", {}).get(FEATURE, {}).get("properties", {}) or {}
+    devices = thing.get("attributes", {}).get("tbDevices", {}) or {}
+    known: dict[Position, PositionState] = {}
+    for position in POSITIONS:
+        sfx = SUFFIX[position]
+        ts = parse_iso_ms(props.get(f"ts{sfx}")) if isinstance(props.get(f"ts{sfx}"), str) else None
+        if ts is None:
+            continue
+        known[position] = PositionState(
+            ts_ms=ts,
+            temperature=_num(props.get(f"temp{sfx}")),
+            humidity=_num(props.get(f"humidity{sfx}")),
+            device=devices.get(position) if isinstance(devices.get(position), str) else None,
+        )
+    return known
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def new_thing_body(policy_id: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    return {"policyId": policy_id, "attributes": attributes, "features": {FEATURE: {"properties": {}}}}
+
+
+def policy_body(subjects: dict[str, list[str]]) -> dict[str, Any]:
+    """The shared policy: admin manages policy and things, the bridge writes things, readers read."""
+    grants = {
+        "admin": {"policy:/": ["READ", "WRITE"], "thing:/": ["READ", "WRITE"]},
+        # The bridge creates the policy when it is missing, so it must keep WRITE on it (Ditto refuses lock-out).
+        "bridge": {"policy:/": ["READ", "WRITE"], "thing:/": ["READ", "WRITE"]},
+        "reader": {"thing:/": ["READ"]},
+    }
+    entries = {}
+    for label, resources in grants.items():
+        subs = subjects.get(label, [])
+        if not subs:
+            continue
+        entries[label] = {
+            "subjects": {s: {"type": "racktwin"} for s in subs},
+            "resources": {r: {"grant": g, "revoke": []} for r, g in resources.items()},
+        }
+    return {"entries": entries}
+
+
+def drop_stale(
+    pending: dict[Position, PositionState], twin: dict[Position, PositionState]
+) -> tuple[dict[Position, PositionState], list[Position]]:
+    """Split pending positions into those still newer than the twin and those the twin already beats."""
+    fresh: dict[Position, PositionState] = {}
+    stale: list[Position] = []
+    for position, state in pending.items():
+        current = twin.get(position)
+        if current is not None and current.ts_ms >= state.ts_ms:
+            stale.append(position)
+        else:
+            fresh[position] = state
+    return fresh, stale
+
+
+def with_device(state: PositionState, device: str) -> PositionState:
+    return replace(state, device=device)

@@ -1,0 +1,87 @@
+"""The typed config: env, YAML and secret files; unknown keys and bad values stop start-up by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bridge.config import ConfigError, effective_config, load_settings
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.upper().startswith("RACKTWIN_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_are_valid():
+    s = load_settings()
+    assert s.mqtt_topic == "racktwin/telemetry/#"
+    assert s.policy_id == "dc.site1:racktwin"
+    assert s.subscription_topic == "racktwin/telemetry/#"
+
+
+def test_env_overrides_and_shared_subscription(monkeypatch):
+    monkeypatch.setenv("RACKTWIN_MQTT_SHARED_GROUP", "bridges")
+    monkeypatch.setenv("RACKTWIN_MQTT_PORT", "1884")
+    s = load_settings()
+    assert s.mqtt_port == 1884
+    assert s.subscription_topic == "$share/bridges/racktwin/telemetry/#"
+
+
+def test_unknown_env_key_is_named(monkeypatch):
+    monkeypatch.setenv("RACKTWIN_MQTT_HOTS", "x")
+    with pytest.raises(ConfigError, match="RACKTWIN_MQTT_HOTS: unknown setting"):
+        load_settings()
+
+
+def test_bad_value_names_field_and_env(monkeypatch):
+    monkeypatch.setenv("RACKTWIN_DITTO_NAMESPACE", "1bad ns")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "ditto_namespace (env RACKTWIN_DITTO_NAMESPACE)" in str(info.value)
+
+
+def test_yaml_file_with_mapping_and_unknown_key(tmp_path, monkeypatch):
+    path = tmp_path / "racktwin.yaml"
+    path.write_text("mqtt_host: broker\nmapping:\n  mode: per_sensor\n"
+                    "  device_pattern: '(?P<rack>.+)-(?P<position>top|bottom)'\n"
+                    "  racks:\n    r1: {room: hall-1}\n")
+    monkeypatch.setenv("RACKTWIN_CONFIG", str(path))
+    s = load_settings()
+    assert s.mqtt_host == "broker" and s.mapping.mode == "per_sensor" and s.mapping.racks["r1"].room == "hall-1"
+    path.write_text("mapping:\n  racks:\n    r1: {rooom: hall-1}\n")
+    with pytest.raises(ConfigError, match=r"mapping\.racks\.r1\.rooom: Extra inputs are not permitted"):
+        load_settings()
+
+
+def test_per_sensor_without_position_group_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("mapping:\n  mode: per_sensor\n")
+    monkeypatch.setenv("RACKTWIN_CONFIG", str(path))
+    with pytest.raises(ConfigError, match="position"):
+        load_settings()
+
+
+def test_secret_from_file_is_masked_in_effective_config(tmp_path, monkeypatch):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("RACKTWIN_DITTO_PASSWORD_FILE", str(secret))
+    s = load_settings()
+    assert s.ditto_password.get_secret_value() == "s3cret"
+    shown = json.dumps(effective_config(s))
+    assert "s3cret" not in shown and effective_config(s)["ditto_password"] == "***"
+
+
+def test_check_config_exits_2_naming_the_field():
+    env = {"RACKTWIN_INFLUX_URL": "ftp://nope", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "bridge", "check-config"], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "influx_url (env RACKTWIN_INFLUX_URL): Value error, must be an http:// or https:// URL" in proc.stderr

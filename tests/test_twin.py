@@ -1,0 +1,82 @@
+"""The pure twin model: dew point, timestamps, patches and conditions."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge import twin
+from bridge.mapping import RackLocation, SensorReading
+
+LOC = RackLocation("s", "r", "w", "rack-1")
+
+
+def test_dew_point_matches_magnus_by_hand():
+    # T=25, RH=50: gamma = ln(0.5) + 17.62*25/(243.12+25) = -0.693147 + 1.642870 = 0.949723
+    # Td = 243.12*0.949723/(17.62-0.949723) = 13.85
+    assert twin.dew_point(25.0, 50.0) == pytest.approx(13.85, abs=0.01)
+    assert twin.dew_point(20.0, 100.0) == pytest.approx(20.0, abs=0.01)  # saturated air: Td = T
+    assert twin.dew_point(27.0, 47.8) == pytest.approx(15.0, abs=0.05)  # domain.md: 15 °C DP cap at 27 °C
+    assert twin.dew_point(20.0, 0.0) is None
+
+
+def test_iso_timestamps_are_fixed_width_and_round_trip():
+    ts = 1_790_000_000_007
+    text = twin.iso_ms(ts)
+    assert text == "2026-09-21T14:13:20.007Z"
+    assert twin.parse_iso_ms(text) == ts
+    assert twin.iso_ms(ts) < twin.iso_ms(ts + 1) < twin.iso_ms(ts + 1000)
+
+
+def test_patch_uses_users_field_names_and_derived_values():
+    top = twin.PositionState(1_790_000_000_000, 29.0, 40.0, "dev")
+    bottom = twin.PositionState(1_790_000_000_000, 21.5, 50.0, "dev")
+    known = {"top": top, "bottom": bottom}
+    patch = twin.build_patch({"top": top}, known, None)
+    props = patch["features"]["environment"]["properties"]
+    assert props == {
+        "tempTop": 29.0,
+        "humidityTop": 40.0,
+        "dewPointTop": twin.dew_point(29.0, 40.0),
+        "tsTop": "2026-09-21T14:13:20.000Z",
+        "deltaT": 7.5,
+    }
+    assert "attributes" not in patch
+
+
+def test_condition_guards_every_pending_position():
+    pending = {"top": twin.PositionState(1000), "bottom": twin.PositionState(2000)}
+    cond = twin.newer_than_condition(pending)
+    assert cond.startswith("and(")
+    assert 'lt(features/environment/properties/tsTop,"1970-01-01T00:00:01.000Z")' in cond
+    assert 'lt(features/environment/properties/tsBottom,"1970-01-01T00:00:02.000Z")' in cond
+    assert twin.newer_than_condition({"top": twin.PositionState(1000)}).startswith("or(not(exists(")
+
+
+def test_merge_reading_keeps_fields_the_newer_reading_lacks():
+    first = twin.merge_reading(None, SensorReading(LOC, "top", "d", 1, 20.0, 40.0))
+    second = twin.merge_reading(first, SensorReading(LOC, "top", "d", 2, 21.0, None))
+    assert (second.ts_ms, second.temperature, second.humidity) == (2, 21.0, 40.0)
+
+
+def test_known_state_round_trips_through_thing_json():
+    known = {"top": twin.PositionState(5000, 25.0, 45.0, "dev-t"), "bottom": twin.PositionState(4000, 20.0, None, "dev-b")}
+    patch = twin.build_patch(known, known, twin.attributes_for(LOC, {"top": "dev-t", "bottom": "dev-b"}))
+    back = twin.known_from_thing(patch)
+    assert back == known
+
+
+def test_drop_stale():
+    pending = {"top": twin.PositionState(10), "bottom": twin.PositionState(10)}
+    fresh, stale = twin.drop_stale(pending, {"top": twin.PositionState(10), "bottom": twin.PositionState(9)})
+    assert list(fresh) == ["bottom"] and stale == ["top"]
+
+
+def test_thing_path_escapes_names():
+    assert twin.thing_path("dc.a:rack 1") == "/api/2/things/dc.a:rack%201"
+    assert twin.thing_path("dc.a:r,x=y") == "/api/2/things/dc.a:r%2Cx%3Dy"
+
+
+def test_policy_grants():
+    body = twin.policy_body({"admin": ["nginx:ditto"], "bridge": ["nginx:bridge"], "reader": ["nginx:grafana"]})
+    assert body["entries"]["reader"]["resources"] == {"thing:/": {"grant": ["READ"], "revoke": []}}
+    assert body["entries"]["bridge"]["resources"]["thing:/"]["grant"] == ["READ", "WRITE"]
