@@ -47,6 +47,45 @@ contracts: ## download the contract files the tests use into tests/contracts/ (p
 
 # --- stack (compose/) ---------------------------------------------------------------------------
 
+COMPOSE := bash compose/scripts/compose.sh
+# First start pulls ~3 GB of images and installs ThingsBoard; Ditto's JVMs need 2-3 minutes to join.
+WAIT_TIMEOUT ?= 1200
+
+.PHONY: up down clean logs ps
+
+up: ## start the whole stack (creates compose/.env with random secrets on first run), then print the URLs
+	@docker compose version >/dev/null 2>&1 || { echo "make up needs Docker Engine with the Compose v2 plugin ('docker compose' 2.24+): https://docs.docker.com/engine/install/"; exit 1; }
+	@bash compose/scripts/init-env.sh
+	$(COMPOSE) up -d --build --wait --wait-timeout $(WAIT_TIMEOUT)
+	@bash compose/scripts/print-urls.sh
+
+down: ## stop the stack (keeps all data)
+	$(COMPOSE) down --remove-orphans
+
+clean: ## stop the stack and DELETE its data volumes (asks first; CONFIRM=yes skips the question)
+	@if [ "$(CONFIRM)" != yes ]; then \
+	  read -r -p "Delete all RackTwin data (ThingsBoard, Ditto, InfluxDB, Grafana volumes)? Type yes: " answer; \
+	  [ "$$answer" = yes ] || { echo "kept everything"; exit 1; }; \
+	fi
+	$(COMPOSE) down --volumes --remove-orphans
+
+logs: ## follow the logs of all services (SERVICE=name for one)
+	$(COMPOSE) logs -f --tail=200 $(SERVICE)
+
+ps: ## list the stack's containers and their health
+	$(COMPOSE) ps -a
+
+
 # --- dashboards and alerts (dashboards/ -> provisioning/grafana/) ----------------------------------
 
+.PHONY: dashboards
+dashboards: venv ## regenerate dashboard JSON and alert YAML into provisioning/grafana/
+	$(PY) -m dashboards.generate
+
 # --- benchmarks -----------------------------------------------------------------------------------
+
+# --- forecast evaluation --------------------------------------------------------------------------
+
+.PHONY: evaluate
+evaluate: venv ## simulated-time proof of the forecast: lead time, false alerts, stuck/silent, cost -> bench/results/forecast.json
+	$(PY) -m bridge.forecast.evaluate

@@ -8,6 +8,7 @@ everywhere, so a typo stops start-up with the field's name instead of being sile
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -240,6 +241,119 @@ class Settings(BaseSettings):
     reject_log_interval_s: float = Field(60.0, ge=0, description="At most one reject log line per device per interval.")
     shutdown_timeout_s: float = Field(20.0, gt=0, description="How long SIGTERM waits for in-flight readings.")
 
+    # Forecast (bridge/forecast/): trend per rack and position, minutes until a limit is crossed.
+    forecast_enabled: bool = Field(
+        True, description="Keep a robust temperature/dew-point trend per rack and position and publish forecasts."
+    )
+    forecast_window_s: float = Field(
+        1800.0, ge=300, le=21600, description="Length of the sliding window the trend is fitted over (s)."
+    )
+    forecast_bucket_s: float = Field(
+        60.0, ge=5, le=600, description="Readings are reduced to one median per bucket of this length before fitting (s)."
+    )
+    forecast_min_span_s: float = Field(
+        600.0, ge=60, description="No forecast until the window's buckets span at least this long (s)."
+    )
+    forecast_min_trend_c_per_h: float = Field(
+        0.5, ge=0, description="Slower rises count as stable: no minutes-to-limit (°C per hour)."
+    )
+    forecast_max_minutes: float = Field(
+        240.0, gt=0, description="A crossing further ahead than this is reported as none (min)."
+    )
+    forecast_stuck_after_s: float = Field(
+        120.0, gt=0, description="A sensor repeating the same value this long (and at least 6 readings) gets no forecast (s)."
+    )
+    forecast_silent_after_s: float = Field(
+        90.0, gt=0, description="A sensor with no reading for this long gets no forecast (s)."
+    )
+    forecast_horizon_min: float = Field(
+        30.0, gt=0, description="A rack is 'heading for trouble' when the recommended limit is this close (min); "
+        "the Grafana forecast alert uses the same horizon."
+    )
+    forecast_publish_interval_s: float = Field(
+        30.0, ge=1, description="How often forecasts are written to InfluxDB (measurement rack_forecast) (s)."
+    )
+    forecast_twin_refresh_s: float = Field(
+        300.0, ge=0, description="Twin forecast features are patched when they change, and at least this often (s)."
+    )
+
+    # --- ThingsBoard onboarding, sync, verify and the simulator (bridge/thingsboard/, bridge/simulator/) ---
+    tb_url: str | None = Field(
+        None, description="ThingsBoard base URL, e.g. http://thingsboard:8080 (install, sync, verify, simulator)."
+    )
+    tb_username: str | None = Field(None, description="ThingsBoard tenant administrator (rule chains need it).")
+    tb_password: SecretStr | None = Field(None, description="Its password (or RACKTWIN_TB_PASSWORD_FILE).")
+    tb_timeout_s: float = Field(15.0, gt=0, le=120, description="Timeout of one ThingsBoard REST request.")
+    tb_device_profile: str = Field(
+        "rack-sensor", min_length=1, description="Device profile (= device type) of the rack sensor devices."
+    )
+    tb_rule_chain_name: str = Field(
+        "RackTwin: forward telemetry to bridge", min_length=1,
+        description="Name of the rule chain `racktwin thingsboard install` creates and wires after Save Timeseries.",
+    )
+    tb_topic_prefix: str = Field(
+        "racktwin/telemetry", pattern=r"^[^+#]+$",
+        description="The rule chain publishes to <prefix>/<deviceName>; must match mqtt_topic.",
+    )
+    tb_broker_host: str = Field(
+        "mosquitto", description="The bridge's MQTT broker as ThingsBoard sees it (host name in TB's network)."
+    )
+    tb_broker_port: int = Field(1883, ge=1, le=65535, description="Its port as ThingsBoard sees it.")
+    tb_broker_username: str | None = Field(None, description="MQTT user the rule chain publishes as.")
+    tb_broker_password: SecretStr | None = Field(
+        None, description="Its password (or RACKTWIN_TB_BROKER_PASSWORD_FILE)."
+    )
+    tb_broker_client_id: str = Field(
+        "thingsboard-racktwin", min_length=1, max_length=64, description="MQTT client id of the rule chain's node."
+    )
+    sync_page_size: int = Field(100, ge=1, le=10000, description="Devices per ThingsBoard page when syncing.")
+    sync_interval_s: float = Field(
+        300.0, ge=0, description="The bridge re-syncs ThingsBoard devices this often, so new devices appear (0 = only at start)."
+    )
+    sync_backfill_hours: float = Field(
+        0.0, ge=0, le=24 * 30, description="Sync copies this many hours of ThingsBoard history into InfluxDB (0 = none)."
+    )
+    verify_tolerance: float = Field(
+        0.05, ge=0, description="`racktwin verify`: largest allowed difference between sources (°C or %RH)."
+    )
+    verify_max_lag_s: float = Field(
+        60.0, gt=0, description="`racktwin verify`: a twin or InfluxDB this far behind ThingsBoard is stale (s)."
+    )
+    sim_rooms: int = Field(2, ge=1, le=26, description="Simulator: rooms (data halls), named hall1, hall2, ...")
+    sim_rows: int = Field(4, ge=1, le=26, description="Simulator: rows per room, named a, b, ...")
+    sim_racks: int = Field(40, ge=1, le=100000, description="Simulator: racks in total, spread over rooms and rows.")
+    sim_interval_s: float = Field(10.0, gt=0, description="Simulator: seconds between two reports of a rack.")
+    sim_mode: Literal["gateway", "device", "envelope"] = Field(
+        "gateway",
+        description="Simulator output: gateway = TB gateway MQTT API (one connection), device = TB device API "
+        "(one connection per device), envelope = rule-engine envelope straight to mqtt_host (no ThingsBoard).",
+    )
+    sim_seed: int = Field(1, description="Simulator: random seed; same seed and time give the same readings.")
+    sim_scenarios: list[str] = Field(
+        default_factory=list,
+        description="Simulator: scenarios active from the start, e.g. [\"hotspot:hall1-a03@600\"] (see README).",
+    )
+    sim_tb_mqtt_host: str = Field("localhost", description="Simulator: ThingsBoard's MQTT transport host.")
+    sim_tb_mqtt_port: int = Field(1883, ge=1, le=65535, description="Simulator: ThingsBoard's MQTT transport port.")
+    sim_gateway_name: str = Field(
+        "racktwin-simulator", min_length=1, description="Simulator: name of its gateway device in ThingsBoard."
+    )
+    sim_gateway_token: SecretStr | None = Field(
+        None,
+        description="Simulator: access token of the gateway device; if unset it is read (and the device created) "
+        "through the REST API with tb_username (or RACKTWIN_SIM_GATEWAY_TOKEN_FILE).",
+    )
+    sim_provision: bool = Field(
+        True,
+        description="Simulator: create missing devices in ThingsBoard and set their server attributes "
+        "(site, room, row, positionInRow) through the REST API before publishing.",
+    )
+    sim_control_host: str = Field("0.0.0.0", description="Simulator: bind address of its control HTTP endpoint.")
+    sim_control_port: int = Field(
+        8099, ge=0, le=65535, description="Simulator: port of GET/POST /scenarios to switch scenarios at run time (0 = off)."
+    )
+    # --- end of the ThingsBoard / simulator block ---
+
     @field_validator("ditto_url", "influx_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -325,3 +439,27 @@ def effective_config(settings: Settings) -> dict[str, Any]:
         if field.annotation in (SecretStr, SecretStr | None):
             data[name] = "***" if getattr(settings, name) is not None else None
     return data
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def config_reference_markdown() -> str:
+    """The settings table of README, generated from the model so the two cannot drift apart."""
+    rows = ["| env variable | default | description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if name == "mapping":
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default is None else json.dumps(default) if isinstance(default, (dict, list)) else str(default)
+        secret = field.annotation in (SecretStr, SecretStr | None)
+        env = f"`{ENV_PREFIX}{name.upper()}`" + (f" (or `{ENV_PREFIX}{name.upper()}_FILE`)" if secret else "")
+        rows.append(f"| {env} | {_cell(shown)} | {_cell(field.description or '')} |")
+    rows += ["", "`mapping` (YAML file named by `RACKTWIN_CONFIG`, section `mapping:`):", "",
+             "| key | default | description |", "|---|---|---|"]
+    for name, field in MappingConfig.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = json.dumps(default) if isinstance(default, (dict, list)) else str(default)
+        rows.append(f"| `{name}` | `{_cell(shown)}` | {_cell(field.description or '')} |")
+    return "\n".join(rows) + "\n"

@@ -31,6 +31,9 @@ class Metrics:
         self.rejected = Counter(
             "racktwin_messages_rejected", "Messages rejected, by reason", ["reason"], registry=r
         )
+        self.internal_errors = Counter(
+            "racktwin_internal_errors", "Messages left unacknowledged because of a bridge bug", registry=r
+        )
         self.readings = Counter("racktwin_readings_accepted", "Sensor readings accepted", registry=r)
         self.influx_points = Counter("racktwin_influx_points_written", "Points confirmed by InfluxDB", registry=r)
         self.influx_errors = Counter(

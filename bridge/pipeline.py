@@ -62,7 +62,7 @@ class Pipeline:
             return
         except Exception:  # noqa: BLE001 - a bug must not take the bridge down, nor lose the message
             log.exception("unexpected error decoding a message on %s; left unacknowledged", topic)
-            self.metrics.rejected.labels("internal_error").inc()
+            self.metrics.internal_errors.inc()
             return
         self.metrics.accepted.inc()
         self.metrics.readings.inc(len(readings))

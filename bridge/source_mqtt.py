@@ -92,6 +92,8 @@ class MqttSource:
         self.metrics.connected.set(1)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        with self._lock:
+            self._generation += 1  # acks of this connection's messages must not reach the next one
         self.connected.clear()
         self.metrics.connected.set(0)
         if self._accepting:
@@ -104,8 +106,9 @@ class MqttSource:
         mid, qos = message.mid, message.qos
 
         def ack() -> None:
-            # Packet ids of a closed connection may be reused by the broker: never ack across sessions.
-            if qos > 0 and generation == self._generation and self.connected.is_set():
+            # Packet ids of a closed connection may be reused by the broker: never ack across connections.
+            # (Not gated on the subscription: a resumed session redelivers before SUBACK arrives.)
+            if qos > 0 and generation == self._generation:
                 client.ack(mid, qos)
 
         self.handler(message.topic, message.payload, ack)

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 class BridgeProcess:
     def __init__(self, env: dict[str, str], log_path: Path):
         self.env = dict(env)
-        self.env.setdefault("RACKTWIN_HTTP_PORT", str(free_port()))
+        if self.env.get("RACKTWIN_HTTP_PORT", "0") == "0":
+            self.env["RACKTWIN_HTTP_PORT"] = str(free_port())
         self.port = int(self.env["RACKTWIN_HTTP_PORT"])
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None

@@ -1,0 +1,172 @@
+"""Grafana-managed alert rules, contact points and notification policy as plain data (file-provisioning shape).
+
+grafanalib's alert classes emit the ruler-API shape, ``mode: strict`` reducers and no threshold expression,
+none of which Grafana's file loader accepts, so the rules are built here as dicts: each rule is one InfluxQL
+query (A) -> reduce (B) -> threshold (C), multi-dimensional by the query's GROUP BY tags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .common import BRIDGE_UID, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID
+from .thresholds import RATE_WINDOW_S, Thresholds
+from .wall import delta_per_rack, num, silent_sensors_per_series
+
+FOLDER = "RackTwin"
+SENSOR_TAGS = '"site", "room", "row", "rack", "position"'
+RACK_TAGS = '"site", "room", "row", "rack"'
+RECEIVER = "racktwin-noc"
+RACK_LINK = "${GRAFANA_ROOT_URL}" + RACK_PATH + "?var-rack={{ $labels.rack }}"
+WHERE_SENSOR = "{{ $labels.rack }} {{ $labels.position }}"
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    uid: str
+    title: str
+    query: str
+    range_s: int
+    reducer: str
+    evaluator: str
+    params: tuple[float, ...]
+    severity: str
+    summary: str
+    for_: str = "0s"
+    no_data: str = "NoData"
+    labels: dict[str, str] = field(default_factory=dict)
+    group: str = "rack-environment"
+    dashboard_uid: str = RACK_UID
+
+
+def latest(field_name: str) -> str:
+    return (f'SELECT last("{field_name}") AS "{field_name}" FROM "{MEASUREMENT}" WHERE $timeFilter '
+            f"GROUP BY {SENSOR_TAGS}")
+
+
+VALUE = '{{ printf "%.1f" $values.B.Value }}'
+
+
+def rule_specs(t: Thresholds) -> list[RuleSpec]:
+    (t_rec_lo, t_rec_hi), (t_all_lo, t_all_hi) = t.temp_recommended, t.temp_allowable
+    (dp_rec_lo, dp_rec_hi), (dp_all_lo, dp_all_hi) = t.dew_point_recommended, t.dew_point_allowable
+    rh_lo, rh_hi = t.rh_allowable
+    cls = t.ashrae_class
+    return [
+        RuleSpec("racktwin-inlet-recommended", "Inlet temperature outside recommended envelope", latest("temperature"),
+                 600, "last", "outside_range", (t_rec_lo, t_rec_hi), "warning",
+                 f"{WHERE_SENSOR} inlet {VALUE} °C outside recommended {num(t_rec_lo)}–{num(t_rec_hi)} °C",
+                 for_="5m"),
+        RuleSpec("racktwin-inlet-allowable", f"Inlet temperature outside {cls} allowable", latest("temperature"),
+                 600, "last", "outside_range", (t_all_lo, t_all_hi), "critical",
+                 f"{WHERE_SENSOR} inlet {VALUE} °C outside {cls} allowable {num(t_all_lo)}–{num(t_all_hi)} °C",
+                 for_="1m"),
+        RuleSpec("racktwin-dewpoint-recommended", "Dew point above recommended", latest("dew_point"),
+                 600, "last", "gt", (dp_rec_hi,), "warning",
+                 f"{WHERE_SENSOR} dew point {VALUE} °C above recommended {num(dp_rec_hi)} °C", for_="5m"),
+        RuleSpec("racktwin-dewpoint-allowable", f"Dew point above {cls} allowable", latest("dew_point"),
+                 600, "last", "gt", (dp_all_hi,), "critical",
+                 f"{WHERE_SENSOR} dew point {VALUE} °C above {cls} allowable {num(dp_all_hi)} °C", for_="1m"),
+        RuleSpec("racktwin-humidity-recommended", "Relative humidity above recommended cap", latest("humidity"),
+                 600, "last", "gt", (t.rh_cap,), "warning",
+                 f"{WHERE_SENSOR} RH {VALUE} % above recommended {num(t.rh_cap)} %", for_="5m"),
+        RuleSpec("racktwin-humidity-allowable", f"Relative humidity above {cls} allowable", latest("humidity"),
+                 600, "last", "gt", (rh_hi,), "critical",
+                 f"{WHERE_SENSOR} RH {VALUE} % above {cls} allowable {num(rh_hi)} %", for_="1m"),
+        RuleSpec("racktwin-dry-dewpoint-recommended", "Dry air: dew point below recommended", latest("dew_point"),
+                 600, "last", "lt", (dp_rec_lo,), "warning",
+                 f"{WHERE_SENSOR} dew point {VALUE} °C below recommended {num(dp_rec_lo)} °C", for_="5m"),
+        RuleSpec("racktwin-dry-dewpoint-allowable", "Dry air: dew point below allowable", latest("dew_point"),
+                 600, "last", "lt", (dp_all_lo,), "critical",
+                 f"{WHERE_SENSOR} dew point {VALUE} °C below allowable {num(dp_all_lo)} °C", for_="1m"),
+        RuleSpec("racktwin-dry-humidity-allowable", "Dry air: RH below allowable", latest("humidity"),
+                 600, "last", "lt", (rh_lo,), "critical",
+                 f"{WHERE_SENSOR} RH {VALUE} % below allowable {num(rh_lo)} %", for_="1m"),
+        RuleSpec("racktwin-recirculation", "Top − bottom inlet difference (recirculation)",
+                 delta_per_rack("", RACK_TAGS), 300, "last", "gt", (t.delta_t_limit_c,), "warning",
+                 f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C above {num(t.delta_t_limit_c)} °C "
+                 f"for {t.delta_t_for} (recirculation?)", for_=t.delta_t_for, labels={"position": "top-bottom"}),
+        RuleSpec("racktwin-rate-of-change", "Inlet temperature changing too fast",
+                 f'SELECT spread("temperature") AS "spread" FROM "{MEASUREMENT}" WHERE $timeFilter '
+                 f"GROUP BY {SENSOR_TAGS}", RATE_WINDOW_S, "last", "gt", (t.rate_limit_c,), "warning",
+                 f"{WHERE_SENSOR} inlet changed {VALUE} °C within {RATE_WINDOW_S // 60} min "
+                 f"(limit {num(t.rate_limit_c_per_h)} °C/h)"),
+        RuleSpec("racktwin-sensor-silent", "Sensor stopped reporting",
+                 silent_sensors_per_series(t, "", SENSOR_TAGS), 3600, "last", "lt", (0.001,), "warning",
+                 f"{WHERE_SENSOR} sent no reading for {t.silent_after_s} s (3 intervals of "
+                 f"{t.reading_interval_s} s)"),
+        RuleSpec("racktwin-bridge-down", "Bridge down or not ready",
+                 'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',
+                 120, "last", "lt", (1,), "critical",
+                 "Bridge {{ $labels.instance }} is not ready (no stats for 2 min means it is down)",
+                 for_="1m", no_data="Alerting", labels={"component": "bridge"}, group="bridge",
+                 dashboard_uid=BRIDGE_UID),
+        RuleSpec("racktwin-bridge-lagging", "Bridge lagging",
+                 'SELECT max("lag") AS "lag" FROM '
+                 '(SELECT last("lag_influx_p95") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"), '
+                 '(SELECT last("lag_ditto_p95") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance") '
+                 'GROUP BY "instance"',
+                 300, "last", "gt", (t.bridge_lag_limit_s,), "warning",
+                 f"Bridge {{{{ $labels.instance }}}} p95 lag {VALUE} s above {num(t.bridge_lag_limit_s)} s",
+                 for_="5m", labels={"component": "bridge"}, group="bridge", dashboard_uid=BRIDGE_UID),
+    ]
+
+
+def rule(spec: RuleSpec) -> dict:
+    expr_ds = {"type": "__expr__", "uid": "__expr__"}
+    annotations = {"summary": spec.summary}
+    if spec.group == "rack-environment":
+        annotations["rack_detail_url"] = RACK_LINK
+    return {
+        "uid": spec.uid,
+        "title": spec.title,
+        "condition": "C",
+        "data": [
+            {"refId": "A", "queryType": "", "relativeTimeRange": {"from": spec.range_s, "to": 0},
+             "datasourceUid": INFLUX_UID,
+             "model": {"refId": "A", "rawQuery": True, "resultFormat": "time_series", "query": spec.query,
+                       "intervalMs": 1000, "maxDataPoints": 43200,
+                       "datasource": {"type": "influxdb", "uid": INFLUX_UID}}},
+            {"refId": "B", "queryType": "", "relativeTimeRange": {"from": 0, "to": 0}, "datasourceUid": "__expr__",
+             "model": {"refId": "B", "type": "reduce", "expression": "A", "reducer": spec.reducer,
+                       "settings": {"mode": "dropNN"}, "datasource": expr_ds}},
+            {"refId": "C", "queryType": "", "relativeTimeRange": {"from": 0, "to": 0}, "datasourceUid": "__expr__",
+             "model": {"refId": "C", "type": "threshold", "expression": "B",
+                       "conditions": [{"evaluator": {"type": spec.evaluator, "params": list(spec.params)}}],
+                       "datasource": expr_ds}},
+        ],
+        "dashboardUid": spec.dashboard_uid,
+        "noDataState": spec.no_data,
+        "execErrState": "Error",
+        "for": spec.for_,
+        "isPaused": False,
+        "labels": {"severity": spec.severity, **spec.labels},
+        "annotations": annotations,
+    }
+
+
+def rules_file(t: Thresholds) -> dict:
+    groups: dict[str, list[dict]] = {}
+    for spec in rule_specs(t):
+        groups.setdefault(spec.group, []).append(rule(spec))
+    return {"apiVersion": 1, "groups": [
+        {"orgId": 1, "name": name, "folder": FOLDER, "interval": "1m", "rules": rules}
+        for name, rules in groups.items()]}
+
+
+def contact_points_file() -> dict:
+    return {"apiVersion": 1, "contactPoints": [{"orgId": 1, "name": RECEIVER, "receivers": [
+        {"uid": "racktwin-webhook", "type": "webhook", "disableResolveMessage": False,
+         "settings": {"url": "${ALERT_WEBHOOK_URL}", "httpMethod": "POST"}},
+        {"uid": "racktwin-email", "type": "email", "disableResolveMessage": False,
+         "settings": {"addresses": "${ALERT_EMAIL_TO}", "singleEmail": True}},
+    ]}]}
+
+
+def policies_file() -> dict:
+    return {"apiVersion": 1, "policies": [{
+        "orgId": 1, "receiver": RECEIVER, "group_by": ["room"],
+        "group_wait": "30s", "group_interval": "5m", "repeat_interval": "4h",
+        "routes": [{"receiver": RECEIVER, "object_matchers": [["severity", "=", "critical"]],
+                    "group_by": ["room"], "group_wait": "10s", "repeat_interval": "1h"}],
+    }]}

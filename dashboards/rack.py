@@ -1,0 +1,103 @@
+"""Rack detail (variable ``rack``): history from InfluxDB with the envelope as thresholds, the twin's current
+values and last-seen times from Ditto, links to the twin (Ditto UI) and the device (ThingsBoard)."""
+
+from __future__ import annotations
+
+from grafanalib.core import Dashboard
+
+from .common import (DITTO, INFLUX, MEASUREMENT, RACK_UID, WALL_PATH, column, constant_variable, field_defaults,
+                     infinity_target, influx_target, namespace_variable, render, tag_variable, templating,
+                     time_range)
+from .panels import dashboard_link, grid, stat, timeseries
+from .thresholds import Thresholds
+from .wall import delta_per_rack
+
+# Host-side defaults (compose publishes Ditto's nginx on DITTO_HTTP_PORT=8081 and ThingsBoard on 8080);
+# change the constants in the dashboard settings if the wall runs elsewhere.
+DITTO_UI_URL = "http://localhost:8081/ui/"
+THINGSBOARD_URL = "http://localhost:8080"
+
+RACK_FILTER = "\"rack\" = '$rack'"
+
+TWIN_COLUMNS = [
+    column("attributes.rack", "rack", "string"),
+    column("attributes.tbDevices.top", "deviceTop", "string"),
+    column("attributes.tbDevices.bottom", "deviceBottom", "string"),
+    column("features.environment.properties.tempTop", "tempTop"),
+    column("features.environment.properties.tempBottom", "tempBottom"),
+    column("features.environment.properties.humidityTop", "humidityTop"),
+    column("features.environment.properties.humidityBottom", "humidityBottom"),
+    column("features.environment.properties.dewPointTop", "dewPointTop"),
+    column("features.environment.properties.dewPointBottom", "dewPointBottom"),
+    column("features.environment.properties.deltaT", "deltaT"),
+    column("features.environment.properties.tsTop", "tsTop", "timestamp"),
+    column("features.environment.properties.tsBottom", "tsBottom", "timestamp"),
+]
+TWIN_PARAMS = [("fields", "thingId,attributes,features/environment/properties")]
+
+
+def history(field: str) -> str:
+    return (f'SELECT mean("{field}") FROM "{MEASUREMENT}" WHERE $timeFilter AND {RACK_FILTER} '
+            'GROUP BY time($__interval), "position" fill(null)')
+
+
+def delta_history() -> str:
+    sub = ('SELECT mean("temperature") AS "{alias}" FROM "' + MEASUREMENT + '" WHERE $timeFilter AND '
+           + RACK_FILTER + ' AND "position" = \'{alias}\' GROUP BY time($__interval)')
+    return (f'SELECT mean("top") - mean("bottom") AS "top − bottom" FROM ({sub.format(alias="top")}), '
+            f'({sub.format(alias="bottom")}) WHERE $timeFilter GROUP BY time($__interval) fill(none)')
+
+
+def twin_stat(title: str, pos, field: str, defaults: dict):
+    return stat(title, pos, [infinity_target("/api/2/things/${namespace}:${rack}", TWIN_PARAMS, TWIN_COLUMNS)],
+                defaults, datasource=DITTO,
+                options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{field}$/", "values": False},
+                         "textMode": "value"})
+
+
+def build(t: Thresholds) -> dict:
+    band = {"thresholdsStyle": {"mode": "line+area"}}
+    temp = field_defaults("celsius", t.temperature_steps())
+    rh = field_defaults("percent", t.humidity_steps())
+    dp = field_defaults("celsius", t.dew_point_steps())
+    panels = [
+        twin_stat("Twin: top °C", grid(0, 0, 3, 4), "tempTop", temp),
+        twin_stat("Twin: bottom °C", grid(3, 0, 3, 4), "tempBottom", temp),
+        twin_stat("Twin: top RH", grid(6, 0, 3, 4), "humidityTop", rh),
+        twin_stat("Twin: bottom RH", grid(9, 0, 3, 4), "humidityBottom", rh),
+        twin_stat("Twin: top dew point", grid(12, 0, 3, 4), "dewPointTop", dp),
+        twin_stat("Twin: top − bottom", grid(15, 0, 3, 4), "deltaT",
+                  field_defaults("celsius", t.delta_t_steps())),
+        twin_stat("Top last seen", grid(18, 0, 3, 4), "tsTop",
+                  field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None)),
+        twin_stat("Bottom last seen", grid(21, 0, 3, 4), "tsBottom",
+                  field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None)),
+        timeseries("Inlet temperature: top vs bottom", grid(0, 4, 12, 9),
+                   [influx_target(history("temperature"), alias="$tag_position")], temp, datasource=INFLUX,
+                   custom=band, description="Envelope: recommended band green, allowable class orange/red."),
+        timeseries("Relative humidity", grid(12, 4, 12, 9),
+                   [influx_target(history("humidity"), alias="$tag_position")], rh, datasource=INFLUX, custom=band),
+        timeseries("Dew point", grid(0, 13, 12, 9),
+                   [influx_target(history("dew_point"), alias="$tag_position")], dp, datasource=INFLUX, custom=band),
+        timeseries("Top − bottom difference", grid(12, 13, 12, 9), [influx_target(delta_history())],
+                   field_defaults("celsius", t.delta_t_steps()), datasource=INFLUX, custom=band,
+                   description=f"Above {t.delta_t_limit_c:g} °C for {t.delta_t_for} raises the recirculation alert."),
+    ]
+    dashboard = Dashboard(
+        title="Rack detail", uid=RACK_UID, tags=["racktwin"], timezone="browser", refresh="1m",
+        time=time_range("now-24h"), editable=False, panels=panels,
+        templating=templating(
+            tag_variable("rack", "Rack", multi=False),
+            namespace_variable(),
+            constant_variable("ditto_ui", DITTO_UI_URL, "Ditto UI"),
+            constant_variable("thingsboard", THINGSBOARD_URL, "ThingsBoard"),
+        ),
+    ).auto_panel_ids()
+    links = [
+        dashboard_link("Data hall wall", WALL_PATH, "Back to the NOC wall", keep_time=True),
+        dashboard_link("Twin in Ditto UI", "${ditto_ui}", "Thing ${namespace}:${rack} in the Ditto UI",
+                       target_blank=True),
+        dashboard_link("Devices in ThingsBoard", "${thingsboard}/entities/devices", "ThingsBoard device list",
+                       target_blank=True),
+    ]
+    return render(dashboard, {"links": links, "description": "History and current twin state of one rack."})

@@ -1,0 +1,129 @@
+"""The one place for the environmental limits: panel colours and alert rules are both derived from here.
+
+ASHRAE TC 9.9 (2021) Table 2.1, see shared domain facts. The class (A1..A4) and the recommended RH cap
+(70 % or 50 %, the latter where gaseous contamination is not shown to be low) are chosen when the files
+are generated: ``RACKTWIN_ASHRAE_CLASS=A2 RACKTWIN_RH_CAP=50 make dashboards``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# Recommended envelope (the same for every class).
+RECOMMENDED_TEMP_C = (18.0, 27.0)
+RECOMMENDED_DEW_POINT_C = (-9.0, 15.0)
+RH_CAPS = (70.0, 50.0)
+
+# Allowable envelope per class: dry bulb range, max dew point, max RH. Floors are common to A1..A4.
+ALLOWABLE_CLASSES: dict[str, dict[str, float]] = {
+    "A1": {"temp_min": 15.0, "temp_max": 32.0, "dew_point_max": 17.0, "rh_max": 80.0},
+    "A2": {"temp_min": 10.0, "temp_max": 35.0, "dew_point_max": 21.0, "rh_max": 80.0},
+    "A3": {"temp_min": 5.0, "temp_max": 40.0, "dew_point_max": 24.0, "rh_max": 85.0},
+    "A4": {"temp_min": 5.0, "temp_max": 45.0, "dew_point_max": 24.0, "rh_max": 90.0},
+}
+ALLOWABLE_DEW_POINT_MIN_C = -12.0
+ALLOWABLE_RH_MIN_PCT = 8.0
+
+# ASHRAE "5/20": 20 °C per hour for IT equipment (5 °C/h for tape). Measured as max − min inlet temperature
+# over a window; 15 min at 20 °C/h gives 5 °C, which is also the (unverified) "5 °C in any 15 minutes" note.
+RATE_WINDOW_S = 900
+
+COLORS = {"cold_critical": "blue", "cold_warning": "light-blue", "ok": "green", "warning": "orange",
+          "critical": "red", "unknown": "text"}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    ashrae_class: str = "A1"
+    rh_cap: float = 70.0
+    # Top − bottom inlet difference that indicates recirculation / starved supply air (site policy, not ASHRAE).
+    delta_t_limit_c: float = 5.0
+    delta_t_for: str = "10m"
+    rate_limit_c_per_h: float = 20.0
+    # Expected sensor reporting interval; a sensor is "silent" after 3 of them without a reading.
+    reading_interval_s: int = 60
+    bridge_lag_limit_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.ashrae_class not in ALLOWABLE_CLASSES:
+            raise ValueError(f"ASHRAE class must be one of {sorted(ALLOWABLE_CLASSES)}, not {self.ashrae_class!r}")
+        if self.rh_cap not in RH_CAPS:
+            raise ValueError(f"recommended RH cap must be 70 or 50, not {self.rh_cap!r}")
+
+    # --- derived limits -------------------------------------------------------------------------
+    @property
+    def allowable(self) -> dict[str, float]:
+        return ALLOWABLE_CLASSES[self.ashrae_class]
+
+    @property
+    def temp_recommended(self) -> tuple[float, float]:
+        return RECOMMENDED_TEMP_C
+
+    @property
+    def temp_allowable(self) -> tuple[float, float]:
+        return self.allowable["temp_min"], self.allowable["temp_max"]
+
+    @property
+    def dew_point_recommended(self) -> tuple[float, float]:
+        return RECOMMENDED_DEW_POINT_C
+
+    @property
+    def dew_point_allowable(self) -> tuple[float, float]:
+        return ALLOWABLE_DEW_POINT_MIN_C, self.allowable["dew_point_max"]
+
+    @property
+    def rh_allowable(self) -> tuple[float, float]:
+        return ALLOWABLE_RH_MIN_PCT, self.allowable["rh_max"]
+
+    @property
+    def rate_limit_c(self) -> float:
+        """Allowed max − min inlet temperature within RATE_WINDOW_S."""
+        return round(self.rate_limit_c_per_h * RATE_WINDOW_S / 3600.0, 3)
+
+    @property
+    def silent_after_s(self) -> int:
+        return 3 * self.reading_interval_s
+
+    # --- Grafana colour steps -------------------------------------------------------------------
+    def temperature_steps(self) -> list[dict]:
+        return band_steps(self.temp_allowable, self.temp_recommended)
+
+    def dew_point_steps(self) -> list[dict]:
+        return band_steps(self.dew_point_allowable, self.dew_point_recommended)
+
+    def humidity_steps(self) -> list[dict]:
+        # The recommended humidity band is bounded by dew point, not RH, below; above it is the RH cap.
+        return band_steps(self.rh_allowable, (self.rh_allowable[0], self.rh_cap))
+
+    def delta_t_steps(self) -> list[dict]:
+        return [{"color": COLORS["ok"], "value": None},
+                {"color": COLORS["warning"], "value": self.delta_t_limit_c}]
+
+
+def band_steps(allowable: tuple[float, float], recommended: tuple[float, float]) -> list[dict]:
+    """Grafana threshold steps: below allowable, below recommended, in band, above recommended, above allowable.
+
+    A step applies from its value upwards, so the value that equals a limit is still inside the band
+    only for the lower limits; colours are a display aid, the alert rules use the exact comparisons.
+    """
+    steps = [{"color": COLORS["cold_critical"], "value": None}]
+    if recommended[0] > allowable[0]:
+        steps.append({"color": COLORS["cold_warning"], "value": allowable[0]})
+    steps.append({"color": COLORS["ok"], "value": recommended[0]})
+    steps.append({"color": COLORS["warning"], "value": recommended[1]})
+    steps.append({"color": COLORS["critical"], "value": allowable[1]})
+    return steps
+
+
+def from_env(env: dict[str, str] | None = None) -> Thresholds:
+    """Thresholds chosen at generation time (RACKTWIN_ASHRAE_CLASS, RACKTWIN_RH_CAP, RACKTWIN_DELTA_T_LIMIT...)."""
+    env = os.environ if env is None else env
+    return Thresholds(
+        ashrae_class=env.get("RACKTWIN_ASHRAE_CLASS", "A1").upper(),
+        rh_cap=float(env.get("RACKTWIN_RH_CAP", "70")),
+        delta_t_limit_c=float(env.get("RACKTWIN_DELTA_T_LIMIT", "5")),
+        rate_limit_c_per_h=float(env.get("RACKTWIN_RATE_LIMIT_C_PER_H", "20")),
+        reading_interval_s=int(env.get("RACKTWIN_READING_INTERVAL_S", "60")),
+        bridge_lag_limit_s=float(env.get("RACKTWIN_BRIDGE_LAG_LIMIT_S", "30")),
+    )

@@ -1,0 +1,151 @@
+"""Data hall wall: the NOC screen. Summary stats, one tile per rack from Ditto's current state, and a
+rack × position heat grid of the last hours from InfluxDB. Fits a 1080p screen in kiosk mode without
+scrolling (26 grid units of height) for a hall of 40 racks."""
+
+from __future__ import annotations
+
+from grafanalib.core import Dashboard
+
+from .common import (DITTO, data_link, INFLUX, MEASUREMENT, RACK_PATH, ROOM_ROW_FILTER, WALL_UID, column, field_defaults,
+                     infinity_target, influx_target, namespace_variable, render, tag_variable, templating,
+                     time_range)
+from .panels import alert_count, grid, stat, state_timeline
+from .thresholds import Thresholds
+
+
+def num(value: float) -> str:
+    """A limit as InfluxQL literal: 27.0 -> 27, 27.5 -> 27.5."""
+    return f"{value:g}"
+
+
+def and_(where: str) -> str:
+    return f" AND {where}" if where else ""
+
+
+def latest_per_sensor(where: str = ROOM_ROW_FILTER) -> str:
+    return (f'SELECT last("temperature") AS "t", last("dew_point") AS "dp", last("humidity") AS "rh" '
+            f'FROM "{MEASUREMENT}" WHERE $timeFilter{and_(where)} GROUP BY "rack", "position"')
+
+
+def racks_outside(conditions: str) -> str:
+    """Number of racks with at least one sensor position whose latest reading meets ``conditions``."""
+    return (f'SELECT count("n") AS "racks" FROM (SELECT count("t") AS "n" FROM ({latest_per_sensor()}) '
+            f'WHERE {conditions} GROUP BY "rack")')
+
+
+def recommended_violation(t: Thresholds) -> str:
+    (tmin, tmax), (dmin, dmax) = t.temp_recommended, t.dew_point_recommended
+    return (f'"t" < {num(tmin)} OR "t" > {num(tmax)} OR "dp" < {num(dmin)} OR "dp" > {num(dmax)} '
+            f'OR "rh" > {num(t.rh_cap)}')
+
+
+def allowable_violation(t: Thresholds) -> str:
+    (tmin, tmax), (dmin, dmax), (rmin, rmax) = t.temp_allowable, t.dew_point_allowable, t.rh_allowable
+    return (f'"t" < {num(tmin)} OR "t" > {num(tmax)} OR "dp" < {num(dmin)} OR "dp" > {num(dmax)} '
+            f'OR "rh" < {num(rmin)} OR "rh" > {num(rmax)}')
+
+
+def delta_per_rack(where: str, group_by: str = '"rack"') -> str:
+    """Latest top − bottom inlet difference per rack: InfluxQL cannot join positions, but aggregates of two
+    subqueries in one FROM share the GROUP BY buckets, so max(top) − max(bottom) pairs them per rack."""
+    sub = ('SELECT last("temperature") AS "{alias}" FROM "' + MEASUREMENT + '" WHERE $timeFilter' + and_(where)
+           + ' AND "position" = \'{pos}\' GROUP BY ' + group_by)
+    return (f'SELECT max("top") - max("bottom") AS "delta" FROM ({sub.format(alias="top", pos="top")}), '
+            f'({sub.format(alias="bottom", pos="bottom")}) GROUP BY {group_by}')
+
+
+def silent_sensors_per_series(t: Thresholds, where: str = ROOM_ROW_FILTER,
+                              group_by: str = '"rack", "position"') -> str:
+    """Per sensor position: readings in the last 4 reporting intervals (current one partial), averaged.
+    0 means nothing arrived for at least 3 whole intervals; fill(0) keeps series that went quiet."""
+    inner = (f'SELECT moving_average(count("temperature"), 4) AS "recent" FROM "{MEASUREMENT}" '
+             f'WHERE $timeFilter{and_(where)} GROUP BY time({t.reading_interval_s}s), {group_by} fill(0)')
+    return f'SELECT last("recent") AS "recent" FROM ({inner}) GROUP BY {group_by}'
+
+
+# Ditto search columns (gjson paths into each item); order matters for the tile title's ${__cell_N}.
+TILE_COLUMNS = [
+    column("attributes.rack", "rack", "string"),
+    column("attributes.room", "room", "string"),
+    column("attributes.row", "row", "string"),
+    column("features.environment.properties.tempTop", "tempTop"),
+    column("features.environment.properties.tempBottom", "tempBottom"),
+    column("features.environment.properties.humidityTop", "humidityTop"),
+    column("features.environment.properties.humidityBottom", "humidityBottom"),
+    column("features.environment.properties.deltaT", "deltaT"),
+    column("features.environment.properties.tsTop", "tsTop", "timestamp"),
+    column("features.environment.properties.tsBottom", "tsBottom", "timestamp"),
+]
+# Title: rack, ▲top/▼bottom °C and RH top/bottom; the tile value is the hotter inlet, coloured by band.
+TILE_TITLE = "${__cell_0}  ▲${__cell_3}° ▼${__cell_4}°  ${__cell_5}/${__cell_6} %RH"
+
+SEARCH_PARAMS = [
+    ("namespaces", "${namespace}"),
+    ("fields", "thingId,attributes,features/environment/properties"),
+    # Grafana's doublequote format renders a multi-value/All selection as "a","b": RQL in(...) takes it as is.
+    ("filter", "and(in(attributes/room,${room:doublequote}),in(attributes/row,${row:doublequote}))"),
+    ("option", "size(200),sort(+attributes/room,+attributes/row,+attributes/rack)"),
+]
+
+
+def build(t: Thresholds) -> dict:
+    temp = field_defaults("celsius", t.temperature_steps())
+    count_steps = [{"color": "green", "value": None}, {"color": "red", "value": 1}]
+    panels = [
+        stat("Hottest inlet now", grid(0, 0, 4, 4), [influx_target(
+            f'SELECT max("t") AS "hottest" FROM ({latest_per_sensor()})')], temp, datasource=INFLUX,
+            time_from="15m", description="Highest latest inlet temperature of any rack position (last 15 min)."),
+        stat("Racks outside recommended", grid(4, 0, 4, 4), [influx_target(racks_outside(recommended_violation(t)))],
+             field_defaults("none", [{"color": "green", "value": None}, {"color": "orange", "value": 1}], 0,
+                            noValue="0"), datasource=INFLUX, time_from="15m",
+             description=f"Racks with a position outside {num(t.temp_recommended[0])}–{num(t.temp_recommended[1])} °C, "
+                         f"dew point {num(t.dew_point_recommended[0])}–{num(t.dew_point_recommended[1])} °C or "
+                         f"above {num(t.rh_cap)} % RH."),
+        stat(f"Racks outside {t.ashrae_class}", grid(8, 0, 4, 4),
+             [influx_target(racks_outside(allowable_violation(t)))],
+             field_defaults("none", count_steps, 0, noValue="0"), datasource=INFLUX, time_from="15m",
+             description=f"Racks with a position outside the ASHRAE {t.ashrae_class} allowable envelope."),
+        stat("Sensors silent", grid(12, 0, 4, 4), [influx_target(
+            f'SELECT count("recent") AS "silent" FROM ({silent_sensors_per_series(t)}) WHERE "recent" = 0')],
+            field_defaults("none", count_steps, 0, noValue="0"), datasource=INFLUX, time_from="1h",
+            description=f"Rack positions with no reading for {t.silent_after_s} s (3 reporting intervals) "
+                        "that reported in the last hour."),
+        stat("Largest top − bottom", grid(16, 0, 4, 4), [influx_target(
+            f'SELECT max("delta") AS "delta" FROM ({delta_per_rack(ROOM_ROW_FILTER)})')],
+            field_defaults("celsius", t.delta_t_steps()), datasource=INFLUX, time_from="15m",
+            description=f"Largest top minus bottom inlet difference; above {num(t.delta_t_limit_c)} °C "
+                        "suggests recirculation."),
+        alert_count("Alerts firing", grid(20, 0, 4, 4)),
+        stat("Racks (current twin state)", grid(0, 4, 24, 11), [infinity_target(
+            "/api/2/search/things", SEARCH_PARAMS, TILE_COLUMNS, root_selector="items")],
+            field_defaults("celsius", t.temperature_steps(), displayName=TILE_TITLE, noValue="no twin"),
+            datasource=DITTO, max_data_points=500,
+            options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "/^inlet_max$/", "values": True,
+                                       "limit": 200},
+                     "textMode": "value_and_name", "text": {"titleSize": 14, "valueSize": 28}},
+            transformations=[{"id": "calculateField", "options": {
+                "mode": "reduceRow", "reduce": {"reducer": "max", "include": ["tempTop", "tempBottom"]},
+                "alias": "inlet_max", "replaceFields": False}}],
+            links=[data_link("Rack detail", RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}")],
+            description="One tile per rack from Ditto's current twin state (one search request): value = hotter "
+                        "inlet, colour = ASHRAE band; title = rack, top/bottom °C, top/bottom RH. Click for detail."),
+    ]
+    for x, position in ((0, "top"), (12, "bottom")):
+        panels.append(state_timeline(
+            f"{position.capitalize()} inlet °C per rack", grid(x, 15, 12, 11), [influx_target(
+                f'SELECT mean("temperature") FROM "{MEASUREMENT}" WHERE $timeFilter AND "position" = \'{position}\' '
+                f'AND {ROOM_ROW_FILTER} GROUP BY time($__interval), "rack" fill(none)', alias="$tag_rack")],
+            field_defaults("celsius", t.temperature_steps()), datasource=INFLUX,
+            description=f"{position.capitalize()} inlet temperature history per rack, coloured by ASHRAE band. "
+                        "Top warmer than bottom along a row points at recirculation."))
+    dashboard = Dashboard(
+        title="Data hall wall", uid=WALL_UID, tags=["racktwin"], timezone="browser", refresh="30s",
+        time=time_range("now-6h"), editable=False, panels=panels,
+        templating=templating(
+            namespace_variable(),
+            tag_variable("room", "Room"),
+            tag_variable("row", "Row", where='"room" =~ /^$room$/'),
+        ),
+    ).auto_panel_ids()
+    return render(dashboard, {"description": "RackTwin NOC wall: open with ?kiosk&theme=dark on the wall screen.",
+                              "graphTooltip": 0, "liveNow": False})

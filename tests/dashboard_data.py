@@ -1,0 +1,99 @@
+"""Crafted rack readings fed through the real bridge (MQTT -> bridge -> InfluxDB + Ditto double), shared by
+the dashboard-query and alert-rule tests."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.config import load_settings
+from bridge.service import Bridge
+from tests.harness.mqtt import Publisher, wait_until
+
+PROVISIONING = Path(__file__).resolve().parent.parent / "provisioning" / "grafana"
+STEP_MS = 60_000  # one reading per rack per minute, the reporting interval the thresholds assume
+HISTORY = 20      # minutes of history per rack
+
+# rack -> (room, row)
+RACKS = {
+    "rack-a01": ("hall-1", "A"), "rack-a02": ("hall-1", "A"), "rack-a03": ("hall-1", "A"),
+    "rack-a04": ("hall-1", "A"), "rack-b01": ("hall-2", "B"), "rack-b02": ("hall-2", "B"),
+    "rack-b03": ("hall-2", "B"),
+}
+NORMAL = {"tempTop": 24.0, "tempBottom": 21.0, "humidityTop": 40.0, "humidityBottom": 45.0}
+# What each rack reports (constant unless a function of the minute index i, 0 = oldest).
+PROFILES = {
+    "rack-a01": {},                                                    # in the envelope
+    "rack-a02": {"tempTop": 29.0, "humidityTop": 35.0},                # top above recommended, 8 °C top-bottom
+    "rack-a03": {},                                                    # goes silent 6 minutes ago
+    "rack-a04": {"tempTop": 33.0, "humidityTop": 30.0},                # top above A1 allowable
+    "rack-b01": {"humidityTop": 75.0, "humidityBottom": 60.0},         # humid top: RH > 70 %, dew point > 17 °C
+    "rack-b02": {"humidityBottom": 6.0},                               # dry bottom: RH < 8 %, dew point < -12 °C
+    "rack-b03": {"tempTop": lambda i: 19.0 if i < 10 else 25.0},       # top jumps 6 °C within 15 min
+}
+SILENT_FROM_MINUTE = {"rack-a03": HISTORY - 6}
+
+
+@dataclass
+class Fed:
+    now_ms: int
+    instance: str
+    namespace: str
+    points: int
+
+
+def bridge_env_with_racks(bridge_env: dict[str, str]) -> dict[str, str]:
+    mapping = {"racks": {rack: {"site": "site1", "room": room, "row": row} for rack, (room, row) in RACKS.items()}}
+    return dict(bridge_env, RACKTWIN_MAPPING=json.dumps(mapping))
+
+
+def messages(now_ms: int) -> list[tuple[str, dict]]:
+    out = []
+    for i in range(HISTORY):
+        ts = now_ms - (HISTORY - 1 - i) * STEP_MS - 2000
+        for rack, profile in PROFILES.items():
+            if i >= SILENT_FROM_MINUTE.get(rack, HISTORY):
+                continue
+            values = {k: (v(i) if callable(v) else v) for k, v in {**NORMAL, **profile}.items()}
+            out.append((rack, {"deviceName": rack, "deviceType": "rack-sensor", "ts": ts, "values": values}))
+    return out
+
+
+def feed_through_bridge(bridge_env, monkeypatch, mosquitto, influxd, influx_db, ditto,
+                        stats_bucket_ms: int | None = None) -> Fed:
+    """Publish the crafted history, wait until both sinks hold it, stop the bridge.
+
+    ``stats_bucket_ms``: also wait until the bridge's stats cover two such time buckets, so that rates
+    (derivatives between buckets) have something to show."""
+    env = bridge_env_with_racks(bridge_env)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bridge = Bridge(load_settings())
+    bridge.start()
+    publisher = Publisher(mosquitto.port)
+    try:
+        wait_until(bridge.source.connected.is_set, what="bridge connected to MQTT")
+        now_ms = int(time.time() * 1000)
+        batch = messages(now_ms)
+        prefix = env["RACKTWIN_MQTT_TOPIC"].rstrip("#")
+        publisher.publish_all([(prefix + rack, payload) for rack, payload in batch])
+        expected = 2 * len(batch)  # a top and a bottom point per message
+        wait_until(lambda: influxd.rows('SELECT count("temperature") FROM "rack_environment"', influx_db)
+                   and influxd.rows('SELECT count("temperature") FROM "rack_environment"', influx_db)[0]["count"]
+                   == expected, timeout=30, what=f"{expected} points in InfluxDB")
+        namespace = env["RACKTWIN_DITTO_NAMESPACE"]
+        wait_until(lambda: all(f"{namespace}:{r}" in ditto.things for r in RACKS), what="all twins")
+        # at least two stats rows after the backlog, so "last" sees the final counters and lag
+        wait_until(lambda: len(influxd.rows('SELECT "ready" FROM "racktwin_bridge"', influx_db)) >= 3,
+                   what="bridge stats")
+        if stats_bucket_ms:
+            def two_buckets() -> bool:
+                times = [r["time"] for r in influxd.rows('SELECT "ready" FROM "racktwin_bridge"', influx_db)]
+                return times[0] // stats_bucket_ms != times[-1] // stats_bucket_ms
+            wait_until(two_buckets, timeout=stats_bucket_ms / 1000 + 5, what="bridge stats in two buckets")
+        return Fed(now_ms, env["RACKTWIN_MQTT_CLIENT_ID"], namespace, expected)
+    finally:
+        publisher.close()
+        bridge.stop()

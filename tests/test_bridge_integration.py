@@ -1,0 +1,161 @@
+"""The bridge in-process against a real Mosquitto, a real InfluxDB and the Ditto contract double."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from bridge.config import load_settings
+from bridge.service import Bridge
+from bridge.twin import dew_point, iso_ms
+from tests.harness.mqtt import Publisher, wait_until
+
+TOPIC_PREFIX_KEY = "RACKTWIN_MQTT_TOPIC"
+
+
+@pytest.fixture
+def running_bridge(bridge_env, monkeypatch):
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    bridge = Bridge(load_settings())
+    bridge.start()
+    wait_until(bridge.source.connected.is_set, what="bridge connected to MQTT")
+    yield bridge
+    bridge.stop()
+
+
+@pytest.fixture
+def publisher(mosquitto):
+    pub = Publisher(mosquitto.port)
+    yield pub
+    pub.close()
+
+
+def topic(env: dict, device: str) -> str:
+    return env[TOPIC_PREFIX_KEY].rstrip("#") + device
+
+
+def envelope(device: str, ts: int, **values) -> dict:
+    return {"deviceName": device, "deviceType": "rack-sensor", "ts": ts, "values": values}
+
+
+def props(ditto, tid: str) -> dict:
+    return ditto.things.get(tid, {}).get("features", {}).get("environment", {}).get("properties", {})
+
+
+def test_readings_reach_influx_and_twin_with_exact_values(running_bridge, bridge_env, publisher, ditto, influxd, influx_db):
+    now = int(time.time() * 1000)
+    racks = {f"rack-{i:02d}": (20.0 + i, 25.0 + i, 40.0 + i, 45.0 - i) for i in range(1, 4)}
+    publisher.publish_all([
+        (topic(bridge_env, rack), envelope(rack, now - 1000, tempBottom=b, tempTop=t, humidityTop=ht, humidityBottom=hb))
+        for rack, (b, t, ht, hb) in racks.items()
+    ])
+    wait_until(lambda: len(influxd.rows("SELECT * FROM rack_environment", influx_db)) == 6, what="6 points")
+    rows = influxd.rows("SELECT temperature, humidity, dew_point, device, site, room, row FROM rack_environment "
+                        "GROUP BY rack, position", influx_db)
+    got = {(r["rack"], r["position"]): (r["time"], r["temperature"], r["humidity"], r["dew_point"]) for r in rows}
+    for rack, (b, t, ht, hb) in racks.items():
+        assert got[(rack, "top")] == (now - 1000, t, ht, dew_point(t, ht))
+        assert got[(rack, "bottom")] == (now - 1000, b, hb, dew_point(b, hb))
+    assert {r["site"] for r in rows} == {"site1"} and {r["device"] for r in rows} == set(racks)
+
+    for rack, (b, t, ht, hb) in racks.items():
+        tid = f"dc.test:{rack}"
+        wait_until(lambda: props(ditto, tid).get("tsTop") == iso_ms(now - 1000), what=f"twin {tid}")
+        p = props(ditto, tid)
+        assert p == {
+            "tempTop": t, "tempBottom": b, "humidityTop": ht, "humidityBottom": hb,
+            "dewPointTop": dew_point(t, ht), "dewPointBottom": dew_point(b, hb),
+            "deltaT": round(t - b, 2), "tsTop": iso_ms(now - 1000), "tsBottom": iso_ms(now - 1000),
+        }
+        thing = ditto.things[tid]
+        assert thing["policyId"] == "dc.test:racktwin"
+        assert thing["attributes"] == {"site": "site1", "room": "room1", "row": "row1", "rack": rack,
+                                       "tbDevices": {"bottom": rack, "top": rack}}
+    # Grafana's read-only user can read the twins the bridge created (shared policy).
+    resp = requests.get(ditto.url + "/api/2/things/dc.test:rack-01", auth=("grafana", "grafana-secret"), timeout=5)
+    assert resp.status_code == 200
+
+
+def test_older_reading_never_overwrites_newer_twin(running_bridge, bridge_env, publisher, ditto, influxd, influx_db):
+    now = int(time.time() * 1000)
+    t = topic(bridge_env, "rack-x")
+    publisher.publish_all([(t, envelope("rack-x", now, tempTop=30.0))])
+    wait_until(lambda: props(ditto, "dc.test:rack-x").get("tempTop") == 30.0, what="newer reading in twin")
+    publisher.publish_all([(t, envelope("rack-x", now - 60_000, tempTop=22.0))])
+    wait_until(lambda: running_bridge.metrics.value("racktwin_ditto_stale_total") >= 1, what="stale counted")
+    assert props(ditto, "dc.test:rack-x")["tempTop"] == 30.0
+    assert props(ditto, "dc.test:rack-x")["tsTop"] == iso_ms(now)
+    # History keeps both; a re-delivered reading overwrites its own point instead of adding one.
+    publisher.publish_all([(t, envelope("rack-x", now, tempTop=30.0))])
+    wait_until(lambda: running_bridge.metrics.value("racktwin_messages_accepted_total") >= 3 and
+               running_bridge.pipeline.in_flight.count == 0, what="third message done")
+    rows = influxd.rows("SELECT temperature FROM rack_environment", influx_db)
+    assert sorted((r["time"], r["temperature"]) for r in rows) == [(now - 60_000, 22.0), (now, 30.0)]
+
+
+def test_bad_input_is_counted_and_never_written_or_blocking(running_bridge, bridge_env, publisher, ditto, influxd,
+                                                            influx_db):
+    now = int(time.time() * 1000)
+    bad = [
+        (topic(bridge_env, "rack-bad"), b"{truncated"),
+        (topic(bridge_env, "rack-bad"), b"[1, 2]"),
+        (topic(bridge_env, "rack-bad"), envelope("rack-bad", now, tempTop="hot")),
+        (topic(bridge_env, "rack-bad"), b'{"tempTop": NaN}'),
+        (topic(bridge_env, "rack-bad"), envelope("rack-bad", now, tempTop=120)),
+        (topic(bridge_env, "rack-bad"), envelope("rack-bad", now + 3_600_000, tempTop=20)),
+        (topic(bridge_env, "rack-bad"), envelope("rack/bad", now, tempTop=20)),
+        (topic(bridge_env, "rack-bad"), b"x" * 70_000),
+    ]
+    good = [(topic(bridge_env, "rack ok,=1"), envelope("rack ok,=1", now, tempTop=23.5, tempBottom=20.5))]
+    publisher.publish_all(bad + good)
+    wait_until(lambda: len(influxd.rows("SELECT * FROM rack_environment", influx_db)) == 2, what="good points")
+    m = running_bridge.metrics
+    expected = {"invalid_json": 1, "not_object": 1, "non_numeric": 1, "not_finite": 1, "out_of_range": 1,
+                "ts_future": 1, "invalid_rack_name": 1, "payload_too_large": 1}
+    wait_until(lambda: all(m.value("racktwin_messages_rejected_total", {"reason": r}) == n for r, n in expected.items()),
+               what="rejects counted")
+    rows = influxd.rows("SELECT temperature, rack FROM rack_environment", influx_db)
+    assert {r["rack"] for r in rows} == {"rack ok,=1"}  # escaped tag value round-trips
+    wait_until(lambda: props(ditto, "dc.test:rack ok,=1").get("tempTop") == 23.5, what="twin with odd name")
+    assert not any("rack-bad" in tid for tid in ditto.things)
+    # Rejected messages are acknowledged: nothing is left in flight.
+    wait_until(lambda: running_bridge.pipeline.in_flight.count == 0, what="nothing in flight")
+
+
+def test_ditto_outage_converges_to_newest_and_influx_carries_on(running_bridge, bridge_env, publisher, ditto, influxd,
+                                                                influx_db):
+    now = int(time.time() * 1000)
+    t = topic(bridge_env, "rack-o")
+    publisher.publish_all([(t, envelope("rack-o", now - 10_000, tempTop=20.0))])
+    wait_until(lambda: props(ditto, "dc.test:rack-o").get("tempTop") == 20.0, what="first reading")
+    ditto.inject(status=503, duration=2.0)
+    publisher.publish_all([(t, envelope("rack-o", now - 10_000 + i * 1000, tempTop=20.0 + i)) for i in range(1, 6)])
+    # InfluxDB keeps receiving while Ditto is down.
+    wait_until(lambda: len(influxd.rows("SELECT * FROM rack_environment", influx_db)) == 6, what="influx during outage")
+    wait_until(lambda: not running_bridge.readiness()["ditto"], timeout=5, what="readiness reports ditto down")
+    wait_until(lambda: props(ditto, "dc.test:rack-o").get("tempTop") == 25.0, timeout=20, what="twin converged")
+    assert props(ditto, "dc.test:rack-o")["tsTop"] == iso_ms(now - 5000)
+    wait_until(lambda: running_bridge.pipeline.in_flight.count == 0, what="all acked")
+    assert running_bridge.metrics.value("racktwin_ditto_updates_total", {"result": "retry"}) >= 1
+
+
+def test_ops_endpoints(running_bridge, bridge_env, publisher, influxd, influx_db):
+    port = running_bridge.ops.port
+    base = f"http://127.0.0.1:{port}"
+    assert requests.get(base + "/healthz", timeout=5).json() == {"status": "alive"}
+    wait_until(lambda: requests.get(base + "/readyz", timeout=5).status_code == 200, what="ready")
+    publisher.publish_all([(topic(bridge_env, "rack-m"), b"oops")])
+    wait_until(lambda: 'racktwin_messages_rejected_total{reason="invalid_json"} 1.0' in
+               requests.get(base + "/metrics", timeout=5).text, what="reject in /metrics")
+    text = requests.get(base + "/metrics", timeout=5).text
+    for name in ("racktwin_messages_received_total", "racktwin_influx_points_written_total",
+                 "racktwin_ditto_updates_total", "racktwin_ditto_coalesced_total", "racktwin_ditto_stale_total",
+                 "racktwin_messages_in_flight", "racktwin_end_to_end_lag_seconds_bucket"):
+        assert name in text
+    # The bridge's own counters land in InfluxDB for the health dashboard.
+    rows = wait_until(lambda: influxd.rows("SELECT received, rejected, ready FROM racktwin_bridge", influx_db),
+                      what="stats point")
+    assert rows[-1]["received"] >= 1 and rows[-1]["rejected"] >= 1

@@ -1,0 +1,664 @@
+"""The compose stack, checked without a Docker engine.
+
+- The compose file, interpolated with .env.example (secrets filled with dummies the way init-env.sh
+  fills them), validates against the Compose Specification schema, in demo and in external mode.
+- Policies of the stack: exact image pins, bind-mount sources exist, every ${VAR} is in .env.example,
+  no host-port collisions, no literal secrets, healthchecks and memory limits, internal services
+  unpublished, admin ports on loopback by default.
+- The real programs load our config files: Mosquitto runs our entrypoint and mosquitto.conf (with the
+  container paths moved to a temp dir and the port to a free one), nginx loads the Ditto nginx.conf
+  (`nginx -t`) and, with the upstream names pointed at a local echo server, authenticates against an
+  htpasswd made by `racktwin init-secrets` and sets the Ditto subject header.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import paho.mqtt.client as mqtt
+import pytest
+import requests
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge.secrets import apr1, init_secrets
+from tests.doubles.contracts import find_contract
+from tests.harness.services import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE_DIR = REPO / "compose"
+COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
+EXTERNAL_FILE = COMPOSE_DIR / "docker-compose.external.yml"
+ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
+
+# Exact tags from shared/reference/images.md "Recommended pins" (Grafana: 13.2.2, see the report).
+EXPECTED_IMAGES = {
+    "thingsboard/tb-node:4.3.1.3",
+    "postgres:16.15",
+    "eclipse/ditto-policies:3.9.6",
+    "eclipse/ditto-things:3.9.6",
+    "eclipse/ditto-things-search:3.9.6",
+    "eclipse/ditto-gateway:3.9.6",
+    "eclipse/ditto-ui:3.9.6",
+    "mongo:7.0.40",
+    "nginx:1.30.4-alpine",
+    "eclipse-mosquitto:2.0.22",
+    "influxdb:2.9.1",
+    "grafana/grafana:13.2.2",
+}
+# Services that nothing outside the compose network may reach.
+INTERNAL_SERVICES = {"mongodb", "policies", "things", "things-search", "gateway", "ditto-ui", "postgres", "mosquitto"}
+DEMO_ONLY = {"postgres", "thingsboard-db-check", "thingsboard-install", "thingsboard", "simulator"}
+SECRET_KEY = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET)(_FILE)?$", re.IGNORECASE)
+
+
+# --- Compose interpolation (the subset of the spec's syntax: $$, $VAR, ${VAR}, ${VAR:-d}, ${VAR-d},
+# ${VAR:?e}, ${VAR?e}, ${VAR:+r}, ${VAR+r}) -------------------------------------------------------------
+
+_VAR = re.compile(
+    r"\$(?:(?P<escaped>\$)|(?P<named>[A-Za-z_][A-Za-z0-9_]*)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)"
+    r"(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}|(?P<invalid>))"
+)
+
+
+class InterpolationError(ValueError):
+    pass
+
+
+def interpolate_str(text: str, env: dict[str, str], used: set[str]) -> str:
+    def repl(m: re.Match) -> str:
+        if m.group("escaped"):
+            return "$"
+        if m.group("invalid") is not None and m.group("named") is None and m.group("braced") is None:
+            raise InterpolationError(f"invalid interpolation in {text!r}")
+        name = m.group("named") or m.group("braced")
+        used.add(name)
+        op, arg = m.group("op"), m.group("arg") or ""
+        value = env.get(name)
+        if op in (":-", "-"):
+            return value if (value if op == ":-" else value is not None) else arg
+        if op in (":?", "?"):
+            if (not value) if op == ":?" else value is None:
+                raise InterpolationError(f"{name}: {arg}")
+            return value
+        if op in (":+", "+"):
+            return arg if (value if op == ":+" else value is not None) else ""
+        return value or ""
+
+    return _VAR.sub(repl, text)
+
+
+def interpolate(node: Any, env: dict[str, str], used: set[str]) -> Any:
+    if isinstance(node, str):
+        return interpolate_str(node, env, used)
+    if isinstance(node, list):
+        return [interpolate(v, env, used) for v in node]
+    if isinstance(node, dict):
+        return {k: interpolate(v, env, used) for k, v in node.items()}
+    return node
+
+
+def parse_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
+    """(variables, names in the generated-secrets block)."""
+    values, generated, in_block = {}, [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("# >>> generated secrets"):
+            in_block = True
+        elif line.startswith("# <<< generated secrets"):
+            in_block = False
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
+        if m:
+            values[m.group(1)] = m.group(2)
+            if in_block:
+                generated.append(m.group(1))
+    return values, generated
+
+
+def example_env() -> dict[str, str]:
+    values, generated = parse_env_file(ENV_EXAMPLE)
+    for i, name in enumerate(generated):
+        values[name] = f"Dummy{i:02d}SecretValue0123456789abcd"
+    return values
+
+
+def merge_override(base: dict, override: dict) -> dict:
+    """Compose's merge for what our override uses: mappings merge, `ports` lists append."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_override(out[key], value)
+        elif isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + value
+        else:
+            out[key] = value
+    return out
+
+
+def load_model(mode: str = "demo", env: dict[str, str] | None = None) -> tuple[dict, set[str]]:
+    env = example_env() if env is None else env
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    if mode == "external":
+        raw = merge_override(raw, yaml.safe_load(EXTERNAL_FILE.read_text()))
+    used: set[str] = set()
+    model = interpolate(raw, env, used)
+    return model, used
+
+
+def active_services(model: dict, profiles: set[str]) -> dict[str, dict]:
+    return {
+        name: svc for name, svc in model["services"].items()
+        if not svc.get("profiles") or set(svc["profiles"]) & profiles
+    }
+
+
+def published_ports(svc: dict) -> list[tuple[str, str, str]]:
+    """(host_ip, host_port, container_port) for each short-syntax port."""
+    out = []
+    for entry in svc.get("ports", []):
+        parts = str(entry).split(":")
+        assert len(parts) == 3, f"port {entry!r} must name the bind address explicitly"
+        out.append((parts[0], parts[1], parts[2]))
+    return out
+
+
+MODES = [("demo", {"demo"}), ("external", set())]
+
+
+@pytest.fixture(scope="module")
+def compose_schema() -> dict:
+    return json.loads(find_contract("compose-spec.json").read_text())
+
+
+# --- schema and interpolation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["demo", "external"])
+def test_compose_file_validates_against_the_compose_spec(mode, compose_schema):
+    model, _ = load_model(mode)
+    validator = jsonschema.Draft7Validator(compose_schema)
+    errors = sorted(validator.iter_errors(model), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:10])
+
+
+def test_every_variable_is_defined_in_env_example():
+    defined, _ = parse_env_file(ENV_EXAMPLE)
+    used: set[str] = set()
+    for path in (COMPOSE_FILE, EXTERNAL_FILE):
+        interpolate(yaml.safe_load(path.read_text()), example_env(), used)
+    assert used, "no variables found: the interpolation check would prove nothing"
+    assert sorted(used - set(defined)) == []
+
+
+def test_missing_secret_stops_compose_with_advice():
+    env = example_env()
+    env["DITTO_ADMIN_PASSWORD"] = ""
+    with pytest.raises(InterpolationError, match="DITTO_ADMIN_PASSWORD: run make up"):
+        load_model("demo", env)
+
+
+def test_env_example_leaves_every_secret_empty():
+    values, generated = parse_env_file(ENV_EXAMPLE)
+    secret_like = [k for k in values if SECRET_KEY.search(k)]
+    assert secret_like and set(secret_like) <= set(generated), "every secret must be generated"
+    assert {k: v for k, v in values.items() if k in generated and v} == {}
+
+
+# --- stack policies --------------------------------------------------------------------------------------
+
+
+def test_every_image_is_pinned_to_an_exact_version():
+    model, _ = load_model("demo")
+    images = set()
+    for name, svc in model["services"].items():
+        image = svc.get("image", "")
+        if "build" in svc:
+            assert image.startswith("racktwin/") and re.search(r":\d+\.\d+\.\d+$", image), (name, image)
+            continue
+        images.add(image)
+        assert re.search(r":\d+\.\d+(\.\d+)*(-[a-z0-9.]+)?$", image), f"{name}: {image} is not an exact tag"
+        assert not image.endswith(":latest")
+    assert images == EXPECTED_IMAGES
+
+
+def test_dockerfile_base_is_pinned():
+    dockerfile = (COMPOSE_DIR / "bridge.Dockerfile").read_text()
+    assert re.findall(r"^FROM\s+(\S+)", dockerfile, re.M) == ["python:3.12.14-slim"]
+    assert re.search(r"^USER\s+10001", dockerfile, re.M), "the image must not run as root"
+    assert "9108/healthz" in dockerfile
+
+
+def test_bind_mount_sources_exist():
+    model, _ = load_model("demo")
+    checked = 0
+    for name, svc in model["services"].items():
+        for vol in svc.get("volumes", []):
+            source = str(vol).split(":")[0]
+            if source.startswith((".", "/")):
+                assert (COMPOSE_DIR / source).resolve().exists(), f"{name}: bind source {source} missing"
+                checked += 1
+        if "build" in svc:
+            ctx = COMPOSE_DIR / svc["build"]["context"]
+            assert (ctx / svc["build"]["dockerfile"]).is_file()
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("mode,profiles", MODES)
+def test_no_host_port_is_published_twice(mode, profiles):
+    model, _ = load_model(mode)
+    seen: dict[tuple[str, str], str] = {}
+    for name, svc in active_services(model, profiles).items():
+        for host_ip, host_port, _ in published_ports(svc):
+            for other_ip in {host_ip, "0.0.0.0"} if host_ip != "0.0.0.0" else {"0.0.0.0", "127.0.0.1"}:
+                assert (other_ip, host_port) not in seen, f"{name} and {seen[(other_ip, host_port)]} share {host_port}"
+            seen[(host_ip, host_port)] = name
+    assert len(seen) >= (5 if "demo" in profiles else 4)
+
+
+def test_published_ports_and_internal_services():
+    model, _ = load_model("demo")
+    services = model["services"]
+    for name in INTERNAL_SERVICES:
+        assert not services[name].get("ports"), f"{name} must not be published"
+    binds = {name: published_ports(svc) for name, svc in services.items() if svc.get("ports")}
+    assert {c for _, _, c in binds["grafana"]} == {"3000"}
+    assert {c for _, _, c in binds["thingsboard"]} == {"8080", "1883"}
+    assert {c for _, _, c in binds["ditto-nginx"]} == {"80"}
+    assert {c for _, _, c in binds["influxdb"]} == {"8086"}
+    admin = {(n, c) for n, ports in binds.items() for ip, _, c in ports if ip == "127.0.0.1"}
+    assert admin == {("thingsboard", "8080"), ("ditto-nginx", "80"), ("influxdb", "8086")}
+    external, _ = load_model("external")
+    assert [c for _, _, c in published_ports(external["services"]["mosquitto"])] == ["1883"]
+
+
+def test_no_literal_secret_in_compose_or_config_files():
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    for name, svc in raw["services"].items():
+        env = svc.get("environment") or {}
+        assert isinstance(env, dict), f"{name}: environment must be a mapping"
+        for key, value in env.items():
+            if SECRET_KEY.search(key):
+                ok = re.fullmatch(r"\$\{[A-Z0-9_]+(:\?[^}]*)?\}", str(value)) or (
+                    key.endswith("_FILE") and str(value).startswith("/run/racktwin/")
+                )
+                assert ok, f"{name}.{key} must come from compose/.env or a secrets file, not {value!r}"
+    assert "${" not in json.dumps(raw["services"]["grafana"].get("healthcheck"))  # nothing leaks there
+    # Known default passwords must not appear anywhere we ship (the ThingsBoard names are only used as
+    # login names to rotate; the bootstrap module keeps the defaults, which is the point).
+    forbidden = re.compile(r"(?i)\b(foobar|changeme|admin123|A6BgmB8IEtPTs)\b|\$apr1\$|\$7\$")
+    for path in [*COMPOSE_DIR.rglob("*")]:
+        if path.is_file() and path.name != ".env":
+            text = path.read_text(errors="replace")
+            for line in text.splitlines():
+                assert not forbidden.search(line), f"{path.relative_to(REPO)}: {line.strip()}"
+
+
+def test_dependencies_wait_for_health_and_one_shots():
+    model, _ = load_model("demo")
+    services = model["services"]
+    one_shots = {n for n, s in services.items() if s.get("restart") == "no"}
+    assert one_shots == {"secrets-init", "thingsboard-db-check", "thingsboard-install", "bootstrap"}
+    depended_on = set()
+    for name, svc in services.items():
+        deps = svc.get("depends_on") or {}
+        assert isinstance(deps, dict), f"{name}: depends_on needs conditions"
+        for dep, spec in deps.items():
+            depended_on.add(dep)
+            wanted = "service_completed_successfully" if dep in one_shots else "service_healthy"
+            assert spec.get("condition") == wanted, f"{name} -> {dep}: {spec}"
+    for dep in depended_on - one_shots:
+        assert services[dep].get("healthcheck", {}).get("test"), f"{dep} is depended on but has no healthcheck"
+    for name, svc in services.items():
+        if name not in one_shots:
+            assert svc.get("healthcheck", {}).get("test"), f"long-running {name} has no healthcheck"
+
+
+def test_every_service_has_a_memory_limit_and_the_sum_fits_the_readme():
+    model, _ = load_model("demo")
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    total = 0
+    for name, svc in model["services"].items():
+        limit = svc.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory") or svc.get("mem_limit")
+        assert limit, f"{name} has no memory limit"
+        m = re.fullmatch(r"(\d+)([kmg])", str(limit).lower())
+        assert m, f"{name}: {limit}"
+        if svc.get("restart") != "no":
+            total += int(m.group(1)) * units[m.group(2)]
+    assert total <= 8 * 2**30, f"long-running limits add up to {total / 2**30:.1f} GiB"
+
+
+def test_profiles_and_modes():
+    model, _ = load_model("demo")
+    services = model["services"]
+    assert {n for n, s in services.items() if s.get("profiles")} == DEMO_ONLY
+    assert all(services[n]["profiles"] == ["demo"] for n in DEMO_ONLY)
+    # In external mode nothing that runs may require a demo-only service.
+    for name, svc in active_services(model, set()).items():
+        for dep, spec in (svc.get("depends_on") or {}).items():
+            if dep in DEMO_ONLY:
+                assert spec.get("required") is False, f"{name} requires demo-only {dep}"
+
+
+def test_ditto_services_keep_the_cluster_alias_and_versions_match():
+    model, _ = load_model("demo")
+    for name in ("policies", "things", "things-search", "gateway"):
+        svc = model["services"][name]
+        assert svc["networks"]["default"]["aliases"] == ["ditto-cluster"]
+        assert svc["image"].endswith(":3.9.6")
+    gateway = model["services"]["gateway"]
+    assert gateway["environment"]["ENABLE_PRE_AUTHENTICATION"] == "true"
+    ext = (COMPOSE_DIR / "ditto" / "gateway-extension.conf").read_text()
+    roles = re.search(r"expected\s*=\s*\[(.*?)\]", ext, re.S).group(1)
+    assert re.findall(r'"(\w+)"', roles) == ["policies", "things", "search", "gateway"]
+
+
+def test_grafana_gets_what_provisioning_interpolates():
+    model, _ = load_model("demo")
+    grafana = model["services"]["grafana"]
+    env = set(grafana["environment"])
+    provisioning = REPO / "provisioning" / "grafana"
+    referenced = set()
+    for path in provisioning.rglob("*.y*ml"):
+        referenced |= set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)\}?", path.read_text()))
+    assert referenced, "no provisioning files found"
+    # GRAFANA_INFLUX_TOKEN is exported by compose/grafana/entrypoint.sh from the bootstrap's token file.
+    assert sorted(referenced - env - {"GRAFANA_INFLUX_TOKEN"}) == []
+    assert "GRAFANA_INFLUX_TOKEN" in (COMPOSE_DIR / "grafana" / "entrypoint.sh").read_text()
+    assert grafana["environment"]["GF_PLUGINS_PREINSTALL_SYNC"] == "yesoreyeram-infinity-datasource@3.11.1"
+
+
+# --- init-env.sh --------------------------------------------------------------------------------------------
+
+
+def test_init_env_generates_secrets_once_and_never_overwrites(tmp_path):
+    script = COMPOSE_DIR / "scripts" / "init-env.sh"
+    target = tmp_path / ".env"
+    subprocess.run(["bash", str(script), str(ENV_EXAMPLE), str(target)], check=True, capture_output=True)
+    assert target.stat().st_mode & 0o777 == 0o600
+    first, generated = parse_env_file(target)
+    _, wanted = parse_env_file(ENV_EXAMPLE)
+    assert generated == wanted
+    secrets_ = [first[k] for k in generated]
+    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", s) for s in secrets_) and len(set(secrets_)) == len(secrets_)
+
+    # A user edit survives, a variable the example gained later is appended (generated if secret).
+    text = target.read_text().replace(f"GRAFANA_HTTP_PORT={first['GRAFANA_HTTP_PORT']}", "GRAFANA_HTTP_PORT=3333")
+    text = re.sub(r"^MQTT_TB_PASSWORD=.*\n", "", text, flags=re.M)
+    target.write_text(text)
+    os.chmod(target, 0o644)
+    subprocess.run(["bash", str(script), str(ENV_EXAMPLE), str(target)], check=True, capture_output=True)
+    second, _ = parse_env_file(target)
+    assert second["GRAFANA_HTTP_PORT"] == "3333"
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", second["MQTT_TB_PASSWORD"])
+    assert {k: v for k, v in second.items() if k != "MQTT_TB_PASSWORD"} == {
+        **{k: v for k, v in first.items() if k != "MQTT_TB_PASSWORD"}, "GRAFANA_HTTP_PORT": "3333"}
+    assert target.stat().st_mode & 0o777 == 0o600
+
+    before = target.read_bytes()
+    subprocess.run(["bash", str(script), str(ENV_EXAMPLE), str(target)], check=True, capture_output=True)
+    assert target.read_bytes() == before
+
+
+def test_generated_env_satisfies_the_compose_file(tmp_path):
+    target = tmp_path / ".env"
+    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
+                   check=True, capture_output=True)
+    env, _ = parse_env_file(target)
+    model, _ = load_model("demo", env)
+    assert model["services"]["bridge"]["environment"]["RACKTWIN_MQTT_PASSWORD"] == env["MQTT_BRIDGE_PASSWORD"]
+
+
+# --- real Mosquitto ---------------------------------------------------------------------------------------------
+
+
+def _mqtt_client(port: int, user: str | None, password: str | None, client_id: str) -> tuple[mqtt.Client, Any]:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+    if user:
+        client.username_pw_set(user, password)
+    result: dict[str, Any] = {"messages": []}
+    connected = threading.Event()
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        result["rc"] = reason_code
+        connected.set()
+
+    client.on_connect = on_connect
+    client.on_message = lambda c, u, msg: result["messages"].append((msg.topic, msg.payload))
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    assert connected.wait(5), "no CONNACK"
+    return client, result
+
+
+@pytest.fixture
+def broker():
+    """Our entrypoint.sh + mosquitto.conf, with container paths moved into a temp dir."""
+    # Not pytest's tmp_path: its parents are 0700 and the broker drops root for the mosquitto user.
+    tmp_path = Path(tempfile.mkdtemp(prefix="racktwin-mosquitto-"))
+    tmp_path.chmod(0o755)
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(binary):
+        pytest.skip("mosquitto not installed (make deps-system)")
+    port = free_port()
+    conf = (COMPOSE_DIR / "mosquitto" / "mosquitto.conf").read_text()
+    assert re.search(r"^listener 1883$", conf, re.M)
+    conf = re.sub(r"^listener 1883$", f"listener {port} 127.0.0.1", conf, flags=re.M)
+    conf = conf.replace("/mosquitto/auth/", f"{tmp_path}/auth/").replace("/mosquitto/data/", f"{tmp_path}/data/")
+    conf = conf.replace("/racktwin/", f"{COMPOSE_DIR}/mosquitto/")
+    (tmp_path / "data").mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(tmp_path / "data", "mosquitto")
+    (tmp_path / "mosquitto.conf").write_text(conf)
+    env = {**os.environ, "MOSQUITTO_AUTH_DIR": f"{tmp_path}/auth", "MOSQUITTO_CONF": f"{tmp_path}/mosquitto.conf",
+           "MQTT_BRIDGE_PASSWORD": "bridge-pw", "MQTT_TB_PASSWORD": "tb-pw", "MQTT_HEALTHCHECK_PASSWORD": "hc-pw",
+           "PATH": f"{os.path.dirname(binary)}:{os.environ.get('PATH', '')}"}
+    log = open(tmp_path / "mosquitto.log", "wb")
+    proc = subprocess.Popen(["sh", str(COMPOSE_DIR / "mosquitto" / "entrypoint.sh")], env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited: {(tmp_path / 'mosquitto.log').read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "mosquitto did not listen"
+            time.sleep(0.05)
+    yield port, tmp_path
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_mosquitto_loads_our_config_and_enforces_users_and_acl(broker):
+    port, workdir = broker
+    anon, anon_result = _mqtt_client(port, None, None, "anon")
+    assert anon_result["rc"].is_failure, "anonymous clients must be refused"
+    anon.loop_stop()
+    wrong, wrong_result = _mqtt_client(port, "bridge", "nope", "wrong")
+    assert wrong_result["rc"].is_failure
+    wrong.loop_stop()
+
+    sub, sub_result = _mqtt_client(port, "bridge", "bridge-pw", "bridge-test")
+    assert not sub_result["rc"].is_failure
+    sub.subscribe("racktwin/telemetry/#", qos=1)
+    pub, pub_result = _mqtt_client(port, "thingsboard", "tb-pw", "tb-test")
+    assert not pub_result["rc"].is_failure
+    time.sleep(0.3)
+    pub.publish("racktwin/telemetry/rack-a01", b'{"ok":1}', qos=1).wait_for_publish(5)
+    pub.publish("elsewhere/x", b"denied", qos=1).wait_for_publish(5)  # outside its ACL: dropped
+    # The bridge user may not publish telemetry.
+    sub.publish("racktwin/telemetry/rack-b01", b"forged", qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 5
+    while not sub_result["messages"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert sub_result["messages"] == [("racktwin/telemetry/rack-a01", b'{"ok":1}')]
+    for c in (sub, pub):
+        c.disconnect()
+        c.loop_stop()
+    passwd = workdir / "auth" / "passwd"
+    assert passwd.stat().st_mode & 0o077 == 0, "password file must not be readable by others"
+    assert "bridge-pw" not in passwd.read_text()
+
+
+# --- real nginx -------------------------------------------------------------------------------------------------
+
+
+class _Echo(BaseHTTPRequestHandler):
+    seen: list[dict[str, Any]] = []
+
+    def do_GET(self):  # noqa: N802
+        _Echo.seen.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}})
+        body = json.dumps({"status": "UP"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        return
+
+
+def _test_nginx_conf(tmp_path: Path, upstream: str | None = None, port: int | None = None) -> Path:
+    """Our nginx.conf with container paths under tmp_path. With upstream, the upstream names point
+    there (nginx resolves nothing for an IP literal, so no DNS is involved)."""
+    conf = (COMPOSE_DIR / "ditto" / "nginx.conf").read_text()
+    for old in ("/var/log/nginx/", "/var/run/", "/run/racktwin/"):
+        assert old in conf, old
+        conf = conf.replace(old, f"{tmp_path}/")
+    shutil.copy("/etc/nginx/mime.types", tmp_path / "mime.types")
+    conf = conf.replace("/etc/nginx/mime.types", f"{tmp_path}/mime.types")
+    if upstream:
+        conf = conf.replace("gateway:8080", upstream).replace("ditto-ui:8080", upstream)
+    if port:
+        conf = re.sub(r"listen 80;", f"listen 127.0.0.1:{port};", conf)
+    if os.geteuid() == 0:
+        conf = "user root;\n" + conf  # workers must read files in the 0700 tmp_path
+    path = tmp_path / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+def _nginx() -> str:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        pytest.skip("nginx not installed (make deps-system)")
+    return binary
+
+
+def test_nginx_accepts_the_ditto_config(tmp_path):
+    conf = _test_nginx_conf(tmp_path)
+    (tmp_path / "nginx.htpasswd").write_text("")
+    result = subprocess.run([_nginx(), "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+@pytest.fixture
+def nginx_in_front_of_echo(tmp_path):
+    _Echo.seen = []
+    echo = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    port = free_port()
+    conf = _test_nginx_conf(tmp_path, upstream=f"127.0.0.1:{echo.server_address[1]}", port=port)
+    init_secrets(tmp_path, {"DITTO_ADMIN_PASSWORD": "admin-pw", "DITTO_BRIDGE_PASSWORD": "bridge-pw",
+                            "DITTO_GRAFANA_PASSWORD": "grafana-pw"})
+    proc = subprocess.Popen([_nginx(), "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
+                            stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            requests.get(base + "/health", timeout=1)
+            break
+        except requests.RequestException:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    _Echo.seen = []
+    yield base
+    proc.terminate()
+    proc.wait(10)
+    echo.shutdown()
+    echo.server_close()
+
+
+def test_nginx_authenticates_and_sets_the_ditto_subject(nginx_in_front_of_echo):
+    base = nginx_in_front_of_echo
+    assert requests.get(base + "/api/2/things", timeout=5).status_code == 401
+    assert requests.get(base + "/api/2/things", auth=("grafana", "wrong"), timeout=5).status_code == 401
+    assert _Echo.seen == []
+
+    spoof = {"x-ditto-pre-authenticated": "nginx:ditto"}
+    resp = requests.get(base + "/api/2/things/dc.site1:rack%20a01?fields=thingId", auth=("grafana", "grafana-pw"),
+                        headers=spoof, timeout=5)
+    assert resp.status_code == 200
+    seen = _Echo.seen[-1]
+    assert seen["headers"]["x-ditto-pre-authenticated"] == "nginx:grafana"
+    assert seen["path"] == "/api/2/things/dc.site1:rack%20a01?fields=thingId"  # passed as sent
+
+    # /health needs no login and never carries a subject, even a forged one.
+    resp = requests.get(base + "/health", headers=spoof, timeout=5)
+    assert resp.status_code == 200
+    assert "x-ditto-pre-authenticated" not in _Echo.seen[-1]["headers"]
+    # The UI is served from /ui/ with the prefix stripped; unknown paths are not proxied.
+    requests.get(base + "/ui/index.html", timeout=5)
+    assert _Echo.seen[-1]["path"] == "/index.html"
+    n = len(_Echo.seen)
+    assert requests.get(base + "/devops/logging", auth=("ditto", "admin-pw"), timeout=5).status_code == 404
+    assert len(_Echo.seen) == n
+
+
+def test_htpasswd_hashes_match_openssl():
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("openssl not installed")
+    for password, salt in [("s3cret", "abcdefgh"), ("Ab1" * 11, "./09AZaz"), ("pässwort", "xy")]:
+        expected = subprocess.run([openssl, "passwd", "-apr1", "-salt", salt, password],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        assert apr1(password, salt) == expected
+
+
+def test_thingsboard_install_gate_scripts_parse():
+    for script, shell in (("tb-install.sh", "bash"), ("tb-db-check.sh", "sh")):
+        subprocess.run([shell, "-n", str(COMPOSE_DIR / "thingsboard" / script)], check=True)
+    for script in ("mosquitto/entrypoint.sh", "grafana/entrypoint.sh"):
+        subprocess.run(["sh", "-n", str(COMPOSE_DIR / script)], check=True)
+    for script in ("init-env.sh", "compose.sh", "print-urls.sh"):
+        subprocess.run(["bash", "-n", str(COMPOSE_DIR / "scripts" / script)], check=True)
+
+
+def test_tb_install_runs_only_on_an_empty_database(tmp_path):
+    """tb-install.sh with /state and start-tb-node.sh faked: installed -> no install; empty -> install."""
+    script = (COMPOSE_DIR / "thingsboard" / "tb-install.sh").read_text().replace("/state/", f"{tmp_path}/")
+    (tmp_path / "tb-install.sh").write_text(script)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "start-tb-node.sh").write_text("#!/bin/sh\necho INSTALLING \"$INSTALL_TB\"\n")
+    (fake / "start-tb-node.sh").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "INSTALL_TB": "true"}
+    runs = {}
+    for state in ("installed", "empty", None):
+        marker = tmp_path / "tb-schema"
+        marker.unlink(missing_ok=True)
+        if state:
+            marker.write_text(state + "\n")
+        runs[state] = subprocess.run(["bash", str(tmp_path / "tb-install.sh")], env=env, capture_output=True, text=True)
+    assert runs["installed"].returncode == 0 and "INSTALLING" not in runs["installed"].stdout
+    assert runs["empty"].returncode == 0 and "INSTALLING true" in runs["empty"].stdout
+    assert runs[None].returncode == 1

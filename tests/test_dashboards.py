@@ -1,0 +1,273 @@
+"""Structure of the generated Grafana provisioning: byte-identical regeneration, ids and uids, grid layout,
+datasource uids, links, variables, the dashboard JSON schema, and what Grafana's alert file loader requires."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from dashboards import generate
+from dashboards.thresholds import Thresholds, from_env
+from tests.dashboard_data import PROVISIONING
+
+SCHEMA_PATH = Path("/work/shared/reference/grafana-dashboard.jsonschema.json")
+LOCAL_SCHEMA = Path(__file__).resolve().parent / "contracts" / "grafana-dashboard.jsonschema.json"
+ENV_VARS = {"INFLUX_BUCKET", "GRAFANA_INFLUX_TOKEN", "DITTO_GRAFANA_PASSWORD", "ALERT_WEBHOOK_URL", "ALERT_EMAIL_TO",
+            "GRAFANA_ROOT_URL"}
+DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w))+$")
+GRID_COLUMNS = 24
+WALL_MAX_HEIGHT = 27  # grid units visible on a 1080p screen in kiosk mode (30 px rows + 8 px gaps)
+
+
+def load(rel: str):
+    text = (PROVISIONING / rel).read_text()
+    return json.loads(text) if rel.endswith(".json") else yaml.safe_load(text)
+
+
+DASHBOARDS = {p.name: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards/json").glob("*.json"))}
+DATASOURCE_UIDS = {d["uid"] for d in load("datasources/racktwin.yaml")["datasources"]}
+RULE_GROUPS = load("alerting/rules.yaml")["groups"]
+RULES = [r for g in RULE_GROUPS for r in g["rules"]]
+
+
+def slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def walk(node, path=()):
+    yield path, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from walk(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from walk(v, path + (i,))
+
+
+# ------------------------------------------------------------------------------------ regeneration
+
+def test_regeneration_gives_the_committed_bytes():
+    files = generate.build_all(from_env({}))
+    on_disk = {str(p.relative_to(PROVISIONING)) for p in PROVISIONING.rglob("*") if p.is_file()}
+    assert on_disk == set(files), "generated file set differs from provisioning/grafana (run make dashboards)"
+    for rel, text in files.items():
+        assert (PROVISIONING / rel).read_text(encoding="utf-8") == text, f"{rel} is stale: run make dashboards"
+        assert text.endswith("\n")
+
+
+def test_generation_is_deterministic_and_thresholds_drive_colours_and_rules():
+    default = generate.build_all(Thresholds())
+    assert default == generate.build_all(Thresholds())
+    other = generate.build_all(from_env({"RACKTWIN_ASHRAE_CLASS": "a2", "RACKTWIN_RH_CAP": "50"}))
+    rules = {r["uid"]: r for g in yaml.safe_load(other["alerting/rules.yaml"])["groups"] for r in g["rules"]}
+    params = {uid: r["data"][2]["model"]["conditions"][0]["evaluator"]["params"] for uid, r in rules.items()}
+    assert params["racktwin-inlet-allowable"] == [10.0, 35.0]
+    assert params["racktwin-humidity-recommended"] == [50.0]
+    assert params["racktwin-dewpoint-allowable"] == [21.0]
+    wall = json.loads(other["dashboards/json/racktwin-wall.json"])
+    steps = [s["value"] for s in wall["panels"][0]["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+    assert steps == [None, 10.0, 18.0, 27.0, 35.0]
+    with pytest.raises(ValueError):
+        Thresholds(ashrae_class="B9")
+    with pytest.raises(ValueError):
+        Thresholds(rh_cap=60)
+
+
+# ------------------------------------------------------------------------------------ dashboards
+
+def test_dashboard_uids_titles_and_panel_ids_are_unique():
+    uids = [d["uid"] for d in DASHBOARDS.values()]
+    assert sorted(uids) == ["racktwin-bridge", "racktwin-rack", "racktwin-wall"]
+    assert len({d["title"] for d in DASHBOARDS.values()}) == len(DASHBOARDS)
+    for name, dash in DASHBOARDS.items():
+        ids = [p["id"] for p in dash["panels"]]
+        assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids), name
+
+
+def test_grid_positions_do_not_overlap_and_the_wall_fits_one_screen():
+    for name, dash in DASHBOARDS.items():
+        cells: dict[tuple[int, int], str] = {}
+        for panel in dash["panels"]:
+            g = panel["gridPos"]
+            assert g["x"] >= 0 and g["w"] > 0 and g["h"] > 0 and g["x"] + g["w"] <= GRID_COLUMNS, (name, panel["title"])
+            for x in range(g["x"], g["x"] + g["w"]):
+                for y in range(g["y"], g["y"] + g["h"]):
+                    assert (x, y) not in cells, f"{name}: {panel['title']} overlaps {cells[(x, y)]}"
+                    cells[(x, y)] = panel["title"]
+    wall = DASHBOARDS["racktwin-wall.json"]
+    assert max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in wall["panels"]) <= WALL_MAX_HEIGHT
+    assert wall["refresh"] and wall["editable"] is False
+
+
+def test_every_datasource_reference_is_provisioned():
+    allowed = DATASOURCE_UIDS | {"-- Grafana --"}
+    count = 0
+    for name, dash in DASHBOARDS.items():
+        for path, node in walk(dash):
+            if path and path[-1] == "datasource" and isinstance(node, dict):
+                assert node["uid"] in allowed, f"{name} {path}: {node}"
+                count += 1
+            assert not (path and path[-1] == "datasource" and isinstance(node, str)), f"{name} {path}: legacy name"
+    assert count > 20
+    assert DATASOURCE_UIDS == {"influxdb", "ditto"}
+
+
+def test_every_link_resolves_to_a_provisioned_dashboard():
+    by_uid = {d["uid"]: d for d in DASHBOARDS.values()}
+    links = 0
+    for name, dash in DASHBOARDS.items():
+        for path, node in walk(dash):
+            if path and path[-1] == "url" and isinstance(node, str):
+                if node.startswith("/"):
+                    m = re.match(r"^/d/([^/?]+)/([^/?]+)", node)
+                    assert m and m.group(1) in by_uid, f"{name}: {node}"
+                    assert m.group(2) == slug(by_uid[m.group(1)]["title"]), f"{name}: slug of {node}"
+                    for var in re.findall(r"var-(\w+)=", node):
+                        assert var in {v["name"] for v in by_uid[m.group(1)]["templating"]["list"]}, node
+                    links += 1
+                elif not node.startswith("http://" + "ditto-nginx"):
+                    # external links come from constant variables of the dashboard, never hard-coded hosts
+                    assert node.startswith("${"), f"{name}: absolute link {node}"
+    assert links >= 3
+
+
+def test_every_variable_used_is_defined():
+    builtin = {"timeFilter", "__interval", "interval", "__interval_ms", "__data", "__url_time_range", "__cell_0",
+               "__cell_3", "__cell_4", "__cell_5", "__cell_6", "tag_rack", "tag_position", "tag_instance",
+               "tag_reason", "col"}
+    for name, dash in DASHBOARDS.items():
+        defined = {v["name"] for v in dash["templating"]["list"]}
+        for path, node in walk(dash):
+            if isinstance(node, str) and path and path[-1] in ("query", "url", "value", "alias", "displayName"):
+                used = {m.group(1) or m.group(2) for m in re.finditer(r"\$\{(\w+)[^}]*\}|\$(\w+)", node)}
+                assert used <= defined | builtin, f"{name} {path}: {used - defined - builtin}"
+
+
+def test_dashboards_validate_against_the_dashboard_json_schema():
+    schema_file = SCHEMA_PATH if SCHEMA_PATH.exists() else LOCAL_SCHEMA
+    if not schema_file.exists():
+        pytest.skip("grafana-dashboard.jsonschema.json not available")
+    validator = jsonschema.Draft7Validator(json.loads(schema_file.read_text()))
+    for name, dash in DASHBOARDS.items():
+        errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in validator.iter_errors(dash)]
+        assert not errors, f"{name}: {errors[:5]}"
+
+
+def test_influx_targets_are_raw_influxql_with_time_filter():
+    for name, dash in DASHBOARDS.items():
+        for panel in dash["panels"]:
+            for t in panel.get("targets", []):
+                if t["datasource"]["uid"] == "influxdb":
+                    assert t["rawQuery"] is True and t["resultFormat"] == "time_series"
+                    assert "$timeFilter" in t["query"] and "$__timeFilter" not in t["query"], (name, panel["title"])
+                    assert t["refId"]
+
+
+def test_wall_reads_ditto_with_one_search_request():
+    wall = DASHBOARDS["racktwin-wall.json"]
+    ditto_targets = [t for p in wall["panels"] for t in p.get("targets", []) if t["datasource"]["uid"] == "ditto"]
+    assert len(ditto_targets) == 1
+    t = ditto_targets[0]
+    assert t["url"].endswith("/api/2/search/things") and t["parser"] == "backend" and t["root_selector"] == "items"
+    params = {p["key"]: p["value"] for p in t["url_options"]["params"]}
+    assert "size(200)" in params["option"] and params["namespaces"] == "${namespace}"
+
+
+# ------------------------------------------------------------------------------------ provisioning files
+
+def test_no_secret_in_provisioning_files_only_documented_env_vars():
+    used = set()
+    for path in PROVISIONING.rglob("*.yaml"):
+        text = path.read_text()
+        used |= set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)\}", text))
+    assert used == ENV_VARS
+    sources = load("datasources/racktwin.yaml")["datasources"]
+    for ds in sources:
+        for key, value in ds.get("secureJsonData", {}).items():
+            assert re.search(r"\$\{[A-Z_]+\}", value), f"{ds['name']}.{key} must come from the environment"
+    ditto = next(d for d in sources if d["uid"] == "ditto")
+    assert ditto["basicAuthUser"] == "grafana" and ditto["jsonData"]["allowedHosts"] == [ditto["url"]]
+    influx = next(d for d in sources if d["uid"] == "influxdb")
+    assert influx["jsonData"]["httpHeaderName1"] == "Authorization"
+    assert influx["secureJsonData"]["httpHeaderValue1"] == "Token ${GRAFANA_INFLUX_TOKEN}"
+
+
+def test_dashboard_provider():
+    provider = load("dashboards/racktwin.yaml")["providers"][0]
+    assert provider["type"] == "file" and provider["options"]["path"].endswith("/dashboards/json")
+
+
+# ------------------------------------------------------------------------------------ alerting files
+
+NO_DATA = {"Alerting", "NoData", "OK", "KeepLast"}
+EXEC_ERR = {"Alerting", "Error", "OK", "KeepLast"}
+REDUCERS = {"sum", "mean", "min", "max", "count", "last", "median"}
+EVALUATORS = {"gt", "lt", "eq", "ne", "gte", "lte", "within_range", "outside_range", "within_range_included",
+              "outside_range_included"}
+
+
+def test_rule_groups_have_what_the_file_loader_requires():
+    assert load("alerting/rules.yaml")["apiVersion"] == 1
+    for group in RULE_GROUPS:
+        assert group["name"] and group["folder"] and group["orgId"] == 1
+        assert isinstance(group["interval"], str) and DURATION.match(group["interval"])
+    uids = [r["uid"] for r in RULES]
+    assert len(uids) == len(set(uids)) and all(len(u) <= 40 and re.fullmatch(r"[a-zA-Z0-9_-]+", u) for u in uids)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r["uid"] for r in RULES])
+def test_rule_fields_and_expression_chain(rule):
+    assert rule["title"] and rule["condition"] and rule["data"]
+    assert "grafana_alert" not in rule and "no_data_state" not in rule  # the ruler-API shape grafanalib emits
+    assert rule["noDataState"] in NO_DATA and rule["execErrState"] in EXEC_ERR
+    assert DURATION.match(rule["for"])
+    refs = [d["refId"] for d in rule["data"]]
+    assert len(refs) == len(set(refs)) and rule["condition"] in refs
+    for item in rule["data"]:
+        model = item["model"]
+        assert model["refId"] == item["refId"]
+        rel = item["relativeTimeRange"]
+        assert isinstance(rel["from"], int) and isinstance(rel["to"], int) and rel["from"] >= rel["to"] >= 0
+        if item["datasourceUid"] == "__expr__":
+            assert model["expression"] in refs and refs.index(model["expression"]) < refs.index(item["refId"])
+            if model["type"] == "reduce":
+                assert model["reducer"] in REDUCERS and model["settings"]["mode"] in ("dropNN", "replaceNN")
+            elif model["type"] == "threshold":
+                ev = model["conditions"][0]["evaluator"]
+                assert ev["type"] in EVALUATORS
+                assert len(ev["params"]) == (2 if "range" in ev["type"] else 1)
+                assert all(isinstance(p, (int, float)) for p in ev["params"])
+            else:
+                pytest.fail(f"unexpected expression type {model['type']}")
+        else:
+            assert item["datasourceUid"] in DATASOURCE_UIDS
+            assert rel["from"] > 0
+            assert model["rawQuery"] is True and "$timeFilter" in model["query"]
+    assert rule["labels"]["severity"] in ("warning", "critical")
+    summary = rule["annotations"]["summary"]
+    assert "\n" not in summary
+    if rule["uid"] not in ("racktwin-sensor-silent", "racktwin-bridge-down"):  # these have no value to show
+        assert "$values.B.Value" in summary
+    if rule["labels"].get("component") != "bridge":
+        group_by = rule["data"][0]["model"]["query"].rsplit("GROUP BY", 1)[1]
+        for label in ("room", "row", "rack"):
+            assert f'"{label}"' in group_by, f"{rule['uid']}: not multi-dimensional by {label}"
+        assert '"position"' in group_by or rule["labels"].get("position")
+        assert rule["annotations"]["rack_detail_url"].startswith("${GRAFANA_ROOT_URL}/d/racktwin-rack/rack-detail?")
+        assert rule["dashboardUid"] in {d["uid"] for d in DASHBOARDS.values()}
+
+
+def test_contact_points_and_policy_grouped_by_room():
+    cps = load("alerting/contact-points.yaml")["contactPoints"]
+    receivers = {r["type"]: r for cp in cps for r in cp["receivers"]}
+    assert receivers["webhook"]["settings"]["url"] == "${ALERT_WEBHOOK_URL}"
+    assert receivers["email"]["settings"]["addresses"] == "${ALERT_EMAIL_TO}"
+    policy = load("alerting/policies.yaml")["policies"][0]
+    assert policy["receiver"] in {cp["name"] for cp in cps} and policy["group_by"] == ["room"]
+    for route in policy.get("routes", []):
+        assert route["receiver"] in {cp["name"] for cp in cps}

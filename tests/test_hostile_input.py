@@ -1,0 +1,126 @@
+"""Hostile payloads and property-based fuzzing of decode + map + the pipeline's reject accounting.
+
+Properties: nothing but ``Rejected`` ever escapes decoding/mapping; every accepted value lies inside
+the plausible range and is finite; every message ends counted as accepted or rejected-by-reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from bridge.config import Settings
+from bridge.decode import Rejected, decode
+from bridge.mapping import Mapper
+from bridge.metrics import REJECT_REASONS, Metrics
+from bridge.pipeline import Pipeline
+
+NOW = 1_790_000_000_000
+SETTINGS = Settings()
+MAPPER = Mapper(SETTINGS)
+
+HOSTILE = [
+    b"",
+    b"{",
+    b'{"deviceName": "r1", "values": {"tempTop": 2',
+    b"[" * 10_000,
+    b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    b'{"tempTop": 1e999999}',
+    b'{"tempTop": -1e308}',
+    b'{"tempTop": 123456789012345678901234567890}',
+    b'{"tempTop": "1e500"}',
+    b'{"tempTop": "  25.5  "}',
+    b'{"deviceName": "\\u0000rack", "values": {"tempTop": 20}}',
+    b'{"deviceName": "\xf0\x9f\x94\xa5rack", "values": {"tempTop": 20}}',
+    b'{"deviceName": 12, "values": {"tempTop": 20}}',
+    b'{"deviceName": "r", "deviceType": ["x"], "values": {"tempTop": 20}}',
+    b'{"deviceName": "r", "ts": true, "values": {"tempTop": 20}}',
+    b'{"deviceName": "r", "ts": -5, "values": {"tempTop": 20}}',
+    b'{"deviceName": "r", "ts": 1e30, "values": {"tempTop": 20}}',
+    b'{"deviceName": "r", "values": {"tempTop": 20}, "extra": 1}',
+    b'{"deviceName": "r", "values": null}',
+    b'{"tempTop": 20, "tempTop": 21}',
+    b'{"tempTop": {"$gt": 1}}',
+    b'{"tempTop": 20, "temperature_top": 21}',
+    b"\x00\x01\x02",
+    b"null",
+    b"[null]",
+    b"[[]]",
+    b'{"ts": 1790000000000}',
+    b"x" * (1024 * 1024),
+    json.dumps({"tempTop": 20, "pad": "y" * (1024 * 1024)}).encode(),
+]
+TOPICS = ["racktwin/telemetry/rack-1", "racktwin/telemetry/", "racktwin//", "/", "racktwin/telemetry/gateway",
+          "racktwin/telemetry/r\u00e9", "racktwin/telemetry/" + "z" * 400]
+
+
+def check_outcome(topic: str, payload: bytes) -> str:
+    """Decode and map one message; returns 'accepted' or the reject reason, asserting the invariants."""
+    try:
+        readings = [r for g in decode(topic, payload, NOW, SETTINGS.max_payload_bytes)
+                    for r in MAPPER.map_group(g, NOW)]
+    except Rejected as rej:
+        assert rej.reason in REJECT_REASONS
+        return rej.reason
+    assert readings
+    for r in readings:
+        assert r.position in ("top", "bottom")
+        for value, (low, high) in ((r.temperature, (SETTINGS.temp_min_c, SETTINGS.temp_max_c)),
+                                   (r.humidity, (SETTINGS.humidity_min_pct, SETTINGS.humidity_max_pct))):
+            if value is not None:
+                assert math.isfinite(value) and low <= value <= high
+        assert NOW - SETTINGS.max_age_s * 1000 <= r.ts_ms <= NOW + SETTINGS.max_future_s * 1000
+    return "accepted"
+
+
+def test_hostile_corpus_never_raises_and_every_message_is_counted():
+    metrics = Metrics()
+    sink_calls = []
+
+    class Sink:
+        def submit(self, *args):
+            sink_calls.append(args)
+
+    pipeline = Pipeline(SETTINGS, Sink(), Sink(), metrics)
+    acks = []
+    outcomes = {}
+    for topic in TOPICS:
+        for payload in HOSTILE:
+            outcomes[(topic, payload[:40])] = check_outcome(topic, payload)
+            pipeline.handle(topic, payload, lambda: acks.append(1), now_ms=NOW)
+    total = len(TOPICS) * len(HOSTILE)
+    rejected = sum(metrics.value("racktwin_messages_rejected_total", {"reason": r}) for r in REJECT_REASONS)
+    accepted = metrics.value("racktwin_messages_accepted_total")
+    assert metrics.value("racktwin_messages_received_total") == total
+    assert accepted + rejected == total
+    assert len(acks) == rejected  # rejected ones are acknowledged at once; accepted ones wait for the sinks
+    assert accepted == sum(1 for v in outcomes.values() if v == "accepted") > 0
+    assert outcomes[("racktwin/telemetry/rack-1", b'{"tempTop": "  25.5  "}')] == "accepted"
+    assert outcomes[("racktwin/telemetry/rack-1", HOSTILE[3][:40])] == "invalid_json"
+
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+                         st.text(max_size=12))
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=20)
+keys = st.sampled_from(["tempTop", "tempBottom", "humidityTop", "humidityBottom", "temperature_top", "battery", "ts"])
+values_dicts = st.dictionaries(keys, json_scalars, max_size=5)
+envelopes = st.fixed_dictionaries(
+    {"values": values_dicts},
+    optional={"deviceName": st.one_of(st.text(max_size=30), st.integers()), "deviceType": st.text(max_size=10),
+              "ts": st.one_of(st.integers(min_value=NOW - 10 ** 9, max_value=NOW + 10 ** 9), json_scalars)})
+
+
+@hsettings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(topic=st.sampled_from(TOPICS), doc=st.one_of(envelopes, values_dicts, st.lists(envelopes, max_size=3), json_values))
+def test_fuzzed_documents_keep_the_invariants(topic, doc):
+    payload = json.dumps(doc, allow_nan=True).encode()
+    check_outcome(topic, payload)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=200))
+def test_fuzzed_bytes_keep_the_invariants(payload):
+    check_outcome("racktwin/telemetry/rack-1", payload)

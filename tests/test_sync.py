@@ -1,0 +1,142 @@
+"""`racktwin sync` against the ThingsBoard double, the Ditto double and the real InfluxDB."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bridge.config import MappingConfig, RackMeta, load_settings
+from bridge.thingsboard.sync import SyncWorker, groups_from_timeseries, merged_mapping, run_sync
+from tests.doubles.thingsboard import ThingsBoardDouble
+from tests.harness.mqtt import wait_until
+
+
+@pytest.fixture
+def tb_double():
+    double = ThingsBoardDouble().start()
+    yield double
+    double.stop()
+    double.assert_no_violations()
+
+
+@pytest.fixture
+def settings_factory(bridge_env, tb_double, monkeypatch):
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RACKTWIN_CONFIG", raising=False)
+
+    def make(**overrides):
+        return load_settings(tb_url=tb_double.url, tb_username=tb_double.username, tb_password=tb_double.password,
+                             sync_page_size=2, **overrides)
+    return make
+
+
+def add_rack(double, name, ts, top, bottom, attrs=None, device_type="rack-sensor"):
+    double.add_device(name, device_type, attributes=attrs)
+    double.add_telemetry(name, ts, {"tempTop": top, "tempBottom": bottom, "humidityTop": 41.0,
+                                    "humidityBottom": 47.5, "battery": 90})
+
+
+def thing(ditto, rack):
+    return ditto.things.get(f"dc.test:{rack}")
+
+
+def test_groups_from_timeseries_regroups_by_timestamp():
+    groups = groups_from_timeseries("d", "t", {"tempTop": [{"ts": 2, "value": 25.0}, {"ts": 1, "value": 24.0}],
+                                               "tempBottom": [{"ts": 1, "value": 21.0}]})
+    assert [(g.ts_ms, g.values) for g in groups] == [(1, {"tempTop": 24.0, "tempBottom": 21.0}), (2, {"tempTop": 25.0})]
+
+
+def test_merged_mapping_keeps_configured_values_first():
+    mapping = MappingConfig(racks={"r1": RackMeta(room="from-config")})
+    merged = merged_mapping(mapping, {"r1": RackMeta(site="s", room="from-tb", row="A"), "r2": RackMeta(room="x")})
+    assert merged.racks["r1"] == RackMeta(site="s", room="from-config", row="A")
+    assert merged.racks["r2"].room == "x"
+
+
+def test_sync_pages_through_devices_creates_twins_and_backfills_latest(tb_double, ditto, settings_factory):
+    now = int(time.time() * 1000) - 5000
+    for i in range(1, 6):
+        add_rack(tb_double, f"rack-{i:02d}", now + i, 24.0 + i, 21.0,
+                 {"site": "fra1", "room": "hall-2", "row": "C", "positionInRow": i})
+    add_rack(tb_double, "thermostat-1", now, 30.0, 30.0, device_type="thermostat")
+
+    result = run_sync(settings_factory())
+    assert result.devices == 5 and result.things_created == 5 and not result.errors
+    pages = [q for m, q in tb_double.requests if q == "/api/tenant/devices"]
+    assert len(pages) == 3  # 5 devices, 2 per page
+    assert thing(ditto, "thermostat-1") is None
+    t3 = thing(ditto, "rack-03")
+    assert t3["attributes"] == {"site": "fra1", "room": "hall-2", "row": "C", "rack": "rack-03", "positionInRow": 3,
+                                "tbDevices": {"bottom": "rack-03", "top": "rack-03"}}
+    props = t3["features"]["environment"]["properties"]
+    assert props["tempTop"] == 27.0 and props["tempBottom"] == 21.0 and props["deltaT"] == 6.0
+    assert props["humidityBottom"] == 47.5 and "dewPointTop" in props
+    assert result.racks["rack-03"] == RackMeta(site="fra1", room="hall-2", row="C", position_in_row=3)
+
+
+def test_attribute_changes_reach_the_twin_and_newer_twin_values_win(tb_double, ditto, settings_factory):
+    now = int(time.time() * 1000) - 60000
+    add_rack(tb_double, "rack-01", now, 25.0, 21.0, {"room": "hall-1", "row": "A"})
+    settings = settings_factory()
+    run_sync(settings)
+    assert thing(ditto, "rack-01")["attributes"]["room"] == "hall-1"
+
+    tb_double.set_attributes("rack-01", {"room": "hall-9", "positionInRow": 4})
+    # Meanwhile the bridge wrote a newer reading than ThingsBoard's latest one we will read.
+    ditto.things["dc.test:rack-01"]["features"]["environment"]["properties"].update(
+        {"tempTop": 26.5, "tsTop": "2999-01-01T00:00:00.000Z"})
+    result = run_sync(settings)
+    attrs = thing(ditto, "rack-01")["attributes"]
+    assert attrs["room"] == "hall-9" and attrs["positionInRow"] == 4 and attrs["row"] == "A"
+    assert result.things_updated == 1 and result.racks["rack-01"].room == "hall-9"
+    assert thing(ditto, "rack-01")["features"]["environment"]["properties"]["tempTop"] == 26.5
+
+
+def test_per_sensor_devices_are_placed_by_attributes(tb_double, ditto, settings_factory):
+    now = int(time.time() * 1000) - 1000
+    for position, temp in (("top", 26.0), ("bottom", 21.5)):
+        name = f"sensor-{position}-7"
+        tb_double.add_device(name, "rack-sensor", attributes={"rack": "rack-07", "position": position, "row": "B"})
+        tb_double.add_telemetry(name, now, {"temperature": temp, "humidity": 45.0})
+    tb_double.add_device("sensor-nowhere", "rack-sensor")
+    settings = settings_factory(mapping={"mode": "per_sensor",
+                                         "device_pattern": r"(?P<rack>sensor)-(?P<position>[a-z]+)-\d+"})
+    result = run_sync(settings)
+    t7 = thing(ditto, "rack-07")
+    assert t7["attributes"]["tbDevices"] == {"bottom": "sensor-bottom-7", "top": "sensor-top-7"}
+    props = t7["features"]["environment"]["properties"]
+    assert (props["tempTop"], props["tempBottom"], props["deltaT"]) == (26.0, 21.5, 4.5)
+    assert any(s.startswith("sensor-nowhere") for s in result.skipped)
+
+
+def test_history_backfill_into_influx_is_idempotent(tb_double, ditto, influxd, influx_db, settings_factory):
+    now = int(time.time() * 1000)
+    tb_double.add_device("rack-01", "rack-sensor", attributes={"room": "hall-1", "row": "A"})
+    for minutes in (90, 60, 30):
+        tb_double.add_telemetry("rack-01", now - minutes * 60000, {"tempTop": 24.0 + minutes / 30, "tempBottom": 21.0})
+    tb_double.add_telemetry("rack-01", now - 5 * 3600_000, {"tempTop": 99.0, "tempBottom": 21.0})  # outside window
+    settings = settings_factory(sync_backfill_hours=2)
+    assert run_sync(settings).backfilled_points == 6
+    run_sync(settings)
+    rows = influxd.rows("SELECT temperature, room, rack, position FROM rack_environment WHERE position='top'",
+                        influx_db)
+    assert [r["temperature"] for r in rows] == [27.0, 26.0, 25.0]
+    assert {r["room"] for r in rows} == {"hall-1"} and len(influxd.rows("SELECT * FROM rack_environment",
+                                                                        influx_db)) == 6
+
+
+def test_worker_picks_up_devices_added_later(tb_double, ditto, settings_factory):
+    add_rack(tb_double, "rack-01", int(time.time() * 1000), 25.0, 21.0)
+    results = []
+    worker = SyncWorker(settings_factory(sync_interval_s=0), on_result=results.append)
+    worker.start()
+    try:
+        wait_until(lambda: thing(ditto, "rack-01"), what="first sync")
+        add_rack(tb_double, "rack-02", int(time.time() * 1000), 25.0, 21.0)
+        worker.trigger()
+        wait_until(lambda: thing(ditto, "rack-02"), what="device added later")
+        wait_until(lambda: results and "rack-02" in results[-1].racks, what="result handed to the bridge")
+    finally:
+        worker.stop()
