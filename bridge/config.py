@@ -179,7 +179,10 @@ class Settings(BaseSettings):
         description="If set, subscribe as $share/<group>/<topic> so several bridge replicas split the load.",
     )
     mqtt_session_expiry_s: int = Field(
-        86400, ge=0, description="How long the broker keeps the session (and queued messages) while we are away."
+        86400,
+        ge=0,
+        description="How long the broker keeps the session (and queued messages) while we are away. "
+        "With mqtt_shared_group the default is 0: Mosquitto keeps routing shared messages to a dead replica's session.",
     )
     mqtt_receive_maximum: int = Field(
         1000,
@@ -372,6 +375,14 @@ class Settings(BaseSettings):
     @property
     def policy_id(self) -> str:
         return self.ditto_policy_id or f"{self.ditto_namespace}:racktwin"
+
+    @property
+    def session_expiry_s(self) -> int:
+        # Mosquitto 2.0 round-robins a shared subscription over all sessions, live or not: a persistent
+        # session of a dead replica would swallow half the stream until it returns. See README "Scaling out".
+        if self.mqtt_shared_group and "mqtt_session_expiry_s" not in self.model_fields_set:
+            return 0
+        return self.mqtt_session_expiry_s
 
     @property
     def subscription_topic(self) -> str:

@@ -69,6 +69,7 @@ class Bridge:
         self._stopped.set()
         timeout = self.settings.shutdown_timeout_s
         log.info("shutting down: %d messages in flight", self.pipeline.in_flight.count)
+        self.source.leave_shared_group(timeout=2.0)
         self.source.stop_accepting()
         self.stats.stop()
         drained = self.pipeline.in_flight.wait_empty(timeout)

@@ -52,11 +52,13 @@ class MqttSource:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
+        self._unsubscribed = threading.Event()
         self.client = client
 
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.settings.mqtt_session_expiry_s
+        props.SessionExpiryInterval = self.settings.session_expiry_s
         props.ReceiveMaximum = self.settings.mqtt_receive_maximum
         return props
 
@@ -112,6 +114,17 @@ class MqttSource:
                 client.ack(mid, qos)
 
         self.handler(message.topic, message.payload, ack)
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        self._unsubscribed.set()
+
+    def leave_shared_group(self, timeout: float) -> None:
+        """Stop the broker routing new shared messages to us; what already came is still processed."""
+        if not self.settings.mqtt_shared_group or not self.connected.is_set():
+            return
+        self.client.unsubscribe(self.settings.subscription_topic)
+        if not self._unsubscribed.wait(timeout):
+            log.warning("no UNSUBACK within %.0f s", timeout)
 
     def stop_accepting(self) -> None:
         self._accepting = False

@@ -73,7 +73,10 @@ class Mosquitto:
             "max_queued_messages 1000000\n"
             "max_inflight_messages 0\n"
             "log_dest stderr\n"
-            "log_type error\nlog_type warning\n" + extra_conf
+            "log_type error\nlog_type warning\n"
+            # Started as root (CI), mosquitto would switch to user 'mosquitto', which cannot write our temp dir.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + extra_conf
         )
         self.proc: subprocess.Popen | None = None
 
