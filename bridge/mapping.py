@@ -69,6 +69,10 @@ class Mapper:
                     self.key_index[alias] = (None, quantity)
         self.max_name = MAX_THING_ID - len(settings.ditto_namespace) - 1
 
+    def replace_mapping(self, mapping: MappingConfig) -> None:
+        """Swap in rack metadata learnt at run time (ThingsBoard sync); one attribute store, so thread-safe."""
+        self.mapping = mapping
+
     @cached_property
     def _ranges(self) -> dict[str, tuple[float, float]]:
         s = self.settings

@@ -25,7 +25,9 @@ class Bridge:
         self.metrics = Metrics()
         self.influx = InfluxWriter(settings, self.metrics)
         self.ditto = DittoUpdater(settings, self.metrics)
-        self.pipeline = Pipeline(settings, self.influx, self.ditto, self.metrics)
+        self.forecast, self.forecast_publisher = self._forecast(settings)
+        hooks = [self.forecast.observe] if self.forecast is not None else []
+        self.pipeline = Pipeline(settings, self.influx, self.ditto, self.metrics, hooks=hooks)
         self.source = MqttSource(settings, self.metrics, self.pipeline.handle)
         self.ops = OpsServer(settings.http_host, settings.http_port, self.metrics.registry, self.readiness)
         self.stats = StatsReporter(
@@ -35,7 +37,38 @@ class Bridge:
             lambda lines: self.influx.submit(lines, None),
             lambda: all(self.readiness().values()),
         )
+        self.sync = self._sync_worker(settings)
         self._stopped = threading.Event()
+
+    def _forecast(self, settings: Settings):  # noqa: ANN202
+        """Trend per rack and position, published to InfluxDB (rack_forecast) and the twins' forecast feature."""
+        if not settings.forecast_enabled:
+            return None, None
+        from .forecast.tracker import ForecastPublisher, ForecastTracker
+
+        tracker = ForecastTracker.from_settings(settings)
+        client = DittoClient(settings)  # its own connection: forecasts must not queue behind readings
+
+        def patch_thing(tid: str, patch: dict) -> None:
+            client.patch_existing(tid, patch)
+
+        publisher = ForecastPublisher(tracker, settings, lambda lines: self.influx.submit(lines, None), patch_thing)
+        return tracker, publisher
+
+    def _sync_worker(self, settings: Settings):  # noqa: ANN202 - optional dependency on ThingsBoard
+        """With a ThingsBoard configured, learn rack placement from its device attributes, at start and then
+        every sync_interval_s, so devices added later appear without a restart."""
+        if not settings.tb_url:
+            return None
+        from .thingsboard.sync import SyncWorker, merged_mapping
+
+        configured = settings.mapping
+
+        def learnt(result) -> None:  # noqa: ANN001
+            self.pipeline.mapper.replace_mapping(merged_mapping(configured, result.racks))
+            log.info("ThingsBoard sync: %d devices, %d racks placed", result.devices, len(result.racks))
+
+        return SyncWorker(settings, learnt)
 
     def readiness(self) -> dict[str, bool]:
         return {
@@ -50,6 +83,10 @@ class Bridge:
         self.influx.start()
         self.ditto.start()
         self.stats.start()
+        if self.forecast_publisher is not None:
+            self.forecast_publisher.start()
+        if self.sync is not None:
+            self.sync.start()
         self.source.start()
 
     def _prepare_ditto(self) -> None:
@@ -72,6 +109,10 @@ class Bridge:
         self.source.leave_shared_group(timeout=2.0)
         self.source.stop_accepting()
         self.stats.stop()
+        if self.forecast_publisher is not None:
+            self.forecast_publisher.stop(timeout=2.0)
+        if self.sync is not None:
+            self.sync.stop(timeout=1.0)
         drained = self.pipeline.in_flight.wait_empty(timeout)
         if not drained:
             log.warning("%d messages not confirmed within %.0f s; the broker will redeliver them",

@@ -140,3 +140,30 @@ def test_worker_picks_up_devices_added_later(tb_double, ditto, settings_factory)
         wait_until(lambda: results and "rack-02" in results[-1].racks, what="result handed to the bridge")
     finally:
         worker.stop()
+
+
+def test_bridge_places_racks_by_thingsboard_attributes(tb_double, ditto, settings_factory, mosquitto, influxd,
+                                                       influx_db, bridge_env):
+    """The running bridge learns site/room/row from ThingsBoard server attributes and uses them for new readings."""
+    from bridge.service import Bridge
+    from tests.harness.mqtt import Publisher
+
+    now = int(time.time() * 1000)
+    add_rack(tb_double, "rack-77", now - 60_000, 24.0, 20.0, attrs={"site": "fra1", "room": "hall-9", "row": "C"})
+    bridge = Bridge(settings_factory(sync_interval_s=0))
+    bridge.start()
+    try:
+        wait_until(lambda: "rack-77" in bridge.pipeline.mapper.mapping.racks, what="sync result reached the mapper")
+        wait_until(bridge.source.connected.is_set, what="bridge connected")
+        publisher = Publisher(mosquitto.port)
+        topic = bridge_env["RACKTWIN_MQTT_TOPIC"].rstrip("#") + "rack-77"
+        publisher.publish_all([(topic, {"deviceName": "rack-77", "ts": now, "values": {"tempTop": 25.5}})])
+        publisher.close()
+        rows = wait_until(lambda: influxd.rows(f"SELECT temperature FROM rack_environment WHERE time = {now}ms "
+                                               "GROUP BY site, room, row", influx_db), what="point written")
+        assert [(r["site"], r["room"], r["row"], r["temperature"]) for r in rows] == [("fra1", "hall-9", "C", 25.5)]
+        wait_until(lambda: thing(ditto, "rack-77")["features"]["environment"]["properties"].get("tempTop") == 25.5,
+                   what="twin updated")
+        assert thing(ditto, "rack-77")["attributes"]["room"] == "hall-9"
+    finally:
+        bridge.stop()

@@ -110,6 +110,20 @@ class DittoClient:
             return resp.status_code
         raise DittoError(resp.status_code, resp.text)
 
+    def patch_existing(self, tid: str, patch: dict[str, Any]) -> bool:
+        """Merge into a thing only if it exists (If-Match: *); False when it does not (yet)."""
+        resp = self.request(
+            "PATCH",
+            twin.thing_path(tid),
+            data=json.dumps(patch, separators=(",", ":")),
+            headers={"Content-Type": MERGE_PATCH, "If-Match": "*"},
+        )
+        if resp.status_code in (201, 204):
+            return True
+        if resp.status_code == 412:
+            return False
+        raise DittoError(resp.status_code, resp.text)
+
     def ensure_policy(self, policy_id: str, body: dict[str, Any]) -> bool:
         resp = self.request(
             "PUT",

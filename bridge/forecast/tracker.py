@@ -1,0 +1,342 @@
+"""Per rack and position trend windows fed by the pipeline, and the forecasts published from them.
+
+Wiring (bridge/service.py)::
+
+    tracker = ForecastTracker.from_settings(settings)
+    pipeline = Pipeline(..., hooks=[tracker.observe])
+    publisher = ForecastPublisher(tracker, settings,
+                                  submit_lines=lambda lines: influx.submit(lines, None),
+                                  patch_thing=<callable(thing_id, merge_patch)>)
+    publisher.start() ... publisher.stop()
+
+Where forecasts go:
+
+- InfluxDB measurement ``rack_forecast`` (tags site, room, row, rack, position; time = computed
+  at): fields ``trend_c_per_h``, ``level_c``, ``projected_temp_30m`` and, only when a crossing is
+  forecast, ``minutes_to_recommended``, ``minutes_to_allowable``, ``minutes_to_dew_point``,
+  plus ``dew_point_trend_c_per_h`` when known. A held-back position (warming up, stuck, silent)
+  writes no point. "None" is an absent field, not a sentinel. So a query that takes
+  ``last(minutes_to_recommended)`` over a short range (≤ 3 publish intervals) lists exactly the racks
+  heading for trouble and sorts them by minutes.
+- Ditto feature ``forecast`` (merge patch of ``features/forecast/properties``): ``trend<P>CPerH``,
+  ``level<P>C``, ``projectedTemp<P>30m``, ``minutesToRecommended<P>``, ``minutesToAllowable<P>``,
+  ``minutesToDewPoint<P>``, ``dewPointTrend<P>CPerH``, ``status<P>`` (ok|warming_up|stuck|silent)
+  for P in Top/Bottom, and ``computedAt``. "None" is sent as ``null``; a merge patch deletes the
+  key, so in the twin "none" is a missing key, the same convention as in InfluxDB.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from ..config import Settings
+from ..mapping import POSITIONS, Position, RackLocation, SensorReading
+from ..sinks.influx import escape_tag, format_float
+from ..twin import SUFFIX, dew_point, iso_ms, thing_id
+from .estimator import Status, TrendWindow, minutes_until
+from .limits import ForecastLimits
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT = "rack_forecast"
+FEATURE = "forecast"
+PROJECTION_S = 1800.0  # projected_temp_30m
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """What the trend of one rack position says at ``computed_at_ms``. None means "no crossing forecast"."""
+
+    location: RackLocation
+    position: Position
+    status: Status
+    computed_at_ms: int
+    trend_c_per_h: float | None = None
+    level_c: float | None = None
+    projected_temp_30m: float | None = None
+    minutes_to_recommended: float | None = None
+    minutes_to_allowable: float | None = None
+    minutes_to_dew_point_limit: float | None = None
+    dew_point_trend_c_per_h: float | None = None
+
+    @property
+    def rack(self) -> str:
+        return self.location.rack
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSettings:
+    window_s: float = 1800.0
+    bucket_s: float = 60.0
+    min_span_s: float = 600.0
+    stuck_after_s: float = 120.0
+    silent_after_s: float = 90.0
+    min_trend_c_per_h: float = 0.5
+    max_minutes: float = 240.0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "WindowSettings":
+        return cls(s.forecast_window_s, s.forecast_bucket_s, s.forecast_min_span_s, s.forecast_stuck_after_s,
+                   s.forecast_silent_after_s, s.forecast_min_trend_c_per_h, s.forecast_max_minutes)
+
+    def new_window(self) -> TrendWindow:
+        min_points = max(3, int(self.min_span_s / self.bucket_s * 0.8))  # tolerate a few missing buckets
+        return TrendWindow(self.window_s, self.bucket_s, min_points, self.min_span_s,
+                           self.stuck_after_s, self.silent_after_s)
+
+
+class _Series:
+    __slots__ = ("location", "temperature", "dew_point")
+
+    def __init__(self, location: RackLocation, ws: WindowSettings):
+        self.location = location
+        self.temperature = ws.new_window()
+        self.dew_point = ws.new_window()
+
+
+class ForecastTracker:
+    """Holds one temperature and one dew-point window per (rack, position); thread-safe.
+
+    ``observe`` runs on the pipeline's thread for every accepted reading and costs O(1);
+    ``forecasts`` runs on the publisher's thread and takes the lock per series, so it never holds
+    the pipeline up for longer than one fit.
+    """
+
+    def __init__(self, windows: WindowSettings | None = None, limits: ForecastLimits | None = None):
+        self.windows = windows or WindowSettings()
+        self.limits = limits or ForecastLimits()
+        self._series: dict[tuple[str, Position], _Series] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, limits: ForecastLimits | None = None) -> "ForecastTracker":
+        return cls(WindowSettings.from_settings(settings), limits)
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+    def observe(self, reading: SensorReading) -> None:
+        """Pipeline hook: fold one accepted reading into its position's windows."""
+        temperature = reading.temperature
+        if temperature is None:
+            return
+        ts = reading.ts_ms / 1000.0
+        key = (reading.location.rack, reading.position)
+        dp = dew_point(temperature, reading.humidity) if reading.humidity is not None else None
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(reading.location, self.windows)
+            else:
+                series.location = reading.location  # the mapping may have moved the rack
+            series.temperature.add(ts, temperature)
+            if dp is not None:
+                series.dew_point.add(ts, dp)
+
+    def forecasts(self, now_s: float, forget_after_s: float = 3600.0) -> list[Forecast]:
+        """Forecasts for every known position at ``now_s``; positions silent longer than ``forget_after_s`` are dropped."""
+        with self._lock:
+            keys = list(self._series)
+        out = []
+        for key in keys:
+            with self._lock:
+                series = self._series.get(key)
+                if series is None:
+                    continue
+                last = series.temperature.last_ts
+                if last is None or now_s - last > forget_after_s:
+                    del self._series[key]
+                    continue
+                out.append(self._forecast(series, key[1], now_s))
+        return out
+
+    def _forecast(self, series: _Series, position: Position, now_s: float) -> Forecast:
+        ws, lim = self.windows, self.limits
+        computed_at = round(now_s * 1000)
+        temp = series.temperature
+        status = temp.status(now_s)
+        fit = temp.fit() if status == "ok" else None
+        if fit is None:
+            return Forecast(series.location, position, status if status != "ok" else "warming_up", computed_at)
+        dp_window = series.dew_point
+        dp_fit = dp_window.fit() if dp_window.status(now_s) == "ok" else None
+        return Forecast(
+            location=series.location,
+            position=position,
+            status="ok",
+            computed_at_ms=computed_at,
+            trend_c_per_h=fit.slope_per_h,
+            level_c=fit.level_at(now_s),
+            projected_temp_30m=fit.level_at(now_s + PROJECTION_S),
+            minutes_to_recommended=minutes_until(fit, lim.recommended_max_c, now_s, ws.min_trend_c_per_h,
+                                                 ws.max_minutes),
+            minutes_to_allowable=minutes_until(fit, lim.allowable_max_c, now_s, ws.min_trend_c_per_h, ws.max_minutes),
+            minutes_to_dew_point_limit=(
+                minutes_until(dp_fit, lim.dew_point_max_c, now_s, ws.min_trend_c_per_h, ws.max_minutes)
+                if dp_fit else None
+            ),
+            dew_point_trend_c_per_h=dp_fit.slope_per_h if dp_fit else None,
+        )
+
+
+# -- publishing: pure formats ---------------------------------------------------------------------
+
+
+def _r(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def forecast_properties(forecasts_for_rack: Iterable[Forecast]) -> dict[str, Any]:
+    """``features.forecast.properties`` merge-patch content for one rack (positions given only).
+
+    Rounded to what a person reads (0.1 °C, 0.1 °C/h, whole minutes) so an unchanged outlook gives
+    an unchanged patch and the publisher can skip it. None becomes null (deletes the key).
+    """
+    props: dict[str, Any] = {}
+    newest = 0
+    for f in sorted(forecasts_for_rack, key=lambda f: POSITIONS.index(f.position)):
+        sfx = SUFFIX[f.position]
+        props[f"status{sfx}"] = f.status
+        props[f"trend{sfx}CPerH"] = _r(f.trend_c_per_h, 1)
+        props[f"level{sfx}C"] = _r(f.level_c, 1)
+        props[f"projectedTemp{sfx}30m"] = _r(f.projected_temp_30m, 1)
+        props[f"minutesToRecommended{sfx}"] = _r(f.minutes_to_recommended, 0)
+        props[f"minutesToAllowable{sfx}"] = _r(f.minutes_to_allowable, 0)
+        props[f"minutesToDewPoint{sfx}"] = _r(f.minutes_to_dew_point_limit, 0)
+        props[f"dewPointTrend{sfx}CPerH"] = _r(f.dew_point_trend_c_per_h, 1)
+        newest = max(newest, f.computed_at_ms)
+    if props:
+        props["computedAt"] = iso_ms(newest)
+    return props
+
+
+def forecast_patch(forecasts_for_rack: Iterable[Forecast]) -> dict[str, Any]:
+    """Merge patch for the rack's thing: ``{"features": {"forecast": {"properties": {...}}}}``."""
+    return {"features": {FEATURE: {"properties": forecast_properties(forecasts_for_rack)}}}
+
+
+def forecast_line(f: Forecast) -> str | None:
+    """Line protocol for measurement ``rack_forecast``; None for a held-back position."""
+    if f.status != "ok" or f.trend_c_per_h is None:
+        return None
+    values = {
+        "trend_c_per_h": f.trend_c_per_h,
+        "level_c": f.level_c,
+        "projected_temp_30m": f.projected_temp_30m,
+        "minutes_to_recommended": f.minutes_to_recommended,
+        "minutes_to_allowable": f.minutes_to_allowable,
+        "minutes_to_dew_point": f.minutes_to_dew_point_limit,
+        "dew_point_trend_c_per_h": f.dew_point_trend_c_per_h,
+    }
+    fields = ",".join(f"{k}={format_float(round(v, 3))}" for k, v in values.items() if v is not None)
+    loc = f.location
+    tags = {"position": f.position, "rack": loc.rack, "room": loc.room, "row": loc.row, "site": loc.site}
+    tag_text = ",".join(f"{k}={escape_tag(v)}" for k, v in sorted(tags.items()) if v)
+    return f"{MEASUREMENT},{tag_text} {fields} {f.computed_at_ms}"
+
+
+def heading_for_trouble(forecasts: Iterable[Forecast], horizon_min: float) -> list[Forecast]:
+    """Positions whose recommended limit is less than ``horizon_min`` away, soonest first (the alert's condition)."""
+    hits = [f for f in forecasts if f.minutes_to_recommended is not None and f.minutes_to_recommended < horizon_min]
+    return sorted(hits, key=lambda f: (f.minutes_to_recommended, f.rack, f.position))
+
+
+# -- publishing: the periodic adapter -------------------------------------------------------------
+
+
+@dataclass
+class PublishResult:
+    positions: int = 0
+    lines: int = 0
+    patches: int = 0
+    heading: int = 0
+
+
+class ForecastPublisher:
+    """Every ``forecast_publish_interval_s``: forecast lines to InfluxDB, changed forecasts to the twins.
+
+    ``submit_lines(lines)`` and ``patch_thing(thing_id, merge_patch)`` are the bridge's sinks,
+    passed in so this class has no I/O of its own. A twin is patched when its rounded forecast
+    changed, or ``forecast_twin_refresh_s`` after the last patch (so computedAt stays fresh).
+    """
+
+    def __init__(
+        self,
+        tracker: ForecastTracker,
+        settings: Settings,
+        submit_lines: Callable[[list[str]], None] | None,
+        patch_thing: Callable[[str, dict[str, Any]], None] | None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.tracker = tracker
+        self.settings = settings
+        self.submit_lines = submit_lines
+        self.patch_thing = patch_thing
+        self.clock = clock
+        self._sent: dict[str, tuple[dict[str, Any], float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="forecast-publisher", daemon=True)
+        self._last_heading = 0
+
+    def publish_once(self, now_s: float | None = None) -> PublishResult:
+        now = self.clock() if now_s is None else now_s
+        forecasts = self.tracker.forecasts(now, forget_after_s=max(3600.0, self.settings.forecast_window_s))
+        result = PublishResult(positions=len(forecasts))
+        if self.submit_lines is not None:
+            lines = [line for f in forecasts if (line := forecast_line(f))]
+            if lines:
+                self.submit_lines(lines)
+            result.lines = len(lines)
+        if self.patch_thing is not None:
+            result.patches = self._patch_twins(forecasts, now)
+        result.heading = len(heading_for_trouble(forecasts, self.settings.forecast_horizon_min))
+        if result.heading != self._last_heading:
+            log.info("%d rack positions heading for the recommended limit within %.0f min",
+                     result.heading, self.settings.forecast_horizon_min)
+            self._last_heading = result.heading
+        return result
+
+    def _patch_twins(self, forecasts: list[Forecast], now: float) -> int:
+        by_rack: dict[str, list[Forecast]] = {}
+        for f in forecasts:
+            by_rack.setdefault(f.rack, []).append(f)
+        refresh = self.settings.forecast_twin_refresh_s
+        patches = 0
+        for rack, group in by_rack.items():
+            tid = thing_id(self.settings.ditto_namespace, rack)
+            props = forecast_properties(group)
+            content = {k: v for k, v in props.items() if k != "computedAt"}
+            previous = self._sent.get(tid)
+            if previous is not None and previous[0] == content and now - previous[1] < refresh:
+                continue
+            try:
+                self.patch_thing(tid, {"features": {FEATURE: {"properties": props}}})  # type: ignore[misc]
+            except Exception:  # noqa: BLE001 - one twin failing must not stop the others
+                log.exception("forecast patch of %s failed", tid)
+                continue
+            self._sent[tid] = (content, now)
+            patches += 1
+        gone = set(self._sent) - {thing_id(self.settings.ditto_namespace, r) for r in by_rack}
+        for tid in gone:
+            del self._sent[tid]
+        return patches
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        interval = self.settings.forecast_publish_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self.publish_once()
+            except Exception:  # noqa: BLE001 - keep publishing; the next round may succeed
+                log.exception("forecast publishing failed")

@@ -1,0 +1,284 @@
+"""The forecast: trend estimator on hand-computed series, tracker and publishing formats, a short evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bridge.config import Settings
+from bridge.forecast import evaluate as ev
+from bridge.forecast.estimator import TrendWindow, median, theil_sen
+from bridge.forecast.limits import ForecastLimits
+from bridge.forecast.tracker import (
+    Forecast,
+    ForecastPublisher,
+    ForecastTracker,
+    forecast_line,
+    forecast_patch,
+    heading_for_trouble,
+)
+from bridge.mapping import RackLocation, SensorReading
+from bridge.twin import dew_point
+
+T0 = 1_764_000_000.0  # a whole minute, so buckets start at T0 - 20 min
+STEP = 10.0
+
+
+def feed(window: TrendWindow, start: float, end: float, value_at) -> None:
+    t = start
+    while t <= end + 1e-9:
+        window.add(t, value_at(t))
+        t += STEP
+
+
+def ramp(rate_per_h: float, level_at_t0: float):
+    return lambda t: level_at_t0 + rate_per_h * (t - T0) / 3600.0
+
+
+# -- estimator: hand-computed series ---------------------------------------------------------------
+
+
+def test_median_and_theil_sen_by_hand():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    # Points (0,1) (60,2) (120,3) (180,4) (240,50): slopes by pair, sorted, median is the 6th of 10 ... 1/60.
+    slope, level = theil_sen([0.0, 60.0, 120.0, 180.0, 240.0], [1.0, 2.0, 3.0, 4.0, 50.0])
+    assert slope == pytest.approx(1 / 60)
+    # Residuals v - slope*(t-240): 5, 5, 5, 5, 50 -> median 5: the line is at 5 at t=240, the outlier ignored.
+    assert level == pytest.approx(5.0)
+
+
+def test_flat_series_has_zero_slope_and_no_crossing():
+    w = TrendWindow()
+    feed(w, T0 - 1200, T0, lambda t: 22.0 if int(t / STEP) % 2 else 22.1)  # dithers in the last digit
+    assert w.status(T0) == "ok"
+    assert w.slope_per_h() == 0.0
+    assert w.level_at(T0) == pytest.approx(22.05)
+    assert w.minutes_to(27.0, T0) is None
+
+
+def test_linear_ramp_6_per_hour_from_24_reaches_27_in_30_minutes():
+    w = TrendWindow()
+    feed(w, T0 - 1200, T0, ramp(6.0, 24.0))
+    assert w.status(T0) == "ok"
+    assert w.points == 20  # buckets [T0-20min, T0) are closed; the reading at T0 opened the next one
+    assert w.slope_per_h() == pytest.approx(6.0, abs=1e-9)
+    assert w.level_at(T0) == pytest.approx(24.0, abs=1e-9)
+    assert w.minutes_to(27.0, T0) == pytest.approx(30.0, abs=1e-6)
+    assert w.minutes_to(32.0, T0) == pytest.approx(80.0, abs=1e-6)
+    assert w.minutes_to(23.0, T0) == 0.0  # already above and still rising
+    assert w.minutes_to(27.0, T0, max_minutes=20) is None  # beyond the reported range
+
+
+def test_ramp_with_one_big_outlier_keeps_its_slope():
+    clean, spiky = TrendWindow(), TrendWindow()
+    feed(clean, T0 - 1200, T0, ramp(6.0, 24.0))
+    spike_at = T0 - 600
+    feed(spiky, T0 - 1200, T0, lambda t: ramp(6.0, 24.0)(t) + (15.0 if t == spike_at else 0.0))
+    # A single spike moves the median of its bucket by one reading (1/60 °C); the slope barely notices.
+    assert spiky.slope_per_h() == pytest.approx(6.0, abs=0.05)
+    assert spiky.minutes_to(27.0, T0) == pytest.approx(30.0, abs=0.5)
+    assert clean.slope_per_h() == pytest.approx(6.0, abs=1e-9)
+
+
+def test_ramp_with_a_whole_bad_minute_still_keeps_its_slope():
+    w = TrendWindow()
+    bad = (T0 - 600, T0 - 540)
+    feed(w, T0 - 1200, T0, lambda t: ramp(6.0, 24.0)(t) + (12.0 if bad[0] <= t < bad[1] else 0.0))
+    # One of 20 points is 12 °C off; Theil–Sen moves by less than 1 °C/h (a least-squares fit: ~ +5 °C/h).
+    assert w.slope_per_h() == pytest.approx(6.0, abs=1.0)
+
+
+def test_falling_series_gives_no_crossing():
+    w = TrendWindow()
+    feed(w, T0 - 1200, T0, ramp(-6.0, 26.0))
+    assert w.slope_per_h() == pytest.approx(-6.0, abs=1e-9)
+    assert w.minutes_to(27.0, T0) is None
+
+
+def test_slow_rise_counts_as_stable():
+    w = TrendWindow()
+    feed(w, T0 - 1200, T0, ramp(0.3, 26.9))
+    assert w.slope_per_h() == pytest.approx(0.3, abs=1e-9)
+    assert w.minutes_to(27.0, T0, min_rise_per_h=0.5) is None
+    assert w.minutes_to(27.0, T0, min_rise_per_h=0.1) == pytest.approx(20.0, abs=1e-6)
+
+
+def test_stuck_sensor_gets_no_forecast():
+    w = TrendWindow()
+    feed(w, T0 - 1800, T0 - 600, ramp(6.0, 25.0))
+    feed(w, T0 - 590, T0, lambda t: 24.2)  # frozen at one value for ten minutes
+    assert w.status(T0) == "stuck"
+    assert w.minutes_to(27.0, T0) is None
+    w.add(T0 + 10, 24.3)  # it moves again
+    assert w.status(T0 + 10) == "ok"
+
+
+def test_sensor_that_jumps_and_freezes_is_held_back_before_the_step_reads_as_a_trend():
+    w = TrendWindow()
+    feed(w, T0 - 1800, T0, lambda t: 22.0 if int(t / STEP) % 2 else 22.1)
+    feed(w, T0 + 10, T0 + 130, lambda t: 25.5)  # 13 identical readings over 2 min
+    assert w.status(T0 + 130) == "stuck"
+    assert w.minutes_to(27.0, T0 + 130) is None
+
+
+def test_silent_sensor_gets_no_forecast():
+    w = TrendWindow(silent_after_s=90)
+    feed(w, T0 - 1200, T0, ramp(6.0, 24.0))
+    assert w.minutes_to(27.0, T0 + 60) is not None
+    assert w.status(T0 + 91) == "silent"
+    assert w.minutes_to(27.0, T0 + 91) is None
+
+
+def test_short_window_is_held_back_and_late_readings_are_dropped():
+    w = TrendWindow(min_span_s=600)
+    feed(w, T0 - 300, T0, ramp(6.0, 24.0))
+    assert w.status(T0) == "warming_up"
+    assert w.minutes_to(27.0, T0) is None
+    w.add(T0 - 3600, 99.0)
+    assert w.late == 1
+
+
+def test_window_slides():
+    w = TrendWindow(window_s=600)
+    feed(w, T0 - 3600, T0, ramp(6.0, 24.0))
+    assert w.points <= 11
+    assert w.slope_per_h() == pytest.approx(6.0, abs=1e-9)
+
+
+# -- tracker and formats ------------------------------------------------------------------------
+
+LOC = RackLocation("fra1", "hall 1", "A", "rack-a01")
+
+
+def reading(ts: float, position: str, temp: float | None, rh: float | None = 50.0) -> SensorReading:
+    return SensorReading(LOC, position, "dev-1", round(ts * 1000), temp, rh)
+
+
+def tracked_ramp() -> ForecastTracker:
+    tracker = ForecastTracker(limits=ForecastLimits(27.0, 32.0, 15.0))
+    t = T0 - 1200
+    while t <= T0:
+        tracker.observe(reading(t, "top", ramp(6.0, 24.0)(t)))
+        tracker.observe(reading(t, "bottom", 20.0 + (0.1 if int(t / STEP) % 2 else 0.0)))
+        t += STEP
+    return tracker
+
+
+def test_tracker_forecasts_each_position():
+    forecasts = {f.position: f for f in tracked_ramp().forecasts(T0)}
+    top, bottom = forecasts["top"], forecasts["bottom"]
+    assert top.status == "ok" and top.rack == "rack-a01"
+    assert top.trend_c_per_h == pytest.approx(6.0, abs=1e-6)
+    assert top.minutes_to_recommended == pytest.approx(30.0, abs=1e-4)
+    assert top.minutes_to_allowable == pytest.approx(80.0, abs=1e-4)
+    assert top.projected_temp_30m == pytest.approx(27.0, abs=1e-6)
+    # Constant RH on a rising temperature: the dew point rises too (12.9 °C at 24 °C, 15.7 °C at 27 °C).
+    assert dew_point(24.0, 50.0) == pytest.approx(12.94, abs=0.01)
+    assert 20.0 < top.minutes_to_dew_point_limit < 25.0
+    assert top.dew_point_trend_c_per_h == pytest.approx(5.5, abs=0.3)
+    assert bottom.trend_c_per_h == 0.0
+    assert bottom.minutes_to_recommended is None and bottom.minutes_to_dew_point_limit is None
+    assert [f.position for f in heading_for_trouble(forecasts.values(), 30.01)] == ["top"]
+    assert heading_for_trouble(forecasts.values(), 29.99) == []
+
+
+def test_tracker_ignores_readings_without_temperature_and_forgets_old_racks():
+    tracker = tracked_ramp()
+    tracker.observe(reading(T0 + 10, "top", None, 50.0))
+    assert len(tracker) == 2
+    assert tracker.forecasts(T0 + 7200, forget_after_s=3600) == []
+    assert len(tracker) == 0
+
+
+def test_forecast_line_and_patch_formats():
+    f = Forecast(LOC, "top", "ok", 1_764_000_000_123, trend_c_per_h=6.04321, level_c=24.0, projected_temp_30m=27.02,
+                 minutes_to_recommended=29.6, minutes_to_allowable=None, minutes_to_dew_point_limit=None,
+                 dew_point_trend_c_per_h=5.5)
+    assert forecast_line(f) == (
+        r"rack_forecast,position=top,rack=rack-a01,room=hall\ 1,row=A,site=fra1 "
+        "trend_c_per_h=6.043,level_c=24.0,projected_temp_30m=27.02,minutes_to_recommended=29.6,"
+        "dew_point_trend_c_per_h=5.5 1764000000123"
+    )
+    held = Forecast(LOC, "bottom", "stuck", 1_764_000_000_123)
+    assert forecast_line(held) is None
+    patch = forecast_patch([held, f])
+    assert patch == {"features": {"forecast": {"properties": {
+        "statusTop": "ok", "trendTopCPerH": 6.0, "levelTopC": 24.0, "projectedTempTop30m": 27.0,
+        "minutesToRecommendedTop": 30.0, "minutesToAllowableTop": None, "minutesToDewPointTop": None,
+        "dewPointTrendTopCPerH": 5.5,
+        "statusBottom": "stuck", "trendBottomCPerH": None, "levelBottomC": None, "projectedTempBottom30m": None,
+        "minutesToRecommendedBottom": None, "minutesToAllowableBottom": None, "minutesToDewPointBottom": None,
+        "dewPointTrendBottomCPerH": None,
+        "computedAt": "2025-11-24T16:00:00.123Z",
+    }}}}
+
+
+def test_publisher_writes_lines_and_patches_twins_only_on_change():
+    tracker = tracked_ramp()
+    settings = Settings(forecast_twin_refresh_s=300, forecast_horizon_min=29.75)
+    lines: list[list[str]] = []
+    patches: list[tuple[str, dict]] = []
+    pub = ForecastPublisher(tracker, settings, lines.append, lambda tid, p: patches.append((tid, p)))
+    first = pub.publish_once(T0)
+    assert (first.positions, first.lines, first.patches, first.heading) == (2, 2, 1, 0)
+    assert patches[0][0] == "dc.site1:rack-a01"
+    assert patches[0][1]["features"]["forecast"]["properties"]["minutesToRecommendedTop"] == 30.0
+    assert all(line.startswith("rack_forecast,") for line in lines[0])
+    assert pub.publish_once(T0 + 1).patches == 0  # same rounded outlook: no patch
+    assert pub.publish_once(T0 + 60).patches == 1  # minutes to the limit changed (now 29)
+    assert pub.publish_once(T0 + 30).heading == 1  # 29.5 min < 29.75
+
+
+def test_publisher_refreshes_an_unchanged_twin_after_the_refresh_interval():
+    tracker = ForecastTracker()
+    t = T0 - 1200
+    while t <= T0:
+        tracker.observe(reading(t, "top", 22.0 if int(t / STEP) % 2 else 22.1))
+        t += STEP
+    patches: list[tuple[str, dict]] = []
+    pub = ForecastPublisher(tracker, Settings(forecast_twin_refresh_s=60), None, lambda tid, p: patches.append((tid, p)))
+    assert [pub.publish_once(T0 + dt).patches for dt in (0, 30, 61)] == [1, 0, 1]
+    assert patches[-1][1]["features"]["forecast"]["properties"]["computedAt"] == "2025-11-24T16:01:01.000Z"
+
+
+# -- a short evaluation -------------------------------------------------------------------------
+
+
+def test_short_evaluation_lead_time_and_false_alerts():
+    settings = Settings()
+    hall = ev.cooling_failure_hall(seed=3)
+    hall.racks_per_row = 4
+    cooling = ev.simulate(hall, ev.WARMUP_S + 2.5 * 3600, settings, scenario="cooling_failure")
+    hot = ev.simulate(ev.Hall(2, 4, seed=5, events=[ev.Event("rack", ev.START_S + ev.WARMUP_S, 12.0, 12.0 / 6.0 * 3600,
+                                                             rack=2, position="top")]),
+                      ev.WARMUP_S + 2 * 3600, settings, scenario="hot_spot")
+    for run in (cooling, hot):
+        leads = ev.lead_times(run)
+        assert leads, f"{run.scenario}: the scenario must breach"
+        assert all(row["lead_min"] is not None and row["lead_min"] >= 10 for row in leads), leads
+    normal = ev.simulate(ev.Hall(2, 5, seed=11), 8 * 3600.0, settings, scenario="normal")
+    assert normal.readings > 50_000
+    assert normal.breaches == {}
+    assert ev.false_alerts(normal) == []
+
+
+def test_alert_replay_needs_the_condition_for_the_whole_for_duration():
+    replay = ev.AlertReplay(horizon_min=30, for_s=60, query_range_s=90)
+
+    def publish(t, minutes):
+        replay.publish([Forecast(LOC, "top", "ok", round(t * 1000), trend_c_per_h=6.0, minutes_to_recommended=minutes)])
+
+    publish(0, 25)
+    replay.evaluate(0)  # pending
+    publish(30, 40)
+    replay.evaluate(60)  # condition broken: back to normal
+    publish(90, 20)
+    replay.evaluate(120)  # pending again
+    assert replay.fired == []
+    publish(150, 19)
+    replay.evaluate(180)
+    assert replay.fired == [(180, "rack-a01", "top")]
+    replay.evaluate(400)  # the newest forecast is too old for the query: resolved
+    assert replay.firing == set() and math.isfinite(replay.fired[0][0])
