@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 APT_PACKAGES := mosquitto influxdb nginx
 
-.PHONY: help venv test deps-system contracts
+.PHONY: help venv test deps-system contracts readme
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ deps-system: ## install Mosquitto, InfluxDB and nginx for the tests (apt on Debi
 
 test: venv deps-system ## run the whole test suite (sets itself up from a fresh clone)
 	$(VENV)/bin/pytest -q
+
+readme: venv ## regenerate README's configuration reference from the settings model
+	$(PY) -m bridge.readme
 
 contracts: ## download the contract files the tests use into tests/contracts/ (pinned commits, sha256-checked)
 	$(PY) -m tests.harness.contracts
