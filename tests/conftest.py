@@ -58,6 +58,16 @@ def ditto():
     double.assert_no_violations()
 
 
+@pytest.fixture
+def tb_double():
+    from tests.doubles.thingsboard import ThingsBoardDouble
+
+    double = ThingsBoardDouble().start()
+    yield double
+    double.stop()
+    double.assert_no_violations()
+
+
 _client_ids = itertools.count(1)
 
 

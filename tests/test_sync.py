@@ -8,16 +8,7 @@ import pytest
 
 from bridge.config import MappingConfig, RackMeta, load_settings
 from bridge.thingsboard.sync import SyncWorker, groups_from_timeseries, merged_mapping, run_sync
-from tests.doubles.thingsboard import ThingsBoardDouble
 from tests.harness.mqtt import wait_until
-
-
-@pytest.fixture
-def tb_double():
-    double = ThingsBoardDouble().start()
-    yield double
-    double.stop()
-    double.assert_no_violations()
 
 
 @pytest.fixture

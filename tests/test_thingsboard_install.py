@@ -16,14 +16,6 @@ from tests.doubles.thingsboard import ThingsBoardDouble, check_keys, default_roo
 BROKER = rulechain.BrokerTarget(host="mosquitto", port=1883, username="thingsboard", password="tb-secret")
 
 
-@pytest.fixture
-def tb_double():
-    double = ThingsBoardDouble().start()
-    yield double
-    double.stop()
-    double.assert_no_violations()
-
-
 def settings_for(double: ThingsBoardDouble, **extra) -> Settings:
     return Settings(tb_url=double.url, tb_username=double.username, tb_password=double.password,
                     tb_broker_host="mosquitto", tb_broker_username="thingsboard", tb_broker_password="tb-secret",

@@ -11,15 +11,6 @@ from bridge import cli
 from bridge.config import load_settings
 from bridge.thingsboard.sync import run_sync
 from bridge.thingsboard.verify import Sample, judge, render_table, verify
-from tests.doubles.thingsboard import ThingsBoardDouble
-
-
-@pytest.fixture
-def tb_double():
-    double = ThingsBoardDouble().start()
-    yield double
-    double.stop()
-    double.assert_no_violations()
 
 
 @pytest.fixture

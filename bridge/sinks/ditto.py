@@ -84,19 +84,19 @@ class DittoClient:
             raise DittoError(resp.status_code, resp.text)
         return resp.json()
 
-    def create_thing(self, tid: str, body: dict[str, Any]) -> bool:
-        """Create only; False if the thing already exists."""
+    def _create_only(self, path: str, body: dict[str, Any]) -> bool:
+        """PUT with If-None-Match: * — True if created, False if it already existed."""
         resp = self.request(
-            "PUT",
-            twin.thing_path(tid),
-            data=json.dumps(body),
-            headers={"Content-Type": "application/json", "If-None-Match": "*"},
+            "PUT", path, data=json.dumps(body), headers={"Content-Type": "application/json", "If-None-Match": "*"}
         )
         if resp.status_code == 201:
             return True
         if resp.status_code == 412:
             return False
         raise DittoError(resp.status_code, resp.text)
+
+    def create_thing(self, tid: str, body: dict[str, Any]) -> bool:
+        return self._create_only(twin.thing_path(tid), body)
 
     def patch_thing(self, tid: str, patch: dict[str, Any], condition: str) -> int:
         resp = self.request(
@@ -125,17 +125,7 @@ class DittoClient:
         raise DittoError(resp.status_code, resp.text)
 
     def ensure_policy(self, policy_id: str, body: dict[str, Any]) -> bool:
-        resp = self.request(
-            "PUT",
-            "/api/2/policies/" + requests.utils.quote(policy_id, safe=":"),
-            data=json.dumps(body),
-            headers={"Content-Type": "application/json", "If-None-Match": "*"},
-        )
-        if resp.status_code == 201:
-            return True
-        if resp.status_code == 412:
-            return False
-        raise DittoError(resp.status_code, resp.text)
+        return self._create_only("/api/2/policies/" + requests.utils.quote(policy_id, safe=":"), body)
 
     def health(self) -> bool:
         try:
