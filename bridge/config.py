@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .thresholds import DEFAULT_CLASS, DEFAULT_RH_CAP, FORECAST_HORIZON_MIN, check_rh_cap
+
 ENV_PREFIX = "RACKTWIN_"
 
 # Keys the rule-engine / device payloads carry, for the one-device-per-rack model (our users' names).
@@ -270,7 +272,8 @@ class Settings(BaseSettings):
         90.0, gt=0, description="A sensor with no reading for this long gets no forecast (s)."
     )
     forecast_horizon_min: float = Field(
-        30.0, gt=0, description="A rack is 'heading for trouble' when the recommended limit is this close (min); "
+        FORECAST_HORIZON_MIN, gt=0,
+        description="A rack is 'heading for trouble' when the recommended limit is this close (min); "
         "the Grafana forecast alert uses the same horizon."
     )
     forecast_publish_interval_s: float = Field(
@@ -279,6 +282,25 @@ class Settings(BaseSettings):
     forecast_twin_refresh_s: float = Field(
         300.0, ge=0, description="Twin forecast features are patched when they change, and at least this often (s)."
     )
+    # The ASHRAE class and RH cap `make dashboards` reads (same env vars), so one environment serves both.
+    ashrae_class: Literal["A1", "A2", "A3", "A4"] = Field(
+        DEFAULT_CLASS, description="ASHRAE class whose allowable limit the forecast counts minutes to (A1..A4); "
+        "the dashboards and alert rules are generated with the same variable."
+    )
+    rh_cap: float = Field(
+        DEFAULT_RH_CAP, description="Recommended RH cap (70 or 50 %), read by `make dashboards`; the bridge "
+        "only validates it."
+    )
+
+    @field_validator("ashrae_class", mode="before")
+    @classmethod
+    def _canonical_class(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("rh_cap")
+    @classmethod
+    def _known_rh_cap(cls, value: float) -> float:
+        return check_rh_cap(value)
 
     # --- ThingsBoard onboarding, sync, verify and the simulator (bridge/thingsboard/, bridge/simulator/) ---
     tb_url: str | None = Field(

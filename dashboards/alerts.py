@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .common import BRIDGE_UID, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID
+from bridge.thresholds import FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, FORECAST_ALERT_QUERY_RANGE_S
+
+from .common import BRIDGE_UID, FORECAST_MEASUREMENT, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID
 from .thresholds import RATE_WINDOW_S, Thresholds
 from .wall import delta_per_rack, num, silent_sensors_per_series
 
@@ -45,6 +47,26 @@ def latest(field_name: str) -> str:
 
 
 VALUE = '{{ printf "%.1f" $values.B.Value }}'
+MINUTES = '{{ printf "%.0f" $values.B.Value }}'
+GROUP_INTERVAL_S = FORECAST_ALERT_INTERVAL_S  # every group; bridge.forecast.evaluate assumes it for the forecast
+
+
+def duration(seconds: int) -> str:
+    """Seconds as a Grafana duration: 60 -> "1m", 90 -> "90s"."""
+    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
+
+
+def forecast_rule(t: Thresholds) -> RuleSpec:
+    """Fires per rack position whose newest forecast (bridge/forecast, measurement rack_forecast) reaches the
+    recommended limit within the horizon. No crossing forecast = field absent = no series = OK."""
+    limit = t.temp_recommended[1]
+    return RuleSpec(
+        "racktwin-forecast-recommended", "Rack heading for the recommended temperature limit",
+        f'SELECT last("minutes_to_recommended") AS "minutes_to_recommended" FROM "{FORECAST_MEASUREMENT}" '
+        f"WHERE $timeFilter GROUP BY {SENSOR_TAGS}",
+        FORECAST_ALERT_QUERY_RANGE_S, "last", "lt", (t.forecast_horizon_min,), "warning",
+        f"{WHERE_SENSOR} forecast to pass {num(limit)} °C in {MINUTES} min",
+        for_=duration(FORECAST_ALERT_FOR_S), no_data="OK", labels={"kind": "forecast"})
 
 
 def rule_specs(t: Thresholds) -> list[RuleSpec]:
@@ -95,6 +117,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  silent_sensors_per_series(t, "", SENSOR_TAGS), 3600, "last", "lt", (0.001,), "warning",
                  f"{WHERE_SENSOR} sent no reading for {t.silent_after_s} s (3 intervals of "
                  f"{t.reading_interval_s} s)"),
+        forecast_rule(t),
         RuleSpec("racktwin-bridge-down", "Bridge down or not ready",
                  'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',
                  120, "last", "lt", (1,), "critical",
@@ -150,7 +173,7 @@ def rules_file(t: Thresholds) -> dict:
     for spec in rule_specs(t):
         groups.setdefault(spec.group, []).append(rule(spec))
     return {"apiVersion": 1, "groups": [
-        {"orgId": 1, "name": name, "folder": FOLDER, "interval": "1m", "rules": rules}
+        {"orgId": 1, "name": name, "folder": FOLDER, "interval": duration(GROUP_INTERVAL_S), "rules": rules}
         for name, rules in groups.items()]}
 
 

@@ -24,6 +24,7 @@ RACK_PATH = f"/d/{RACK_UID}/rack-detail"
 BRIDGE_PATH = f"/d/{BRIDGE_UID}/bridge-health"
 
 MEASUREMENT = "rack_environment"
+FORECAST_MEASUREMENT = "rack_forecast"  # bridge/forecast/tracker.py, one point per rack position every 30 s
 SCHEMA_VERSION = 39
 
 # Filters by the wall's room/row variables; multi-value variables expand to (a|b), so a regex match.

@@ -80,3 +80,15 @@ def dashboard_link(title: str, url: str, tooltip: str = "", include_vars: bool =
                    target_blank: bool = False) -> dict[str, Any]:
     return {"title": title, "type": "link", "url": url, "icon": "dashboard", "tooltip": tooltip, "tags": [],
             "asDropdown": False, "targetBlank": target_blank, "includeVars": include_vars, "keepTime": keep_time}
+
+
+def table(title: str, pos: GridPos, targets: list, defaults: dict, *, datasource: dict, overrides: list | None = None,
+          transformations: list | None = None, sort_by: list | None = None, description: str = "",
+          time_from: str | None = None, hide_time_override: bool = False) -> RawPanel:
+    """Today's table panel (grafanalib 0.7.1's Table emits the old "table-old" model)."""
+    return RawPanel(panelType="table", title=title, gridPos=pos, dataSource=datasource, targets=targets,
+                    description=description, timeFrom=time_from, hideTimeOverride=hide_time_override,
+                    transformations=transformations or [],
+                    extraJson={"options": {"showHeader": True, "cellHeight": "sm", "footer": {"show": False},
+                                           "sortBy": sort_by or []},
+                               "fieldConfig": {"defaults": defaults, "overrides": overrides or []}})

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from grafanalib.core import Dashboard
 
-from .common import (DITTO, INFLUX, MEASUREMENT, RACK_UID, WALL_PATH, column, constant_variable, field_defaults,
-                     infinity_target, influx_target, namespace_variable, render, tag_variable, templating,
-                     time_range)
+from .common import (DITTO, FORECAST_MEASUREMENT, INFLUX, MEASUREMENT, RACK_UID, WALL_PATH, column, constant_variable,
+                     field_defaults, infinity_target, influx_target, namespace_variable, render, tag_variable,
+                     templating, time_range)
 from .panels import dashboard_link, grid, stat, timeseries
 from .thresholds import Thresholds
-from .wall import delta_per_rack
+from .wall import FORECAST_RANGE, minutes_steps, num
 
 # Host-side defaults (compose publishes Ditto's nginx on DITTO_HTTP_PORT=8081 and ThingsBoard on 8080);
 # change the constants in the dashboard settings if the wall runs elsewhere.
@@ -48,11 +48,53 @@ def delta_history() -> str:
             f'({sub.format(alias="bottom")}) WHERE $timeFilter GROUP BY time($__interval) fill(none)')
 
 
+def projected_history() -> str:
+    return (f'SELECT mean("projected_temp_30m") FROM "{FORECAST_MEASUREMENT}" WHERE $timeFilter AND {RACK_FILTER} '
+            'GROUP BY time($__interval), "position" fill(null)')
+
+
+def newest_forecast(field: str, position: str) -> str:
+    return (f'SELECT last("{field}") AS "{field}" FROM "{FORECAST_MEASUREMENT}" WHERE $timeFilter AND {RACK_FILTER} '
+            f"AND \"position\" = '{position}'")
+
+
+def forecast_stat(title: str, pos, field: str, position: str, defaults: dict, description: str):
+    # "—" when the newest forecast has no crossing (absent field) or the position is held back.
+    return stat(title, pos, [influx_target(newest_forecast(field, position))], dict(defaults, noValue="—"),
+                datasource=INFLUX, time_from=FORECAST_RANGE, description=description,
+                options={"textMode": "value"})
+
+
+# The projection is drawn dashed: it is a forecast, not a measurement.
+DASHED = {"matcher": {"id": "byRegexp", "options": "/projected/"}, "properties": [
+    {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+    {"id": "custom.lineWidth", "value": 1},
+    {"id": "custom.spanNulls", "value": 90_000}]}  # ms: bridge the 30 s publish grid, not a held-back forecast
+
+
 def twin_stat(title: str, pos, field: str, defaults: dict):
     return stat(title, pos, [infinity_target("/api/2/things/${namespace}:${rack}", TWIN_PARAMS, TWIN_COLUMNS)],
                 defaults, datasource=DITTO,
                 options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{field}$/", "values": False},
                          "textMode": "value"})
+
+
+def forecast_stats(t: Thresholds, y: int) -> list:
+    rec = num(t.temp_recommended[1])
+    minutes = field_defaults("m", minutes_steps(t), 0)
+    trend = field_defaults("none", [{"color": "text", "value": None},
+                                    {"color": "orange", "value": t.rate_limit_c_per_h}], 1)
+    out = []
+    for x, position in ((0, "top"), (12, "bottom")):
+        name = position.capitalize()
+        out.append(forecast_stat(f"{name}: minutes to {rec} °C", grid(x, y, 6, 3), "minutes_to_recommended",
+                                 position, minutes,
+                                 f"Forecast minutes until the {position} inlet reaches {rec} °C; — = no crossing "
+                                 "forecast (stable, falling, or no forecast yet)."))
+        out.append(forecast_stat(f"{name}: trend °C/h", grid(x + 6, y, 6, 3), "trend_c_per_h", position, trend,
+                                 f"Robust {position} inlet trend over the forecast window; — = no forecast "
+                                 "(warming up, stuck or silent sensor)."))
+    return out
 
 
 def build(t: Thresholds) -> dict:
@@ -72,14 +114,19 @@ def build(t: Thresholds) -> dict:
                   field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None)),
         twin_stat("Bottom last seen", grid(21, 0, 3, 4), "tsBottom",
                   field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None)),
-        timeseries("Inlet temperature: top vs bottom", grid(0, 4, 12, 9),
-                   [influx_target(history("temperature"), alias="$tag_position")], temp, datasource=INFLUX,
-                   custom=band, description="Envelope: recommended band green, allowable class orange/red."),
-        timeseries("Relative humidity", grid(12, 4, 12, 9),
+        *forecast_stats(t, 4),
+        timeseries("Inlet temperature: top vs bottom", grid(0, 7, 12, 9),
+                   [influx_target(history("temperature"), alias="$tag_position"),
+                    influx_target(projected_history(), "B", alias="$tag_position projected +30 min")],
+                   temp, datasource=INFLUX, custom=band, overrides=[DASHED],
+                   description=f"Envelope: recommended band green (to {num(t.temp_recommended[1])} °C), allowable "
+                               f"{t.ashrae_class} orange/red (to {num(t.temp_allowable[1])} °C). Dashed: where the "
+                               "forecast trend puts each inlet 30 min after that moment."),
+        timeseries("Relative humidity", grid(12, 7, 12, 9),
                    [influx_target(history("humidity"), alias="$tag_position")], rh, datasource=INFLUX, custom=band),
-        timeseries("Dew point", grid(0, 13, 12, 9),
+        timeseries("Dew point", grid(0, 16, 12, 9),
                    [influx_target(history("dew_point"), alias="$tag_position")], dp, datasource=INFLUX, custom=band),
-        timeseries("Top − bottom difference", grid(12, 13, 12, 9), [influx_target(delta_history())],
+        timeseries("Top − bottom difference", grid(12, 16, 12, 9), [influx_target(delta_history())],
                    field_defaults("celsius", t.delta_t_steps()), datasource=INFLUX, custom=band,
                    description=f"Above {t.delta_t_limit_c:g} °C for {t.delta_t_for} raises the recirculation alert."),
     ]

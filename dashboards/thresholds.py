@@ -1,8 +1,10 @@
-"""The one place for the environmental limits: panel colours and alert rules are both derived from here.
+"""The generation-time front of the environmental limits: panel colours and alert rules are derived from here.
 
-ASHRAE TC 9.9 (2021) Table 2.1, see shared domain facts. The class (A1..A4) and the recommended RH cap
-(70 % or 50 %, the latter where gaseous contamination is not shown to be low) are chosen when the files
-are generated: ``RACKTWIN_ASHRAE_CLASS=A2 RACKTWIN_RH_CAP=50 make dashboards``.
+The ASHRAE table itself (TC 9.9 (2021) Table 2.1) lives in bridge/thresholds.py, which the bridge's forecast
+reads at run time too, so dashboards, alert rules and forecasts use the same numbers. The class (A1..A4) and the
+recommended RH cap (70 % or 50 %, the latter where gaseous contamination is not shown to be low) are chosen when
+the files are generated, from the same variables the bridge reads:
+``RACKTWIN_ASHRAE_CLASS=A2 RACKTWIN_RH_CAP=50 make dashboards``.
 """
 
 from __future__ import annotations
@@ -10,20 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-# Recommended envelope (the same for every class).
-RECOMMENDED_TEMP_C = (18.0, 27.0)
-RECOMMENDED_DEW_POINT_C = (-9.0, 15.0)
-RH_CAPS = (70.0, 50.0)
-
-# Allowable envelope per class: dry bulb range, max dew point, max RH. Floors are common to A1..A4.
-ALLOWABLE_CLASSES: dict[str, dict[str, float]] = {
-    "A1": {"temp_min": 15.0, "temp_max": 32.0, "dew_point_max": 17.0, "rh_max": 80.0},
-    "A2": {"temp_min": 10.0, "temp_max": 35.0, "dew_point_max": 21.0, "rh_max": 80.0},
-    "A3": {"temp_min": 5.0, "temp_max": 40.0, "dew_point_max": 24.0, "rh_max": 85.0},
-    "A4": {"temp_min": 5.0, "temp_max": 45.0, "dew_point_max": 24.0, "rh_max": 90.0},
-}
-ALLOWABLE_DEW_POINT_MIN_C = -12.0
-ALLOWABLE_RH_MIN_PCT = 8.0
+from bridge.thresholds import (ALLOWABLE_CLASSES, ALLOWABLE_DEW_POINT_MIN_C, ALLOWABLE_RH_MIN_PCT,  # noqa: F401
+                               DEFAULT_CLASS, DEFAULT_RH_CAP, FORECAST_HORIZON_MIN, RECOMMENDED_DEW_POINT_C,
+                               RECOMMENDED_TEMP_C, RH_CAPS, check_class, check_rh_cap)
 
 # ASHRAE "5/20": 20 °C per hour for IT equipment (5 °C/h for tape). Measured as max − min inlet temperature
 # over a window; 15 min at 20 °C/h gives 5 °C, which is also the (unverified) "5 °C in any 15 minutes" note.
@@ -35,8 +26,8 @@ COLORS = {"cold_critical": "blue", "cold_warning": "light-blue", "ok": "green", 
 
 @dataclass(frozen=True)
 class Thresholds:
-    ashrae_class: str = "A1"
-    rh_cap: float = 70.0
+    ashrae_class: str = DEFAULT_CLASS
+    rh_cap: float = DEFAULT_RH_CAP
     # Top − bottom inlet difference that indicates recirculation / starved supply air (site policy, not ASHRAE).
     delta_t_limit_c: float = 5.0
     delta_t_for: str = "10m"
@@ -45,11 +36,16 @@ class Thresholds:
     reading_interval_s: int = 60
     bridge_lag_limit_s: float = 30.0
 
+    # Forecast: a rack is "heading for trouble" when the recommended limit is this close (bridge setting
+    # forecast_horizon_min, same env var RACKTWIN_FORECAST_HORIZON_MIN).
+    forecast_horizon_min: float = FORECAST_HORIZON_MIN
+
     def __post_init__(self) -> None:
-        if self.ashrae_class not in ALLOWABLE_CLASSES:
+        if self.ashrae_class not in ALLOWABLE_CLASSES:  # exact spelling here; from_env canonicalises "a2"
             raise ValueError(f"ASHRAE class must be one of {sorted(ALLOWABLE_CLASSES)}, not {self.ashrae_class!r}")
-        if self.rh_cap not in RH_CAPS:
-            raise ValueError(f"recommended RH cap must be 70 or 50, not {self.rh_cap!r}")
+        check_rh_cap(self.rh_cap)
+        if self.forecast_horizon_min <= 0:
+            raise ValueError(f"forecast horizon must be positive, not {self.forecast_horizon_min!r}")
 
     # --- derived limits -------------------------------------------------------------------------
     @property
@@ -120,10 +116,11 @@ def from_env(env: dict[str, str] | None = None) -> Thresholds:
     """Thresholds chosen at generation time (RACKTWIN_ASHRAE_CLASS, RACKTWIN_RH_CAP, RACKTWIN_DELTA_T_LIMIT...)."""
     env = os.environ if env is None else env
     return Thresholds(
-        ashrae_class=env.get("RACKTWIN_ASHRAE_CLASS", "A1").upper(),
-        rh_cap=float(env.get("RACKTWIN_RH_CAP", "70")),
+        ashrae_class=check_class(env.get("RACKTWIN_ASHRAE_CLASS", DEFAULT_CLASS)),
+        rh_cap=check_rh_cap(float(env.get("RACKTWIN_RH_CAP", str(DEFAULT_RH_CAP)))),
         delta_t_limit_c=float(env.get("RACKTWIN_DELTA_T_LIMIT", "5")),
         rate_limit_c_per_h=float(env.get("RACKTWIN_RATE_LIMIT_C_PER_H", "20")),
         reading_interval_s=int(env.get("RACKTWIN_READING_INTERVAL_S", "60")),
         bridge_lag_limit_s=float(env.get("RACKTWIN_BRIDGE_LAG_LIMIT_S", "30")),
+        forecast_horizon_min=float(env.get("RACKTWIN_FORECAST_HORIZON_MIN", str(FORECAST_HORIZON_MIN))),
     )

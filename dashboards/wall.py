@@ -1,16 +1,24 @@
-"""Data hall wall: the NOC screen. Summary stats, one tile per rack from Ditto's current state, and a
-rack × position heat grid of the last hours from InfluxDB. Fits a 1080p screen in kiosk mode without
+"""Data hall wall: the NOC screen. Summary stats, one tile per rack from Ditto's current state, a
+rack × position heat grid of the last hours from InfluxDB, and the rack positions the bridge's forecast
+sees heading for the recommended limit. Fits a 1080p screen in kiosk mode without
 scrolling (26 grid units of height) for a hall of 40 racks."""
 
 from __future__ import annotations
 
 from grafanalib.core import Dashboard
 
-from .common import (DITTO, data_link, INFLUX, MEASUREMENT, RACK_PATH, ROOM_ROW_FILTER, WALL_UID, column, field_defaults,
-                     infinity_target, influx_target, namespace_variable, render, tag_variable, templating,
-                     time_range)
-from .panels import alert_count, grid, stat, state_timeline
+from bridge.thresholds import FORECAST_ALERT_QUERY_RANGE_S
+
+from .common import (DITTO, FORECAST_MEASUREMENT, data_link, INFLUX, MEASUREMENT, RACK_PATH, ROOM_ROW_FILTER, WALL_UID,
+                     column, field_defaults, infinity_target, influx_target, namespace_variable, render, tag_variable,
+                     templating, thresholds, time_range)
+from .panels import alert_count, grid, stat, state_timeline, table
 from .thresholds import Thresholds
+
+# Newest forecasts only: three 30 s publish intervals, the range the forecast alert rule looks at too.
+FORECAST_RANGE = f"{FORECAST_ALERT_QUERY_RANGE_S}s"
+HEADING_ROWS = 8  # rows that fit the table's 11 grid units without scrolling; the soonest first
+RACK_LINK = RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}"
 
 
 def num(value: float) -> str:
@@ -88,6 +96,64 @@ SEARCH_PARAMS = [
 ]
 
 
+def forecast_columns(t: Thresholds) -> dict[str, str]:
+    """Forecast field -> table header, headed with the class's real limits."""
+    return {"minutes_to_recommended": f"min to {num(t.temp_recommended[1])} °C", "trend_c_per_h": "trend °C/h",
+            "level_c": "now °C", "minutes_to_allowable": f"min to {num(t.temp_allowable[1])} °C"}
+
+
+def heading_for_trouble(t: Thresholds, where: str = ROOM_ROW_FILTER) -> str:
+    """Rack positions with a forecast crossing of the recommended limit. "No crossing" is an absent field,
+    so the field condition drops them; the newest forecast per position is ``last`` within the panel's range."""
+    selects = ", ".join(f'last("{f}") AS "{h}"' for f, h in forecast_columns(t).items())
+    return (f'SELECT {selects} FROM "{FORECAST_MEASUREMENT}" WHERE $timeFilter AND "minutes_to_recommended" >= 0'
+            f'{and_(where)} GROUP BY "room", "row", "rack", "position"')
+
+
+def minutes_steps(t: Thresholds) -> list[dict]:
+    """Red below half the forecast horizon, orange below the horizon (when the forecast alert fires)."""
+    return [{"color": "red", "value": None}, {"color": "orange", "value": t.forecast_horizon_min / 2},
+            {"color": "transparent", "value": t.forecast_horizon_min}]
+
+
+def heading_table(t: Thresholds, pos) -> dict:
+    cols = forecast_columns(t)
+    rec, trend, now, allow = cols.values()
+
+    def override(name: str, **props) -> dict:
+        return {"matcher": {"id": "byName", "options": name},
+                "properties": [{"id": k.replace("__", "."), "value": v} for k, v in props.items()]}
+
+    return table(
+        "Heading for trouble", pos, [influx_target(heading_for_trouble(t), fmt="table")],
+        field_defaults("none", [{"color": "text", "value": None}], 1, noValue="No rack heading for trouble",
+                       links=[data_link("Rack detail", RACK_LINK)], custom={"align": "auto", "filterable": False}),
+        datasource=INFLUX, time_from=FORECAST_RANGE, hide_time_override=True,
+        overrides=[
+            override(rec, unit="m", decimals=0, thresholds=thresholds(minutes_steps(t)),
+                     custom__cellOptions={"type": "color-background", "mode": "basic"}),
+            override(allow, unit="m", decimals=0),
+            override(now, unit="celsius", thresholds=thresholds(t.temperature_steps()),
+                     custom__cellOptions={"type": "color-text"}),
+            override(trend, unit="none"),
+        ],
+        transformations=[
+            {"id": "merge", "options": {}},
+            {"id": "organize", "options": {
+                "excludeByName": {"Time": True, "room": True},
+                "indexByName": {name: i for i, name in enumerate(["rack", "position", rec, trend, now, allow, "row"])},
+                "renameByName": {}}},
+            {"id": "sortBy", "options": {"fields": {}, "sort": [{"field": rec, "desc": False}]}},
+            {"id": "limit", "options": {"limitField": HEADING_ROWS}},
+        ],
+        sort_by=[{"displayName": rec, "desc": False}],
+        description=f"Rack positions whose inlet trend is forecast to reach {num(t.temp_recommended[1])} °C "
+                    f"(bridge forecast, newest within {FORECAST_RANGE}), at most {HEADING_ROWS}, soonest first; "
+                    f"red under "
+                    f"{num(t.forecast_horizon_min / 2)} min, orange under {num(t.forecast_horizon_min)} min (the "
+                    "forecast alert). Stable or falling positions are not listed. Click for rack detail.")
+
+
 def build(t: Thresholds) -> dict:
     temp = field_defaults("celsius", t.temperature_steps())
     count_steps = [{"color": "green", "value": None}, {"color": "red", "value": 1}]
@@ -130,14 +196,15 @@ def build(t: Thresholds) -> dict:
             description="One tile per rack from Ditto's current twin state (one search request): value = hotter "
                         "inlet, colour = ASHRAE band; title = rack, top/bottom °C, top/bottom RH. Click for detail."),
     ]
-    for x, position in ((0, "top"), (12, "bottom")):
+    for x, position in ((0, "top"), (8, "bottom")):
         panels.append(state_timeline(
-            f"{position.capitalize()} inlet °C per rack", grid(x, 15, 12, 11), [influx_target(
+            f"{position.capitalize()} inlet °C per rack", grid(x, 15, 8, 11), [influx_target(
                 f'SELECT mean("temperature") FROM "{MEASUREMENT}" WHERE $timeFilter AND "position" = \'{position}\' '
                 f'AND {ROOM_ROW_FILTER} GROUP BY time($__interval), "rack" fill(none)', alias="$tag_rack")],
             field_defaults("celsius", t.temperature_steps()), datasource=INFLUX,
             description=f"{position.capitalize()} inlet temperature history per rack, coloured by ASHRAE band. "
                         "Top warmer than bottom along a row points at recirculation."))
+    panels.append(heading_table(t, grid(16, 15, 8, 11)))
     dashboard = Dashboard(
         title="Data hall wall", uid=WALL_UID, tags=["racktwin"], timezone="browser", refresh="30s",
         time=time_range("now-6h"), editable=False, panels=panels,

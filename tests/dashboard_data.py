@@ -1,5 +1,6 @@
 """Crafted rack readings fed through the real bridge (MQTT -> bridge -> InfluxDB + Ditto double), shared by
-the dashboard-query and alert-rule tests."""
+the dashboard-query and alert-rule tests. The bridge's forecast (bridge/forecast) turns them into
+``rack_forecast`` points, published once after the history is in."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ HISTORY = 20      # minutes of history per rack
 RACKS = {
     "rack-a01": ("hall-1", "A"), "rack-a02": ("hall-1", "A"), "rack-a03": ("hall-1", "A"),
     "rack-a04": ("hall-1", "A"), "rack-b01": ("hall-2", "B"), "rack-b02": ("hall-2", "B"),
-    "rack-b03": ("hall-2", "B"),
+    "rack-b03": ("hall-2", "B"), "rack-a05": ("hall-1", "A"), "rack-b04": ("hall-2", "B"),
 }
 NORMAL = {"tempTop": 24.0, "tempBottom": 21.0, "humidityTop": 40.0, "humidityBottom": 45.0}
 # What each rack reports (constant unless a function of the minute index i, 0 = oldest).
@@ -32,7 +33,15 @@ PROFILES = {
     "rack-b01": {"humidityTop": 75.0, "humidityBottom": 60.0},         # humid top: RH > 70 %, dew point > 17 °C
     "rack-b02": {"humidityBottom": 6.0},                               # dry bottom: RH < 8 %, dew point < -12 °C
     "rack-b03": {"tempTop": lambda i: 19.0 if i < 10 else 25.0},       # top jumps 6 °C within 15 min
+    # Forecast: top +6 °C/h from 22.5 °C reaches 24.4 °C now, 27 °C in about 26 min (< 30: the alert fires);
+    # bottom flat (dithering by 0.1 °C, so it is neither stuck nor rising): a forecast without a crossing.
+    "rack-a05": {"tempTop": lambda i: round(22.5 + 0.1 * i, 3), "tempBottom": lambda i: 21.0 + (i % 2) * 0.1},
+    # top +2 °C/h: 27 °C in about 2 h 10 min (listed as heading for trouble, no alert); bottom flat.
+    "rack-b04": {"tempTop": lambda i: round(22.0 + i / 30, 3), "tempBottom": lambda i: 21.0 + (i % 2) * 0.1},
 }
+RISING_FAST, RISING_SLOW = ("rack-a05", "top"), ("rack-b04", "top")
+FLAT = [("rack-a05", "bottom"), ("rack-b04", "bottom")]
+FORECAST_POSITIONS = [RISING_FAST, RISING_SLOW, *FLAT]  # the others are stuck (constant) or silent: no forecast
 SILENT_FROM_MINUTE = {"rack-a03": HISTORY - 6}
 
 
@@ -42,11 +51,13 @@ class Fed:
     instance: str
     namespace: str
     points: int
+    forecast_ms: int  # when the bridge published the forecasts (their timestamp)
 
 
 def bridge_env_with_racks(bridge_env: dict[str, str]) -> dict[str, str]:
     mapping = {"racks": {rack: {"site": "site1", "room": room, "row": row} for rack, (room, row) in RACKS.items()}}
-    return dict(bridge_env, RACKTWIN_MAPPING=json.dumps(mapping))
+    # Forecasts are published by hand (publish_once) once the whole history is in, not while it streams.
+    return dict(bridge_env, RACKTWIN_MAPPING=json.dumps(mapping), RACKTWIN_FORECAST_PUBLISH_INTERVAL_S="3600")
 
 
 def messages(now_ms: int) -> list[tuple[str, dict]]:
@@ -83,6 +94,16 @@ def feed_through_bridge(bridge_env, monkeypatch, mosquitto, influxd, influx_db, 
         wait_until(lambda: influxd.rows('SELECT count("temperature") FROM "rack_environment"', influx_db)
                    and influxd.rows('SELECT count("temperature") FROM "rack_environment"', influx_db)[0]["count"]
                    == expected, timeout=30, what=f"{expected} points in InfluxDB")
+        # The real publisher: tracker -> forecast_line -> the bridge's Influx writer (a few seconds after the
+        # newest reading, as every 30 s in production).
+        alive = len(FORECAST_POSITIONS)
+        wait_until(lambda: sum(f.status == "ok" for f in bridge.forecast.forecasts(time.time())) >= alive,
+                   what="tracker fed")
+        forecast_ms = int(time.time() * 1000)
+        published = bridge.forecast_publisher.publish_once(forecast_ms / 1000)
+        assert published.lines >= alive, published
+        wait_until(lambda: len(influxd.rows('SELECT "level_c" FROM "rack_forecast"', influx_db)) == published.lines,
+                   what="forecast points in InfluxDB")
         namespace = env["RACKTWIN_DITTO_NAMESPACE"]
         wait_until(lambda: all(f"{namespace}:{r}" in ditto.things for r in RACKS), what="all twins")
         # at least two stats rows after the backlog, so "last" sees the final counters and lag
@@ -93,7 +114,7 @@ def feed_through_bridge(bridge_env, monkeypatch, mosquitto, influxd, influx_db, 
                 times = [r["time"] for r in influxd.rows('SELECT "ready" FROM "racktwin_bridge"', influx_db)]
                 return times[0] // stats_bucket_ms != times[-1] // stats_bucket_ms
             wait_until(two_buckets, timeout=stats_bucket_ms / 1000 + 5, what="bridge stats in two buckets")
-        return Fed(now_ms, env["RACKTWIN_MQTT_CLIENT_ID"], namespace, expected)
+        return Fed(now_ms, env["RACKTWIN_MQTT_CLIENT_ID"], namespace, expected, forecast_ms)
     finally:
         publisher.close()
         bridge.stop()

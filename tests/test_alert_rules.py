@@ -7,9 +7,10 @@ import requests
 import pytest
 import yaml
 
+from bridge.config import Settings
 from dashboards.thresholds import Thresholds
 from dashboards import alerts
-from tests.dashboard_data import PROVISIONING, feed_through_bridge
+from tests.dashboard_data import FLAT, FORECAST_POSITIONS, PROVISIONING, RISING_FAST, RISING_SLOW, feed_through_bridge
 from tests.grafana_sim import evaluate_rule, expand_macros, influx_frames
 
 RULES = {r["uid"]: r for g in yaml.safe_load((PROVISIONING / "alerting/rules.yaml").read_text())["groups"]
@@ -28,7 +29,11 @@ EXPECTED = {
     "racktwin-recirculation": {("rack-a02", None), ("rack-a04", None)},
     "racktwin-rate-of-change": {("rack-b03", "top")},
     "racktwin-sensor-silent": {("rack-a03", "top"), ("rack-a03", "bottom")},
+    # about 26 min to 27 °C; the slow riser (about 130 min) and the flat bottoms must not fire
+    "racktwin-forecast-recommended": {RISING_FAST},
 }
+# Rules on the bridge's forecast are evaluated just after it published (the others at the feed's "now").
+FORECAST_RULES = {"racktwin-forecast-recommended"}
 
 
 def make_runner(influxd, db: str, now_ms: int):
@@ -58,9 +63,10 @@ def test_expectations_cover_every_rack_rule():
 
 def test_exactly_the_expected_racks_fire(fed, influxd, influx_db):
     run = make_runner(influxd, influx_db, fed.now_ms)
+    run_forecast = make_runner(influxd, influx_db, fed.forecast_ms + 1000)
     mismatches = {}
     for uid, expected in EXPECTED.items():
-        result = evaluate_rule(RULES[uid], run)
+        result = evaluate_rule(RULES[uid], run_forecast if uid in FORECAST_RULES else run)
         assert result.state == "Evaluated", f"{uid}: no data"
         # every instance carries the labels routing and the summary need
         for labels in result.values:
@@ -72,6 +78,28 @@ def test_exactly_the_expected_racks_fire(fed, influxd, influx_db):
     result = evaluate_rule(RULES["racktwin-recirculation"], run)
     deltas = {dict(k)["rack"]: v for k, v in result.values.items()}
     assert deltas["rack-a02"] == pytest.approx(8.0) and deltas["rack-a01"] == pytest.approx(3.0)
+
+
+def test_forecast_rule_fires_for_the_fast_riser_only(fed, influxd, influx_db):
+    rule = RULES["racktwin-forecast-recommended"]
+    result = evaluate_rule(rule, make_runner(influxd, influx_db, fed.forecast_ms + 1000))
+    minutes = {(dict(k)["rack"], dict(k)["position"]): v for k, v in result.values.items()}
+    # Only positions with a forecast crossing carry the field: the flat bottoms have none (absent = no series).
+    assert set(minutes) == {RISING_FAST, RISING_SLOW}
+    assert 20 <= minutes[RISING_FAST] < 30 and minutes[RISING_SLOW] > 60
+    assert firing_set(result) == {RISING_FAST}
+    # The flat positions do have forecasts (a level, trend about 0): silent about a crossing, not missing.
+    rows = influxd.rows('SELECT last("trend_c_per_h") AS "trend" FROM "rack_forecast" GROUP BY "rack", "position"',
+                        influx_db)
+    trends = {(r["rack"], r["position"]): r["trend"] for r in rows}
+    assert set(trends) == set(FORECAST_POSITIONS) and all(abs(trends[p]) < 0.5 for p in FLAT)
+    # Once the newest forecast is older than the query range (no publisher), nothing fires: no data counts as OK.
+    later = evaluate_rule(rule, make_runner(influxd, influx_db, fed.forecast_ms + 1000 * (rule["data"][0][
+        "relativeTimeRange"]["from"] + 60)))
+    assert later.state == "NoData" and rule["noDataState"] == "OK"
+    # The threshold is the forecast horizon the bridge uses for "heading for trouble".
+    assert rule["data"][2]["model"]["conditions"][0]["evaluator"]["params"] == [Settings.model_fields[
+        "forecast_horizon_min"].default]
 
 
 def test_bridge_rules(fed, influxd, influx_db):

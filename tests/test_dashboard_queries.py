@@ -13,7 +13,7 @@ import requests
 import yaml
 
 from tests.conftest import DITTO_USERS
-from tests.dashboard_data import PROVISIONING, RACKS, feed_through_bridge
+from tests.dashboard_data import PROVISIONING, RACKS, RISING_FAST, RISING_SLOW, feed_through_bridge
 from tests.grafana_sim import (Variable, calculate_interval_ms, expand_macros, gjson_get, interpolate,
                                parse_duration_ms, unresolved_variables)
 
@@ -38,6 +38,10 @@ WALL_VALUES = {
     "Sensors silent": 2,                     # rack-a03 top and bottom
     "Largest top − bottom": 12.0,            # rack-a04: 33 - 21
 }
+# Rack positions the wall's "Heading for trouble" table lists (forecast crossing of the recommended limit),
+# soonest first, and the rack whose forecast panels the rack detail test looks at.
+HEADING = [RISING_FAST, RISING_SLOW]
+FORECAST_RACK = RISING_FAST[0]
 
 
 # ------------------------------------------------------------------------------- query text analysis
@@ -169,12 +173,17 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
                               influx_db)
     assert [r["value"] for r in hall1_rows] == ["A"]
 
+    heading_checked = 0
     for uid, dash, panel, target in influx_panel_targets():
-        selections = SELECTIONS.items() if "$room" in target["query"] else [("rack", ({"rack": ["rack-a02"]}, None))]
+        forecast = '"rack_forecast"' in target["query"]
+        rack = FORECAST_RACK if forecast else "rack-a02"  # a rack that has data for this query
+        selections = SELECTIONS.items() if "$room" in target["query"] else [("rack", ({"rack": [rack]}, None))]
         for label, (selection, racks) in selections:
             if "$rack" not in target["query"] and "$room" not in target["query"]:
                 label, racks = "-", None
-            variables = variables_for(dash, dict(selection, rack=["rack-a02"]), fed.namespace, options)
+            if forecast and racks is not None:
+                racks = {r for r, _ in HEADING} & racks  # only racks heading for trouble are listed
+            variables = variables_for(dash, dict(selection, rack=[rack]), fed.namespace, options)
             text = interpolate(target["query"], variables)
             assert unresolved_variables(text) <= {"timeFilter", "__interval", "interval", "__interval_ms"}, text
             frm, to = panel_range(dash, panel, now_ms)
@@ -199,10 +208,17 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
             if racks is not None and "rack" in tags:
                 seen = {s["tags"]["rack"] for s in series}
                 assert seen == racks - {"rack-a03"} or seen == racks, f"{where}: racks {seen} for {selection}"
+            if panel["title"] == "Heading for trouble":
+                # merged, sorted by the first column (minutes to the recommended limit) as the panel does
+                rows = sorted(((s["tags"]["rack"], s["tags"]["position"]), s["values"][0][1]) for s in series)
+                listed = [key for key, minutes in sorted(rows, key=lambda r: r[1])]
+                assert listed == [k for k in HEADING if k[0] in racks], f"{where}: {rows}"
+                assert all(0 <= minutes for _, minutes in rows)
+                heading_checked += 1
             checked_influx += 1
         if "$rack" in target["query"]:
             # The rack filter really narrows to one rack: compare with the unfiltered count.
-            assert all(s.get("tags", {}).get("rack", "rack-a02") == "rack-a02" for s in series)
+            assert all(s.get("tags", {}).get("rack", rack) == rack for s in series)
 
     for rule in RULES:
         for item in rule["data"]:
@@ -259,4 +275,5 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
                 break  # requests that do not depend on the selection need one run
 
     assert wall_checked == set(WALL_VALUES)
+    assert heading_checked == len(SELECTIONS)
     assert checked_influx >= 30 and checked_infinity >= 4

@@ -150,7 +150,13 @@ def test_dashboards_validate_against_the_dashboard_json_schema():
     from tests.doubles.contracts import find_contract
 
     schema_file = find_contract("grafana-dashboard.jsonschema.json")  # missing contract = a failure, not a skip
-    validator = jsonschema.Draft7Validator(json.loads(schema_file.read_text()))
+    schema = json.loads(schema_file.read_text())
+    # The generator of this schema renders Grafana's `any` (MatcherConfig.options, DynamicConfigValue.value)
+    # as "object"; Grafana itself stores a field name string for byName and numbers/strings as override values.
+    # Only those two slots are loosened, and only to what the CUE type allows: anything but a missing key.
+    schema["definitions"]["MatcherConfig"]["properties"]["options"] = {}
+    schema["definitions"]["DynamicConfigValue"]["properties"]["value"] = {}
+    validator = jsonschema.Draft7Validator(schema)
     for name, dash in DASHBOARDS.items():
         errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in validator.iter_errors(dash)]
         assert not errors, f"{name}: {errors[:5]}"
@@ -161,7 +167,9 @@ def test_influx_targets_are_raw_influxql_with_time_filter():
         for panel in dash["panels"]:
             for t in panel.get("targets", []):
                 if t["datasource"]["uid"] == "influxdb":
-                    assert t["rawQuery"] is True and t["resultFormat"] == "time_series"
+                    # tables take InfluxDB's table format (tags as columns); everything else time series
+                    assert t["rawQuery"] is True
+                    assert t["resultFormat"] == ("table" if panel["type"] == "table" else "time_series"), panel["title"]
                     assert "$timeFilter" in t["query"] and "$__timeFilter" not in t["query"], (name, panel["title"])
                     assert t["refId"]
 
@@ -174,6 +182,56 @@ def test_wall_reads_ditto_with_one_search_request():
     assert t["url"].endswith("/api/2/search/things") and t["parser"] == "backend" and t["root_selector"] == "items"
     params = {p["key"]: p["value"] for p in t["url_options"]["params"]}
     assert "size(200)" in params["option"] and params["namespaces"] == "${namespace}"
+
+
+def test_forecast_panels_use_the_class_limits_and_the_horizon():
+    from bridge.forecast.tracker import MEASUREMENT as FORECAST_MEASUREMENT
+
+    files = generate.build_all(from_env({"RACKTWIN_ASHRAE_CLASS": "A3", "RACKTWIN_FORECAST_HORIZON_MIN": "20"}))
+    wall = json.loads(files["dashboards/json/racktwin-wall.json"])
+    table = next(p for p in wall["panels"] if p["title"] == "Heading for trouble")
+    query = table["targets"][0]["query"]
+    assert f'FROM "{FORECAST_MEASUREMENT}"' in query
+    assert '"min to 27 °C"' in query and '"min to 40 °C"' in query and "32" not in query  # A3 allowable: 40 °C
+    assert '"room" =~ /^$room$/' in query and '"row" =~ /^$row$/' in query
+    minutes = next(o for o in table["fieldConfig"]["overrides"] if o["matcher"]["options"] == "min to 27 °C")
+    steps = next(p["value"]["steps"] for p in minutes["properties"] if p["id"] == "thresholds")
+    assert [(s["color"], s["value"]) for s in steps][:2] == [("red", None), ("orange", 10.0)]
+    sort = next(t for t in table["transformations"] if t["id"] == "sortBy")["options"]["sort"]
+    assert sort == [{"field": "min to 27 °C", "desc": False}]
+    assert table["fieldConfig"]["defaults"]["links"][0]["url"].startswith("/d/racktwin-rack/rack-detail?var-rack=")
+    rules = {r["uid"]: r for g in yaml.safe_load(files["alerting/rules.yaml"])["groups"] for r in g["rules"]}
+    forecast = rules["racktwin-forecast-recommended"]
+    assert forecast["data"][2]["model"]["conditions"][0]["evaluator"] == {"type": "lt", "params": [20.0]}
+    assert f'FROM "{FORECAST_MEASUREMENT}"' in forecast["data"][0]["model"]["query"]
+    assert forecast["noDataState"] == "OK" and forecast["labels"] == {"severity": "warning", "kind": "forecast"}
+    rack = json.loads(files["dashboards/json/racktwin-rack.json"])
+    inlet = next(p for p in rack["panels"] if p["title"].startswith("Inlet temperature"))
+    assert [s["value"] for s in inlet["fieldConfig"]["defaults"]["thresholds"]["steps"]][-2:] == [27.0, 40.0]
+    projected = next(t for t in inlet["targets"] if "projected_temp_30m" in t["query"])
+    dashed = [o for o in inlet["fieldConfig"]["overrides"] if o["matcher"]["id"] == "byRegexp"]
+    assert re.search(dashed[0]["matcher"]["options"].strip("/"), projected["alias"])
+    assert {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}} in dashed[0]["properties"]
+    stats = [p for p in rack["panels"] if any("rack_forecast" in t.get("query", "") for t in p.get("targets", []))
+             and p["type"] == "stat"]
+    assert sorted(p["title"] for p in stats) == ["Bottom: minutes to 27 °C", "Bottom: trend °C/h",
+                                                  "Top: minutes to 27 °C", "Top: trend °C/h"]
+    assert all(p["fieldConfig"]["defaults"]["noValue"] == "—" for p in stats)
+
+
+def test_one_ashrae_table_for_dashboards_and_forecast():
+    from bridge.config import Settings
+    from bridge.forecast.limits import ALERT_HORIZON_MIN, ForecastLimits
+
+    for cls in ("A1", "A2", "A3", "A4"):
+        t, limits = Thresholds(ashrae_class=cls), ForecastLimits.for_class(cls)
+        assert (limits.recommended_max_c, limits.allowable_max_c) == (t.temp_recommended[1], t.temp_allowable[1])
+        assert limits.dew_point_max_c == t.dew_point_recommended[1]
+    assert ForecastLimits() == ForecastLimits.for_class(Thresholds().ashrae_class)
+    settings = Settings(ashrae_class="a2", rh_cap=50)
+    assert ForecastLimits.from_settings(settings).allowable_max_c == Thresholds(ashrae_class="A2").temp_allowable[1]
+    horizon = Settings.model_fields["forecast_horizon_min"].default
+    assert Thresholds().forecast_horizon_min == ALERT_HORIZON_MIN == horizon
 
 
 # ------------------------------------------------------------------------------------ provisioning files

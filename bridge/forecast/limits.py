@@ -1,28 +1,37 @@
-"""The limits the forecast projects towards, and the alert rule's timing. One place for both.
+"""The limits the forecast projects towards, and the alert rule's timing.
 
-Numbers from ASHRAE TC 9.9, *Thermal Guidelines* 5th ed. (2021), Table 2.1 (see
-shared/reference/domain.md); they refer to the IT equipment air inlet, which is what the rack's
-top and bottom sensors measure.
-
-TODO(unify): dashboards/thresholds.py holds the ASHRAE class and RH cap for the dashboards and the
-threshold alert rules; once it exists, both should read the numbers from one module.
+Both come from bridge/thresholds.py, the ASHRAE table the Grafana dashboards and alert rules are generated
+from, so "minutes to 27 °C" here and the 27 °C on the wall are the same number. The allowable limit depends
+on the ASHRAE class (Settings.ashrae_class, env RACKTWIN_ASHRAE_CLASS, the variable `make dashboards` reads).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-RECOMMENDED_MAX_C = 27.0  # recommended envelope, all classes: 18-27 °C
-ALLOWABLE_MAX_C = 32.0  # class A1 allowable: 15-32 °C
-RECOMMENDED_DEW_POINT_MAX_C = 15.0  # recommended envelope: -9..15 °C dew point
+from ..config import Settings
+from ..thresholds import (
+    DEFAULT_CLASS,
+    FORECAST_ALERT_FOR_S,
+    FORECAST_ALERT_INTERVAL_S,
+    FORECAST_ALERT_QUERY_RANGE_S,
+    FORECAST_HORIZON_MIN,
+    RECOMMENDED_DEW_POINT_C,
+    RECOMMENDED_TEMP_C,
+    allowable,
+)
 
-# The Grafana alert rule "rack heading for the recommended limit" (dashboards helper provisions it):
+RECOMMENDED_MAX_C = RECOMMENDED_TEMP_C[1]  # recommended envelope, all classes
+ALLOWABLE_MAX_C = allowable(DEFAULT_CLASS)["temp_max"]  # default class A1
+RECOMMENDED_DEW_POINT_MAX_C = RECOMMENDED_DEW_POINT_C[1]
+
+# The Grafana alert rule "rack heading for the recommended limit" (dashboards/alerts.py provisions it):
 # it fires when minutes_to_recommended < ALERT_HORIZON_MIN at every evaluation for ALERT_FOR_S.
 # bridge.forecast.evaluate simulates exactly this condition to measure lead time and false alerts.
-ALERT_HORIZON_MIN = 30.0
-ALERT_INTERVAL_S = 60.0  # rule group evaluation interval ("1m")
-ALERT_FOR_S = 60.0  # rule "for" ("1m"): two consecutive evaluations
-ALERT_QUERY_RANGE_S = 90  # relativeTimeRange.from: a forecast older than this no longer counts
+ALERT_HORIZON_MIN = FORECAST_HORIZON_MIN
+ALERT_INTERVAL_S = float(FORECAST_ALERT_INTERVAL_S)
+ALERT_FOR_S = float(FORECAST_ALERT_FOR_S)
+ALERT_QUERY_RANGE_S = FORECAST_ALERT_QUERY_RANGE_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +41,11 @@ class ForecastLimits:
     recommended_max_c: float = RECOMMENDED_MAX_C
     allowable_max_c: float = ALLOWABLE_MAX_C
     dew_point_max_c: float = RECOMMENDED_DEW_POINT_MAX_C
+
+    @classmethod
+    def for_class(cls, ashrae_class: str) -> "ForecastLimits":
+        return cls(RECOMMENDED_MAX_C, allowable(ashrae_class)["temp_max"], RECOMMENDED_DEW_POINT_MAX_C)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ForecastLimits":
+        return cls.for_class(settings.ashrae_class)

@@ -114,7 +114,7 @@ class ForecastTracker:
 
     @classmethod
     def from_settings(cls, settings: Settings, limits: ForecastLimits | None = None) -> "ForecastTracker":
-        return cls(WindowSettings.from_settings(settings), limits)
+        return cls(WindowSettings.from_settings(settings), limits or ForecastLimits.from_settings(settings))
 
     def __len__(self) -> int:
         return len(self._series)

@@ -1,0 +1,53 @@
+"""ASHRAE inlet envelope and the forecast alert's timing: the one table every limit in RackTwin comes from.
+
+ASHRAE TC 9.9, *Thermal Guidelines* 5th ed. (2021), Table 2.1 (see shared/reference/domain.md). The numbers
+refer to the IT equipment air inlet, which is what a rack's top and bottom sensors measure. Pure data and
+small lookups, no I/O: the bridge reads it at run time (bridge/forecast/limits.py) and dashboards/thresholds.py
+at generation time, so panel colours, alert rules and forecasts cannot disagree.
+"""
+
+from __future__ import annotations
+
+# Recommended envelope (the same for every class).
+RECOMMENDED_TEMP_C = (18.0, 27.0)
+RECOMMENDED_DEW_POINT_C = (-9.0, 15.0)
+RH_CAPS = (70.0, 50.0)  # recommended RH ceiling: 70 %, or 50 % where gaseous contamination is not shown low
+
+# Allowable envelope per class: dry bulb range, max dew point, max RH. Floors are common to A1..A4.
+ALLOWABLE_CLASSES: dict[str, dict[str, float]] = {
+    "A1": {"temp_min": 15.0, "temp_max": 32.0, "dew_point_max": 17.0, "rh_max": 80.0},
+    "A2": {"temp_min": 10.0, "temp_max": 35.0, "dew_point_max": 21.0, "rh_max": 80.0},
+    "A3": {"temp_min": 5.0, "temp_max": 40.0, "dew_point_max": 24.0, "rh_max": 85.0},
+    "A4": {"temp_min": 5.0, "temp_max": 45.0, "dew_point_max": 24.0, "rh_max": 90.0},
+}
+ALLOWABLE_DEW_POINT_MIN_C = -12.0
+ALLOWABLE_RH_MIN_PCT = 8.0
+
+DEFAULT_CLASS = "A1"
+DEFAULT_RH_CAP = 70.0
+
+# The Grafana alert rule "rack heading for the recommended temperature limit" (dashboards/alerts.py) fires
+# when the newest forecast (at most FORECAST_ALERT_QUERY_RANGE_S old) has minutes_to_recommended below the
+# horizon at every evaluation for FORECAST_ALERT_FOR_S. bridge.forecast.evaluate simulates exactly this.
+FORECAST_HORIZON_MIN = 30.0  # default of Settings.forecast_horizon_min
+FORECAST_ALERT_INTERVAL_S = 60  # rule group evaluation interval ("1m")
+FORECAST_ALERT_FOR_S = 60  # rule "for" ("1m"): two consecutive evaluations
+FORECAST_ALERT_QUERY_RANGE_S = 90  # relativeTimeRange.from: three 30 s publish intervals
+
+
+def check_class(ashrae_class: str) -> str:
+    """The class in canonical form ("a2" -> "A2"); ValueError for anything but A1..A4."""
+    canonical = ashrae_class.strip().upper()
+    if canonical not in ALLOWABLE_CLASSES:
+        raise ValueError(f"ASHRAE class must be one of {sorted(ALLOWABLE_CLASSES)}, not {ashrae_class!r}")
+    return canonical
+
+
+def check_rh_cap(rh_cap: float) -> float:
+    if float(rh_cap) not in RH_CAPS:
+        raise ValueError(f"recommended RH cap must be 70 or 50, not {rh_cap!r}")
+    return float(rh_cap)
+
+
+def allowable(ashrae_class: str) -> dict[str, float]:
+    return ALLOWABLE_CLASSES[check_class(ashrae_class)]
