@@ -46,6 +46,20 @@ def latest(field_name: str) -> str:
             f"GROUP BY {SENSOR_TAGS}")
 
 
+# A real sensor's readings wander by at least its noise; identical values for 15 min mean a stuck one.
+STUCK_WINDOW_S = 900
+STUCK_MIN_READINGS = 10  # fewer readings than this is the silent-sensor rule's business
+
+
+def stuck_sensors_per_series() -> str:
+    """Per sensor position: spread of temperature plus humidity over the window, for positions with enough
+    readings. 0 means every reading was identical."""
+    inner = (f'SELECT spread("temperature") AS "st", spread("humidity") AS "sh", count("temperature") AS "n" '
+             f'FROM "{MEASUREMENT}" WHERE $timeFilter GROUP BY {SENSOR_TAGS}')
+    return (f'SELECT "st" + "sh" AS "spread" FROM ({inner}) WHERE "n" >= {STUCK_MIN_READINGS} '
+            f"GROUP BY {SENSOR_TAGS}")
+
+
 VALUE = '{{ printf "%.1f" $values.B.Value }}'
 MINUTES = '{{ printf "%.0f" $values.B.Value }}'
 GROUP_INTERVAL_S = FORECAST_ALERT_INTERVAL_S  # every group; bridge.forecast.evaluate assumes it for the forecast
@@ -117,6 +131,10 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  silent_sensors_per_series(t, "", SENSOR_TAGS), 3600, "last", "lt", (0.001,), "warning",
                  f"{WHERE_SENSOR} sent no reading for {t.silent_after_s} s (3 intervals of "
                  f"{t.reading_interval_s} s)"),
+        RuleSpec("racktwin-sensor-stuck", "Sensor stuck (reports the same values)",
+                 stuck_sensors_per_series(), STUCK_WINDOW_S, "last", "lt", (0.001,), "warning",
+                 f"{WHERE_SENSOR} reported identical temperature and humidity for {STUCK_WINDOW_S // 60} min "
+                 f"(spread {VALUE}, at least {STUCK_MIN_READINGS} readings)", no_data="OK"),
         forecast_rule(t),
         RuleSpec("racktwin-bridge-down", "Bridge down or not ready",
                  'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',

@@ -22,6 +22,7 @@ RACKS = {
     "rack-a01": ("hall-1", "A"), "rack-a02": ("hall-1", "A"), "rack-a03": ("hall-1", "A"),
     "rack-a04": ("hall-1", "A"), "rack-b01": ("hall-2", "B"), "rack-b02": ("hall-2", "B"),
     "rack-b03": ("hall-2", "B"), "rack-a05": ("hall-1", "A"), "rack-b04": ("hall-2", "B"),
+    "rack-b05": ("hall-2", "B"),
 }
 NORMAL = {"tempTop": 24.0, "tempBottom": 21.0, "humidityTop": 40.0, "humidityBottom": 45.0}
 # What each rack reports (constant unless a function of the minute index i, 0 = oldest).
@@ -38,11 +39,19 @@ PROFILES = {
     "rack-a05": {"tempTop": lambda i: round(22.5 + 0.1 * i, 3), "tempBottom": lambda i: 21.0 + (i % 2) * 0.1},
     # top +2 °C/h: 27 °C in about 2 h 10 min (listed as heading for trouble, no alert); bottom flat.
     "rack-b04": {"tempTop": lambda i: round(22.0 + i / 30, 3), "tempBottom": lambda i: 21.0 + (i % 2) * 0.1},
+    "rack-b05": {},                                                    # stuck: the very same values every minute
 }
+STUCK = {"rack-b05"}
+# Real sensors wander by their noise: every other rack's constant values dither by 0.05 on odd minutes from the
+# newest, so the newest reading is exactly the profile's value.
+DITHER = 0.05
 RISING_FAST, RISING_SLOW = ("rack-a05", "top"), ("rack-b04", "top")
 FLAT = [("rack-a05", "bottom"), ("rack-b04", "bottom")]
-FORECAST_POSITIONS = [RISING_FAST, RISING_SLOW, *FLAT]  # the others are stuck (constant) or silent: no forecast
 SILENT_FROM_MINUTE = {"rack-a03": HISTORY - 6}
+# Stuck and silent sensors get no forecast; every other position does (most with a flat trend). rack-b03's top
+# repeats 25.0 exactly since its step (no dither), so the forecast holds it back as stuck for now.
+FORECAST_POSITIONS = [(rack, position) for rack in RACKS if rack not in STUCK and rack not in SILENT_FROM_MINUTE
+                      for position in ("top", "bottom") if (rack, position) != ("rack-b03", "top")]
 
 
 @dataclass
@@ -67,7 +76,8 @@ def messages(now_ms: int) -> list[tuple[str, dict]]:
         for rack, profile in PROFILES.items():
             if i >= SILENT_FROM_MINUTE.get(rack, HISTORY):
                 continue
-            values = {k: (v(i) if callable(v) else v) for k, v in {**NORMAL, **profile}.items()}
+            dither = 0.0 if rack in STUCK else ((HISTORY - 1 - i) % 2) * DITHER
+            values = {k: (v(i) if callable(v) else round(v + dither, 3)) for k, v in {**NORMAL, **profile}.items()}
             out.append((rack, {"deviceName": rack, "deviceType": "rack-sensor", "ts": ts, "values": values}))
     return out
 

@@ -29,6 +29,7 @@ EXPECTED = {
     "racktwin-recirculation": {("rack-a02", None), ("rack-a04", None)},
     "racktwin-rate-of-change": {("rack-b03", "top")},
     "racktwin-sensor-silent": {("rack-a03", "top"), ("rack-a03", "bottom")},
+    "racktwin-sensor-stuck": {("rack-b05", "top"), ("rack-b05", "bottom")},
     # about 26 min to 27 °C; the slow riser (about 130 min) and the flat bottoms must not fire
     "racktwin-forecast-recommended": {RISING_FAST},
 }
