@@ -87,6 +87,10 @@ dashboards: venv ## regenerate dashboard JSON and alert YAML into provisioning/g
 
 # --- benchmarks -----------------------------------------------------------------------------------
 
+.PHONY: bench
+bench: venv deps-system ## run the benchmarks (loopback, prints a table, writes bench/results/latest.json)
+	$(PY) -m bench.run
+
 # --- forecast evaluation --------------------------------------------------------------------------
 
 .PHONY: evaluate

@@ -1,0 +1,87 @@
+"""Smoke test of `make bench`: the tiny --quick configuration runs end to end and reports every figure.
+
+No timing assertions: only that each figure is present, finite and plausible (the machine decides the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.run import TARGETS, percentile
+from tests.harness.services import MissingService, _binary
+
+REPO = Path(__file__).resolve().parent.parent
+
+EXPECTED = [
+    "ceiling_msgs_per_s", "bridge_msgs_per_s", "bridge_to_ceiling_ratio", "bridge_cold_msgs_per_s",
+    "latency_offered_msgs_per_s",
+    "latency_influx_p50_s", "latency_influx_p95_s", "latency_influx_p99_s",
+    "latency_ditto_p50_s", "latency_ditto_p95_s", "latency_ditto_p99_s",
+    "ditto_requests_per_msg_burst", "ditto_requests_per_msg_merge", "ditto_requests_per_msg_steady", "bridge_peak_rss_mb",
+    "ditto_double_validated_req_per_s", "ditto_double_req_per_s", "ditto_double_headroom",
+    "influx_adapter_points_per_s", "influx_adapter_headroom",
+    "forecast_us_per_reading", "forecast_to_decode_map_ratio",
+]
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(list(reversed(values)), 100) == 100.0
+    assert percentile([], 50) is None
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory) -> tuple[dict, str]:
+    try:
+        _binary("mosquitto", "mosquitto")
+        _binary("influxd", "influxdb")
+    except MissingService as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--output", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_quick_bench_reports_every_figure(quick_result):
+    result, stdout = quick_result
+    figures = result["figures"]
+    assert sorted(figures) == sorted(EXPECTED)
+    for key, f in figures.items():
+        assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]) and f["value"] > 0, (key, f)
+        assert f["label"] in stdout, key  # every figure is in the printed table
+        if key in TARGETS:
+            assert f["target"] and isinstance(f["ok"], bool), key
+        else:
+            assert f["ok"] is None, key
+    for sink in ("influx", "ditto"):
+        p50, p95, p99 = (figures[f"latency_{sink}_p{q}_s"]["value"] for q in (50, 95, 99))
+        assert p50 <= p95 <= p99 < 60, sink
+    assert 0 < figures["bridge_to_ceiling_ratio"]["value"] < 10
+    assert 10 < figures["bridge_peak_rss_mb"]["value"] < 2000
+
+
+def test_quick_bench_delivered_everything(quick_result):
+    result, _ = quick_result
+    racks, rounds = result["config"]["racks"], result["config"]["burst_rounds"]
+    assert result["ceiling"]["messages"] == result["bridge"]["messages"] == racks * rounds
+    assert result["bridge_cold"]["messages"] == racks
+    for run in (result["bridge_cold"], result["bridge"]):
+        assert run["rejected"] == 0
+        assert run["influx_points"] == 2 * run["messages"]  # two positions per rack envelope
+        assert run["ditto_reading_patches"] >= 1
+    assert result["bridge_cold"]["ditto_requests_per_message"] >= 2  # GET 404 + PUT + PATCH per new twin
+    latency = result["latency"]
+    assert latency["influx_points"] == 2 * latency["messages"]
+    assert 0 < latency["ditto_values"] <= 2 * latency["messages"]
+    machine = result["machine"]
+    assert machine["nproc"] >= 1 and machine["python"].startswith("3.")
