@@ -246,22 +246,33 @@ def test_publisher_refreshes_an_unchanged_twin_after_the_refresh_interval():
 # -- a short evaluation -------------------------------------------------------------------------
 
 
-def test_short_evaluation_lead_time_and_false_alerts():
+def test_short_evaluation_on_the_simulator_lead_time_false_alerts_and_faults():
     settings = Settings()
-    hall = ev.cooling_failure_hall(seed=3)
-    hall.racks_per_row = 4
-    cooling = ev.simulate(hall, ev.WARMUP_S + 2.5 * 3600, settings, scenario="cooling_failure")
-    hot = ev.simulate(ev.Hall(2, 4, seed=5, events=[ev.Event("rack", ev.START_S + ev.WARMUP_S, 12.0, 12.0 / 6.0 * 3600,
-                                                             rack=2, position="top")]),
-                      ev.WARMUP_S + 2 * 3600, settings, scenario="hot_spot")
+    hall = ev.sim.build_hall(racks=40, rooms=2, rows=4, seed=3)
+    onset = ev.START_S + ev.WARMUP_S  # 17:00 UTC: near the daily peak load, the least headroom
+    hottest = max(hall.racks[:20], key=lambda r: ev.sim.true_values(hall, r, onset, [])["tempTop"])
+    specs = [("cooling_failure:hall1,rate=12", onset)]
+    cooling = ev.simulate_simulator(hall, specs, ev.START_S, ev.WARMUP_S + 1800, settings, racks=[hottest.name])
+    hot = ev.simulate_simulator(hall, [("hotspot:hall2-a01,rate=10", onset)], ev.START_S, ev.WARMUP_S + 3600,
+                                settings, racks=["hall2-a01"])
     for run in (cooling, hot):
         leads = ev.lead_times(run)
-        assert leads, f"{run.scenario}: the scenario must breach"
+        assert [row["series"] for row in leads if row["series"].endswith("/top")], "the scenario must breach at the top"
         assert all(row["lead_min"] is not None and row["lead_min"] >= 10 for row in leads), leads
-    normal = ev.simulate(ev.Hall(2, 5, seed=11), 8 * 3600.0, settings, scenario="normal")
-    assert normal.readings > 50_000
-    assert normal.breaches == {}
-    assert ev.false_alerts(normal) == []
+    abrupt = ev.simulate_simulator(hall, [("cooling_failure:hall1,rate=30", onset)], ev.START_S,
+                                   ev.WARMUP_S + 1800, settings, racks=[hottest.name])
+    assert min(row["lead_min"] or -1 for row in ev.lead_times(abrupt)) < 10  # physics: too fast to warn 10 min ahead
+    normal = ev.simulate_simulator(hall, [], ev.START_S, 6 * 3600.0, settings, racks=[r.name for r in hall.racks[::5]])
+    assert normal.readings > 30_000
+    assert normal.breaches == {} and normal.fired == []
+    faults = [("stuck:hall1-a02", onset), ("stuck:hall1-b02/bottom", onset), ("silent:hall2-a02/top", onset),
+              ("silent:hall2-b02", onset), ("cooling_failure:hall1,rate=8", onset + 600)]
+    faulty = ev.simulate_simulator(hall, faults, ev.START_S, ev.WARMUP_S + 3600, settings,
+                                   racks=["hall1-a02", "hall1-b02", "hall2-a02", "hall2-b02"])
+    alerted = {f"{rack}/{pos}" for _, rack, pos in faulty.fired}
+    assert {"hall1-a02/bottom", "hall1-b02/top"} <= alerted  # the healthy sensors see the cooling failure
+    assert not alerted & {"hall1-a02/top", "hall1-b02/bottom", "hall2-a02/top", "hall2-b02/top", "hall2-b02/bottom"}
+    assert faulty.statuses["hall1-a02/top"] == "stuck" and "hall2-b02/top" not in faulty.statuses
 
 
 def test_alert_replay_needs_the_condition_for_the_whole_for_duration():

@@ -1,12 +1,15 @@
 """A data hall's rack-inlet climate as a pure, deterministic function of (seed, time, scenarios).
 
 Physics, kept simple but shaped like real rooms (domain.md):
-- each room's cooling supplies cold-aisle air near 20-22 °C; a rack's bottom inlet sees supply plus a
+- each room's cooling supplies cold-aisle air near 20-21 °C; a rack's bottom inlet sees supply plus a
   small rack-specific offset;
-- the top inlet is warmer than the bottom by a rack-specific amount (~1-4 °C): hot exhaust recirculating
-  over the top of the rack; the gap grows with IT load;
+- the top inlet is warmer than the bottom by a rack-specific amount (~0.5-3 °C): hot exhaust recirculating
+  over the top of the rack; the gap grows with IT load. A healthy hall keeps headroom: its hottest top
+  inlet stays near 24 °C at the daily peak, about 3 °C under the recommended 27 °C. That headroom is
+  what a failure eats before the limit, so it decides how much warning any forecast can give
+  (``bridge.forecast.evaluate``);
 - load follows a slow daily curve (peak mid-afternoon UTC): supply and top-bottom gap drift with it;
-- the room air holds a fixed amount of water (its dew point, ~9.6-10.2 °C), so relative humidity follows
+- the room air holds a fixed amount of water (its dew point, ~9.0-9.6 °C), so relative humidity follows
   from temperature: ~45-50 % at the bottom and a few percent less at the warmer top;
 - sensor noise is Gaussian, drawn from a generator seeded by (seed, device, time), so the same inputs
   always give the same readings.
@@ -25,11 +28,22 @@ MAGNUS_LAMBDA = 243.12
 DAY_S = 86400.0
 
 SCENARIOS = {
-    "cooling_failure": "a room's cooling unit fails: supply air warms steadily (~0.25 °C/min, up to +15 °C)",
-    "hotspot": "recirculation at one rack: its top inlet rises (+8 °C, time constant 5 min), bottom barely moves",
+    "cooling_failure": "a room loses part of its cooling (one CRAH of several): supply air warms at RATE °C/h "
+                       "(default 6), levelling off RISE °C above normal (default 10); rate=30 is a total loss",
+    "hotspot": "recirculation builds up at one rack: its top inlet warms at RATE °C/h (default 8), levelling off "
+               "RISE °C above normal (default 8, +5 after an hour); the bottom barely moves",
     "silent": "one rack's device (or one position, target rack/top) stops reporting",
     "stuck": "one rack's top sensor (or target rack/bottom) repeats the value it had when the fault began",
-    "humidity_excursion": "a room's humidifier runs away: dew point climbs ~0.6 °C/min up to +10 °C",
+    "humidity_excursion": "a room's humidifier runs away: dew point climbs at RATE °C/h (default 36) up to RISE °C "
+                          "above normal (default 10)",
+}
+# Default (initial rate °C/h, final rise °C) of the scenarios that take ``rate=``/``rise=``.
+# Rises follow a first-order approach ``rise·(1 − e^(−t·rate/rise))``: a room or a rack inlet settles
+# at a new heat balance, so it starts at ``rate`` and slows down as it nears ``rise``.
+RAMP_DEFAULTS = {
+    "cooling_failure": (6.0, 10.0),
+    "hotspot": (8.0, 8.0),
+    "humidity_excursion": (36.0, 10.0),
 }
 ROOM_SCENARIOS = {"cooling_failure", "humidity_excursion"}
 
@@ -81,9 +95,25 @@ class Scenario:
     kind: str
     target: str  # room name, rack name, or rack/position
     start_ts: float  # epoch seconds
+    rate_c_per_h: float | None = None  # initial rise per hour (RAMP_DEFAULTS kinds only)
+    rise_c: float | None = None  # where the rise levels off
 
     def label(self) -> str:
+        """Identity on the control endpoint: one scenario per kind and target."""
         return f"{self.kind}:{self.target}"
+
+    def spec(self) -> str:
+        """The label with its options, as ``parse_scenario`` reads it (without the delay)."""
+        if self.rate_c_per_h is None:
+            return self.label()
+        return f"{self.label()},rate={self.rate_c_per_h:g},rise={self.rise_c:g}"
+
+    def offset(self, ts: float) -> float:
+        """The scenario's rise at ``ts`` (°C): 0 before it starts, then ``rise·(1 − e^(−t·rate/rise))``."""
+        elapsed = ts - self.start_ts
+        if elapsed <= 0 or not self.rate_c_per_h or not self.rise_c:
+            return 0.0
+        return self.rise_c * -math.expm1(-elapsed * self.rate_c_per_h / 3600.0 / self.rise_c)
 
 
 @dataclass(frozen=True)
@@ -108,8 +138,8 @@ def build_hall(racks: int = 40, rooms: int = 2, rows: int = 4, seed: int = 1, si
     room_list = []
     for r in range(rooms):
         rng = random.Random(f"{seed}:room:{r}")
-        room_list.append(Room(room_name(r), supply_c=round(rng.uniform(20.3, 21.5), 2),
-                              dew_point_c=round(rng.uniform(9.6, 10.2), 2)))
+        room_list.append(Room(room_name(r), supply_c=round(rng.uniform(19.8, 20.8), 2),
+                              dew_point_c=round(rng.uniform(9.0, 9.6), 2)))
     rack_list = []
     for (room, row), count in zip(cells, counts):
         for n in range(1, count + 1):
@@ -117,8 +147,8 @@ def build_hall(racks: int = 40, rooms: int = 2, rows: int = 4, seed: int = 1, si
             rng = random.Random(f"{seed}:rack:{name}")
             # Racks at the ends of a row recirculate more (air wraps around the row end).
             end_of_row = n in (1, count)
-            rack_list.append(Rack(name, room, row, n, bottom_offset=round(rng.uniform(-0.3, 0.6), 2),
-                                  top_gap=round(rng.uniform(0.8, 2.4) + (1.2 if end_of_row else 0.0), 2),
+            rack_list.append(Rack(name, room, row, n, bottom_offset=round(rng.uniform(-0.3, 0.5), 2),
+                                  top_gap=round(rng.uniform(0.6, 1.6) + (0.8 if end_of_row else 0.0), 2),
                                   noise=round(rng.uniform(0.05, 0.12), 3)))
     hall = Hall(seed, tuple(room_list), tuple(rack_list), site)
     hall.by_name.update({r.name: r for r in rack_list})
@@ -129,10 +159,6 @@ def load_factor(ts: float) -> float:
     """IT load 0..1 over the day: lowest ~04:00 UTC, highest ~16:00 UTC."""
     phase = ((ts % DAY_S) / DAY_S - 4 / 24) * 2 * math.pi
     return 0.5 - 0.5 * math.cos(phase)
-
-
-def _ramp(elapsed: float, rate_per_s: float, cap: float) -> float:
-    return min(cap, max(0.0, elapsed) * rate_per_s)
 
 
 def _active(scenarios: list[Scenario], ts: float) -> list[Scenario]:
@@ -153,22 +179,23 @@ def room_state(hall: Hall, room: Room, ts: float, scenarios: list[Scenario]) -> 
         if s.target != room.name:
             continue
         if s.kind == "cooling_failure":
-            supply += _ramp(ts - s.start_ts, 0.25 / 60, 15.0)
+            supply += s.offset(ts)
         elif s.kind == "humidity_excursion":
-            dew += _ramp(ts - s.start_ts, 0.6 / 60, 10.0)
+            dew += s.offset(ts)
     return supply, dew
 
 
-def _true_values(hall: Hall, rack: Rack, ts: float, scenarios: list[Scenario]) -> dict[str, float]:
+def true_values(hall: Hall, rack: Rack, ts: float, scenarios: list[Scenario]) -> dict[str, float]:
+    """Noise-free values at the rack's sensors (what ``reading`` adds noise and faults to)."""
     room = hall.room(rack.room)
     supply, dew = room_state(hall, room, ts, scenarios)
     bottom = supply + rack.bottom_offset
     gap = rack.top_gap * (0.7 + 0.6 * load_factor(ts))
     for s in _active(scenarios, ts):
-        if s.kind == "hotspot" and s.target == rack.name:
-            elapsed = ts - s.start_ts
-            gap += 8.0 * (1 - math.exp(-elapsed / 300.0))
-            bottom += 0.5 * (1 - math.exp(-elapsed / 300.0))
+        if s.kind == "hotspot" and _target_rack_position(s.target)[0] == rack.name:  # the top, whatever /position
+            rise = s.offset(ts)
+            gap += rise
+            bottom += rise / 16.0  # a little of the warm air reaches the bottom too
     top = bottom + gap
     return {"tempTop": top, "tempBottom": bottom, "humidityTop": rh_from_dew_point(top, dew),
             "humidityBottom": rh_from_dew_point(bottom, dew)}
@@ -187,14 +214,14 @@ def reading(hall: Hall, rack_name: str, ts: float, scenarios: list[Scenario] = (
     """The values the rack's device reports at ``ts``; keys may be missing, None if the device is silent."""
     scenarios = list(scenarios)
     rack = hall.rack(rack_name)
-    values = _noisy(hall, rack, ts, _true_values(hall, rack, ts, scenarios))
+    values = _noisy(hall, rack, ts, true_values(hall, rack, ts, scenarios))
     for s in _active(scenarios, ts):
         target, position = _target_rack_position(s.target)
         if target != rack.name:
             continue
         suffix = "Bottom" if position == "bottom" else "Top"
         if s.kind == "stuck":
-            frozen = _noisy(hall, rack, s.start_ts, _true_values(hall, rack, s.start_ts, scenarios))
+            frozen = _noisy(hall, rack, s.start_ts, true_values(hall, rack, s.start_ts, scenarios))
             values[f"temp{suffix}"] = frozen[f"temp{suffix}"]
             values[f"humidity{suffix}"] = frozen[f"humidity{suffix}"]
         elif s.kind == "silent":
@@ -219,18 +246,43 @@ class ScenarioError(ValueError):
     pass
 
 
+SCENARIO_SYNTAX = "KIND[:TARGET][,rate=C_PER_H][,rise=C][@DELAY_S]"
+
+
 def parse_scenario(spec: str, hall: Hall, now: float) -> Scenario:
-    """``name[:target][@start_s]``: start_s seconds after ``now`` (default 0). Default targets: the first
-    room, or the third rack of the first row (a rack in the middle, away from row-end effects)."""
+    """``KIND[:TARGET][,rate=R][,rise=D][@DELAY_S]``, starting DELAY_S seconds after ``now`` (default 0,
+    negative = already running). Default targets: the first room, or the third rack of the first row
+    (a rack in the middle, away from row-end effects). ``rate`` (°C/h at the start) and ``rise`` (°C
+    where it levels off) apply to the kinds in ``RAMP_DEFAULTS``; e.g. ``cooling_failure:hall1,rate=3``
+    is a slow partial loss, ``cooling_failure:hall1,rate=30`` a total one."""
     text, _, start = spec.strip().partition("@")
-    kind, _, target = text.partition(":")
+    start, *late_options = start.split(",")  # also accept KIND:TARGET@DELAY,rate=...
+    head, *options = text.split(",")
+    options += late_options
+    kind, _, target = head.partition(":")
     kind = kind.strip().replace("-", "_")
     if kind not in SCENARIOS:
         raise ScenarioError(f"unknown scenario {kind!r}; known: {', '.join(sorted(SCENARIOS))}")
     try:
-        offset = float(start) if start else 0.0
+        offset = float(start) if start.strip() else 0.0
     except ValueError:
         raise ScenarioError(f"{spec!r}: start after '@' must be seconds") from None
+    rate = rise = None
+    if kind in RAMP_DEFAULTS:
+        rate, rise = RAMP_DEFAULTS[kind]
+    for option in (o.strip() for o in options):
+        key, _, value = option.partition("=")
+        key = key.strip()
+        if rate is None or key not in ("rate", "rise"):
+            allowed = "rate=, rise=" if rate is not None else "no options"
+            raise ScenarioError(f"{spec!r}: unknown option {option!r} for {kind} ({allowed})")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ScenarioError(f"{spec!r}: {key} must be a number") from None
+        if not 0 < number <= 1000:
+            raise ScenarioError(f"{spec!r}: {key} must be above 0 and at most 1000")
+        rate, rise = (number, rise) if key == "rate" else (rate, number)
     target = target.strip()
     if kind in ROOM_SCENARIOS:
         target = target or hall.rooms[0].name
@@ -241,4 +293,4 @@ def parse_scenario(spec: str, hall: Hall, now: float) -> Scenario:
         rack, position = _target_rack_position(target)
         if rack not in hall.by_name or position not in (None, "top", "bottom"):
             raise ScenarioError(f"{spec!r}: no rack {target!r} (rack or rack/top or rack/bottom)")
-    return Scenario(kind, target, now + offset)
+    return Scenario(kind, target, now + offset, rate, rise)

@@ -3,7 +3,8 @@
 Run-time control (works in docker: publish the port or `docker compose exec simulator`), HTTP on
 RACKTWIN_SIM_CONTROL_PORT (default 8099):
     GET    /scenarios                       active scenarios and the known kinds
-    POST   /scenarios   body: hotspot:hall1-a03[@delay_s]   start one (JSON {"scenario": "..."} also works)
+    POST   /scenarios   body: hotspot:hall1-a03[,rate=8][,rise=8][@delay_s]   start one
+                        (JSON {"scenario": "..."} also works; rate °C/h at the start, rise °C where it levels off)
     DELETE /scenarios/<kind>:<target>       stop one;   DELETE /scenarios   stop all
 """
 
@@ -38,7 +39,7 @@ class ScenarioBoard:
         scenario = model.parse_scenario(spec, self.hall, time.time() if now is None else now)
         with self._lock:
             self._active = [s for s in self._active if s.label() != scenario.label()] + [scenario]
-        log.info("scenario %s starts at %s", scenario.label(), _iso(scenario.start_ts))
+        log.info("scenario %s starts at %s", scenario.spec(), _iso(scenario.start_ts))
         return scenario
 
     def remove(self, label: str | None) -> int:
@@ -72,19 +73,20 @@ def control_server(board: ScenarioBoard, host: str, port: int) -> ThreadingHTTPS
         def do_GET(self) -> None:
             if self.path.rstrip("/") != "/scenarios":
                 return self._reply(404, {"error": "try GET /scenarios"})
-            self._reply(200, {"active": [{"scenario": s.label(), "since": _iso(s.start_ts)} for s in board.active()],
+            self._reply(200, {"active": [{"scenario": s.label(), "spec": s.spec(), "since": _iso(s.start_ts)}
+                                         for s in board.active()],
                               "available": model.SCENARIOS})
 
         def do_POST(self) -> None:
             if self.path.rstrip("/") != "/scenarios":
-                return self._reply(404, {"error": "POST /scenarios with body kind[:target][@delay_s]"})
+                return self._reply(404, {"error": f"POST /scenarios with body {model.SCENARIO_SYNTAX}"})
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8", "replace").strip()
             try:
                 spec = json.loads(raw)["scenario"] if raw.startswith("{") else raw
                 scenario = board.add(str(spec))
             except (model.ScenarioError, KeyError, ValueError) as exc:
                 return self._reply(400, {"error": str(exc)})
-            self._reply(201, {"scenario": scenario.label(), "since": _iso(scenario.start_ts)})
+            self._reply(201, {"scenario": scenario.label(), "spec": scenario.spec(), "since": _iso(scenario.start_ts)})
 
         def do_DELETE(self) -> None:
             path = unquote(self.path).rstrip("/")
@@ -217,8 +219,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, help="seconds between reports (RACKTWIN_SIM_INTERVAL_S)")
     parser.add_argument("--mode", choices=["gateway", "device", "envelope"], help="output (RACKTWIN_SIM_MODE)")
     parser.add_argument("--seed", type=int, help="random seed (RACKTWIN_SIM_SEED)")
-    parser.add_argument("--scenario", action="append", default=[], metavar="KIND[:TARGET][@DELAY_S]",
-                        help="start a scenario: " + ", ".join(sorted(model.SCENARIOS)) + " (repeatable)")
+    parser.add_argument("--scenario", action="append", default=[], metavar=model.SCENARIO_SYNTAX,
+                        help="start a scenario (repeatable): " + ", ".join(sorted(model.SCENARIOS))
+                        + "; rate = °C/h at the start, rise = °C where it levels off (cooling_failure, hotspot, "
+                        "humidity_excursion), e.g. cooling_failure:hall1,rate=3 (slow partial loss), "
+                        "cooling_failure:hall1,rate=30 (total loss), hotspot:hall1-a03@600; see --list-scenarios")
     parser.add_argument("--control-port", type=int, help="HTTP control port, 0 = off (RACKTWIN_SIM_CONTROL_PORT)")
     parser.add_argument("--no-provision", action="store_true", help="do not create devices/attributes in ThingsBoard")
     parser.add_argument("--ticks", type=int, help="publish this many rounds and exit")
@@ -227,9 +232,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.list_scenarios:
+        print(f"--scenario {model.SCENARIO_SYNTAX}  (DELAY_S: seconds from now, negative = already running)")
         for kind, text in sorted(model.SCENARIOS.items()):
             target = "room" if kind in model.ROOM_SCENARIOS else "rack[/top|/bottom]"
-            print(f"{kind}:<{target}>  {text}")
+            options = "[,rate=C_PER_H][,rise=C]" if kind in model.RAMP_DEFAULTS else ""
+            print(f"{kind}:<{target}>{options}  {text}")
         return 0
     overrides = {name: value for name, value in {
         "sim_racks": args.racks, "sim_rooms": args.rooms, "sim_rows": args.rows, "sim_interval_s": args.interval,
