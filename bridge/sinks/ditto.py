@@ -9,13 +9,16 @@ reading can never overwrite a newer one; a failed condition is "stale", not an e
 
 from __future__ import annotations
 
+import base64
 import heapq
+import http.client
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -31,9 +34,62 @@ RETRY_STATUSES = {401, 403, 404, 408, 429, 500, 502, 503, 504}
 
 
 class DittoError(Exception):
-    def __init__(self, status: int, text: str):
-        super().__init__(f"HTTP {status}: {text[:200]}")
-        self.status = status
+    def __init__(self, status: int | None, text: str):
+        super().__init__(f"HTTP {status}: {text[:200]}" if status is not None else text[:200])
+        self.status = status  # None: no answer (connection refused, reset, timeout): always retried
+
+
+class _KeptAliveConnection:
+    """One kept-alive HTTP connection for the twin-update hot path.
+
+    Profiling showed requests' per-call machinery costing about as much CPU as the rest of the bridge per
+    message; plain http.client on one persistent connection does the same request for a fraction of it.
+    """
+
+    def __init__(self, base_url: str, timeout: float, username: str, password: str):
+        parts = urlsplit(base_url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or (443 if self.https else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        token = base64.b64encode(f"{username}:{password}".encode()).decode()
+        self.auth = f"Basic {token}"
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        return cls(self.host, self.port, timeout=self.timeout)
+
+    def request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        headers = {"Authorization": self.auth, "Content-Length": str(len(body)), **headers}
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            conn = self._conn or self._connect()
+            try:
+                conn.request(method, self.prefix + path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.HTTPException, OSError) as exc:
+                conn.close()
+                self._conn = None
+                # A kept-alive connection the server closed while idle fails on first use: reconnect once.
+                # Re-sending is safe: the update carries its newer-than condition.
+                if reused and attempt == 1 and not isinstance(exc, TimeoutError):
+                    continue
+                raise DittoError(None, f"{type(exc).__name__}: {exc}") from None
+            if resp.will_close:
+                conn.close()
+                self._conn = None
+            else:
+                self._conn = conn
+            return resp.status, data
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 @dataclass
@@ -68,6 +124,7 @@ class DittoClient:
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self.fast = _KeptAliveConnection(self.base, self.timeout, settings.ditto_username, password)
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         return self.session.request(method, self.base + path, timeout=self.timeout, **kwargs)
@@ -99,16 +156,13 @@ class DittoClient:
         return self._create_only(twin.thing_path(tid), body)
 
     def patch_thing(self, tid: str, patch: dict[str, Any], condition: str) -> int:
-        resp = self.request(
-            "PATCH",
-            twin.thing_path(tid),
-            params={"condition": condition},
-            data=json.dumps(patch, separators=(",", ":")),
-            headers={"Content-Type": MERGE_PATCH},
-        )
-        if resp.status_code in (201, 204, 412):
-            return resp.status_code
-        raise DittoError(resp.status_code, resp.text)
+        """The hot path: one conditional merge-PATCH per thing update, on the kept-alive connection."""
+        path = twin.thing_path(tid) + "?condition=" + quote(condition, safe="")
+        body = json.dumps(patch, separators=(",", ":")).encode()
+        status, data = self.fast.request("PATCH", path, body, {"Content-Type": MERGE_PATCH})
+        if status in (201, 204, 412):
+            return status
+        raise DittoError(status, data.decode(errors="replace"))
 
     def patch_existing(self, tid: str, patch: dict[str, Any]) -> bool:
         """Merge into a thing only if it exists (If-Match: *); False when it does not (yet)."""
@@ -134,6 +188,7 @@ class DittoClient:
             return False
 
     def close(self) -> None:
+        self.fast.close()
         self.session.close()
 
 
