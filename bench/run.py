@@ -234,14 +234,19 @@ def ditto_capacity(url: str, auth: str, seconds: float, threads: int = 8) -> dic
             n += 1
         conn.close()
 
+    elapsed = _timed_workers(worker, threads)
+    return {"requests_per_s": sum(counts) / elapsed, "errors": sum(errors), "threads": threads}
+
+
+def _timed_workers(worker: Callable[[int], None], threads: int) -> float:
+    """Run ``worker(i)`` on ``threads`` threads at once; seconds until the last one finished."""
     workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
     started = time.monotonic()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    elapsed = time.monotonic() - started
-    return {"requests_per_s": sum(counts) / elapsed, "errors": sum(errors), "threads": threads}
+    return time.monotonic() - started
 
 
 def influx_capacity(url: str, token: str, seconds: float, threads: int = 2, batch: int = 1000) -> dict[str, Any]:
@@ -269,13 +274,7 @@ def influx_capacity(url: str, token: str, seconds: float, threads: int = 2, batc
             n += 1
         conn.close()
 
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    started = time.monotonic()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.monotonic() - started
+    elapsed = _timed_workers(worker, threads)
     return {"points_per_s": sum(counts) / elapsed, "batches_per_s": sum(counts) / batch / elapsed,
             "errors": sum(errors), "batch": batch, "threads": threads}
 
