@@ -13,22 +13,19 @@ from typing import Callable
 
 
 class Ticket:
-    __slots__ = ("_remaining", "_lock", "_on_done", "done")
+    __slots__ = ("_remaining", "_lock", "_on_done")
 
     def __init__(self, parts: int, on_done: Callable[[], None]):
         self._remaining = parts
         self._lock = threading.Lock()
         self._on_done = on_done
-        self.done = parts == 0
-        if self.done:
+        if parts == 0:
             on_done()
 
     def confirm(self) -> None:
         with self._lock:
             self._remaining -= 1
             finished = self._remaining == 0
-            if finished:
-                self.done = True
         if finished:
             self._on_done()
 

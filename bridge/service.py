@@ -11,7 +11,7 @@ from .config import Settings
 from .http_api import OpsServer
 from .metrics import Metrics
 from .pipeline import Pipeline
-from .sinks.ditto import DittoClient, DittoError, DittoUpdater
+from .sinks.ditto import DittoClient, DittoUpdater
 from .sinks.influx import InfluxWriter
 from .source_mqtt import MqttSource
 from .stats import StatsReporter
@@ -94,7 +94,7 @@ class Bridge:
         client = DittoClient(self.settings)
         try:
             self.ditto.ensure_policy(client)
-        except (DittoError, OSError, Exception) as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - DittoError, connection errors: all retried later
             log.warning("Ditto policy not ensured yet (%s); will retry with the first update", exc)
         finally:
             client.close()

@@ -13,7 +13,7 @@ Thing ``<namespace>:<rack>``::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -205,7 +205,3 @@ def drop_stale(
         else:
             fresh[position] = state
     return fresh, stale
-
-
-def with_device(state: PositionState, device: str) -> PositionState:
-    return replace(state, device=device)

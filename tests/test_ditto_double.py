@@ -8,34 +8,19 @@ import time
 import pytest
 import requests
 
-try:  # tests/ is either a plain directory on sys.path or a package under the repo root
-    from tests.doubles import rql
-    from tests.doubles.contracts import ContractNotFound, find_contract
-    from tests.doubles.ditto import (
-        MERGE_PATCH,
-        DittoDouble,
-        _Resp,
-        measure_throughput,
-        merge_patch,
-        parse_fields,
-        project,
-        standard_policy,
-        valid_entity_id,
-    )
-except ModuleNotFoundError:
-    from doubles import rql  # type: ignore[no-redef]
-    from doubles.contracts import ContractNotFound, find_contract  # type: ignore[no-redef]
-    from doubles.ditto import (  # type: ignore[no-redef]
-        MERGE_PATCH,
-        DittoDouble,
-        _Resp,
-        measure_throughput,
-        merge_patch,
-        parse_fields,
-        project,
-        standard_policy,
-        valid_entity_id,
-    )
+from tests.doubles import rql
+from tests.doubles.contracts import ContractNotFound, find_contract
+from tests.doubles.ditto import (
+    MERGE_PATCH,
+    DittoDouble,
+    _Resp,
+    measure_throughput,
+    merge_patch,
+    parse_fields,
+    project,
+    standard_policy,
+    valid_entity_id,
+)
 
 USERS = {"ditto": "pw", "bridge": "pw2", "grafana": "pw3", "eve": "pw4"}
 POLICY = "dc.racks:telemetry"

@@ -140,7 +140,6 @@ def test_influxdb_outage_backpressure_bounded_memory_nothing_lost(bridge_env, mo
         wait_until(lambda: point_count(influxd, "outage") == racks * 4 * 2, what="points before the outage")
         rss_before = rss_kib(bridge.proc.pid)
         influxd.stop()
-        outage_items = stream(prefix, racks, 60, base + 4000)[0:]
         outage_items = [(t, dict(p, ts=p["ts"] + 4000)) for t, p in stream(prefix, racks, 60, base)]
         sender = publish_in_background(publisher, outage_items, per_second=100)  # 3,000 messages over ~30 s
         wait_until(lambda: requests.get(f"http://127.0.0.1:{bridge.port}/readyz", timeout=2).status_code == 503,

@@ -248,11 +248,6 @@ class DittoUpdater:
     def _pending_work(self) -> bool:
         return self._ready_head < len(self._ready) or bool(self._delayed)
 
-    @property
-    def things_pending(self) -> int:
-        with self._lock:
-            return sum(1 for t in self._things.values() if t.scheduled)
-
     # -- input -----------------------------------------------------------------------------------------
 
     def submit(self, reading: SensorReading, on_confirmed: Callable[[], None] | None) -> None:

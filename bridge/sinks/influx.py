@@ -105,16 +105,6 @@ class InfluxWriter:
             self._queue.append(_Entry(lines, on_written))
             self._cond.notify()
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    def ping(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except Exception:  # noqa: BLE001 - any failure means "not reachable"
-            return False
-
     def _take_batch(self) -> list[_Entry]:
         s = self.settings
         with self._cond:
