@@ -21,6 +21,9 @@ REJECT_REASONS = (
 
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
+# What the bridge writes to InfluxDB: readings first (the history); forecasts and its own stats beside them.
+POINT_KINDS = ("reading", "forecast", "stats")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -35,7 +38,16 @@ class Metrics:
             "racktwin_internal_errors", "Messages left unacknowledged because of a bridge bug", registry=r
         )
         self.readings = Counter("racktwin_readings_accepted", "Sensor readings accepted", registry=r)
-        self.influx_points = Counter("racktwin_influx_points_written", "Points confirmed by InfluxDB", registry=r)
+        self.influx_points = Counter(
+            "racktwin_influx_points_written",
+            "Points confirmed by InfluxDB, by kind: reading (history), forecast, stats (the bridge's own)",
+            ["kind"], registry=r,
+        )
+        self.influx_shed = Counter(
+            "racktwin_influx_points_shed",
+            "Forecast/stats points dropped while InfluxDB was unreachable (readings are never dropped)",
+            ["kind"], registry=r,
+        )
         self.influx_errors = Counter(
             "racktwin_influx_write_errors", "Failed InfluxDB writes (retried), by kind", ["kind"], registry=r
         )
@@ -67,6 +79,10 @@ class Metrics:
             self.ditto_updates.labels(result)
         for sink in ("influx", "ditto"):
             self.lag.labels(sink)
+        for kind in POINT_KINDS:
+            self.influx_points.labels(kind)
+        for kind in POINT_KINDS[1:]:
+            self.influx_shed.labels(kind)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample, for tests and the stats writer."""

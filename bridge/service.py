@@ -34,7 +34,7 @@ class Bridge:
             self.metrics,
             settings.mqtt_client_id,
             settings.influx_stats_interval_s,
-            lambda lines: self.influx.submit(lines, None),
+            lambda lines: self.influx.submit(lines, None, kind="stats"),
             lambda: all(self.readiness().values()),
         )
         self.sync = self._sync_worker(settings)
@@ -52,7 +52,9 @@ class Bridge:
         def patch_thing(tid: str, patch: dict) -> None:
             client.patch_existing(tid, patch)
 
-        publisher = ForecastPublisher(tracker, settings, lambda lines: self.influx.submit(lines, None), patch_thing)
+        publisher = ForecastPublisher(
+            tracker, settings, lambda lines: self.influx.submit(lines, None, kind="forecast"), patch_thing
+        )
         return tracker, publisher
 
     def _sync_worker(self, settings: Settings):  # noqa: ANN202 - optional dependency on ThingsBoard

@@ -55,7 +55,7 @@ def stats_lines(metrics: Metrics, instance: str, ready: bool, previous: dict[str
         "accepted": v("racktwin_messages_accepted_total"),
         "rejected": sum(v("racktwin_messages_rejected_total", {"reason": r}) for r in REJECT_REASONS),
         "readings": v("racktwin_readings_accepted_total"),
-        "influx_points": v("racktwin_influx_points_written_total"),
+        "influx_points": v("racktwin_influx_points_written_total", {"kind": "reading"}),
         "influx_errors": v("racktwin_influx_write_errors_total", {"kind": "http"})
         + v("racktwin_influx_write_errors_total", {"kind": "network"}),
         "ditto_ok": v("racktwin_ditto_updates_total", {"result": "ok"})

@@ -159,3 +159,31 @@ def test_ops_endpoints(running_bridge, bridge_env, publisher, influxd, influx_db
     rows = wait_until(lambda: influxd.rows("SELECT received, rejected, ready FROM racktwin_bridge", influx_db),
                       what="stats point")
     assert rows[-1]["received"] >= 1 and rows[-1]["rejected"] >= 1
+
+
+def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_env, monkeypatch, influxd, influx_db):
+    """While InfluxDB is behind, forecast/stats points are capped (oldest shed, counted); readings never are,
+    and the written counter tells readings from the bridge's own points."""
+    from bridge.metrics import Metrics
+    from bridge.sinks import influx as influx_sink
+
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(influx_sink, "MAX_QUEUED_SIDE_POINTS", 4)
+    metrics = Metrics()
+    writer = influx_sink.InfluxWriter(load_settings(), metrics)  # not started yet: everything queues
+    confirmed = []
+    ts = int(time.time() * 1000) - 60_000
+    for i in range(6):
+        writer.submit([f"rack_environment,rack=r{i},position=top temperature=21.5 {ts}"], lambda i=i: confirmed.append(i))
+        writer.submit([f"rack_forecast,rack=r{i},position=top trend_c_per_h=0.5 {ts + i}"], None, kind="forecast")
+    assert metrics.value("racktwin_influx_points_shed_total", {"kind": "forecast"}) == 2  # the two oldest
+    writer.start()
+    wait_until(lambda: len(confirmed) == 6, what="readings confirmed")
+    writer.stop(timeout=5)
+    assert sorted(confirmed) == list(range(6))
+    assert metrics.value("racktwin_influx_points_written_total", {"kind": "reading"}) == 6
+    assert metrics.value("racktwin_influx_points_written_total", {"kind": "forecast"}) == 4
+    rows = influxd.rows("SELECT trend_c_per_h, rack FROM rack_forecast", influx_db)
+    assert sorted(r["rack"] for r in rows) == ["r2", "r3", "r4", "r5"]
+    assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 6

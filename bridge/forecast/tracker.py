@@ -5,7 +5,7 @@ Wiring (bridge/service.py)::
     tracker = ForecastTracker.from_settings(settings)
     pipeline = Pipeline(..., hooks=[tracker.observe])
     publisher = ForecastPublisher(tracker, settings,
-                                  submit_lines=lambda lines: influx.submit(lines, None),
+                                  submit_lines=lambda lines: influx.submit(lines, None, kind="forecast"),
                                   patch_thing=<callable(thing_id, merge_patch)>)
     publisher.start() ... publisher.stop()
 

@@ -21,7 +21,7 @@ from influxdb_client.rest import ApiException
 
 from ..config import Settings
 from ..mapping import SensorReading
-from ..metrics import Metrics
+from ..metrics import POINT_KINDS, Metrics
 from ..twin import dew_point
 
 log = logging.getLogger(__name__)
@@ -69,15 +69,26 @@ def reading_line(reading: SensorReading) -> str | None:
     return f"{MEASUREMENT},{tag_text} {','.join(fields)} {reading.ts_ms}"
 
 
+READING = POINT_KINDS[0]
+# The bridge's own points (forecasts, stats) have no MQTT message to hold back, so during an outage
+# they are bounded here instead: past this many queued, the oldest are shed (and counted).
+MAX_QUEUED_SIDE_POINTS = 50_000
+
+
 @dataclass
 class _Entry:
     lines: list[str]
     on_written: Callable[[], None] | None
+    kind: str = READING
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class InfluxWriter:
-    """Single writer thread; ``submit`` never blocks (memory is bounded by the MQTT in-flight window)."""
+    """Single writer thread; ``submit`` never blocks.
+
+    Memory is bounded: readings by the MQTT in-flight window (unconfirmed messages stay unacknowledged),
+    the bridge's own points (``kind`` other than ``reading``) by ``MAX_QUEUED_SIDE_POINTS``.
+    """
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
@@ -91,6 +102,7 @@ class InfluxWriter:
         )
         self.write_api = self.client.write_api(write_options=SYNCHRONOUS)
         self._queue: deque[_Entry] = deque()
+        self._side_points = 0  # queued lines of entries that are not readings
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="influx-writer", daemon=True)
@@ -100,10 +112,25 @@ class InfluxWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, lines: list[str], on_written: Callable[[], None] | None) -> None:
+    def submit(self, lines: list[str], on_written: Callable[[], None] | None, kind: str = READING) -> None:
         with self._cond:
-            self._queue.append(_Entry(lines, on_written))
+            self._queue.append(_Entry(lines, on_written, kind))
+            if kind != READING:
+                self._side_points += len(lines)
+                if self._side_points > MAX_QUEUED_SIDE_POINTS:
+                    self._shed_side_points()
             self._cond.notify()
+
+    def _shed_side_points(self) -> None:
+        """Drop the oldest queued forecast/stats entries until under the cap (caller holds the lock)."""
+        kept: deque[_Entry] = deque()
+        for entry in self._queue:
+            if entry.kind != READING and self._side_points > MAX_QUEUED_SIDE_POINTS:
+                self._side_points -= len(entry.lines)
+                self.metrics.influx_shed.labels(entry.kind).inc(len(entry.lines))
+            else:
+                kept.append(entry)
+        self._queue = kept
 
     def _take_batch(self) -> list[_Entry]:
         s = self.settings
@@ -123,6 +150,8 @@ class InfluxWriter:
             batch, points = [], 0
             while self._queue and (points == 0 or points + len(self._queue[0].lines) <= s.influx_batch_size):
                 entry = self._queue.popleft()
+                if entry.kind != READING:
+                    self._side_points -= len(entry.lines)
                 batch.append(entry)
                 points += len(entry.lines)
             return batch
@@ -136,7 +165,7 @@ class InfluxWriter:
                 if not batch:
                     return  # stopping and drained
             lines = [line for e in batch for line in e.lines]
-            outcome = self._write(lines)
+            outcome = self._write(lines, batch)
             if outcome == "retry":
                 if self._stopping and self._abandon:
                     return
@@ -151,7 +180,7 @@ class InfluxWriter:
 
     _abandon = False
 
-    def _write(self, lines: list[str]) -> str:
+    def _write(self, lines: list[str], batch: list[_Entry]) -> str:
         try:
             self.write_api.write(
                 bucket=self.settings.influx_bucket,
@@ -171,7 +200,8 @@ class InfluxWriter:
             return self._failed(f"HTTP {status}: {_short(exc.body)}", "http")
         except Exception as exc:  # noqa: BLE001 - network errors, timeouts: all retried
             return self._failed(f"{type(exc).__name__}: {exc}", "network")
-        self.metrics.influx_points.inc(len(lines))
+        for entry in batch:
+            self.metrics.influx_points.labels(entry.kind).inc(len(entry.lines))
         if not self.healthy:
             log.info("InfluxDB writes recovered")
         self.healthy = True
