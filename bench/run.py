@@ -10,7 +10,11 @@ bench/results/latest.json). Everything runs in one go on this machine so the fig
 - bridge: the same stream, same broker, same method, through ``python -m bridge run`` into InfluxDB and the
   Ditto double, until every message is acked (both sinks confirmed); its ratio to the ceiling;
 - latency at a fixed offered load (10,000 racks reporting every 10 s = 1,000 msg/s), measured at the sinks;
-- Ditto requests per message under the burst, peak RSS of the bridge, forecast tracker cost.
+- Ditto requests per message under the burst, peak RSS of the bridge, forecast tracker cost;
+- the burst and the latency run again with ``RACKTWIN_DITTO_TRANSPORT=websocket`` (Ditto Protocol merge
+  commands on ``/ws/2`` instead of HTTP merge-PATCHes), for comparison.
+
+``RACKTWIN_*`` variables in the caller's environment are passed to the bridge under test, to measure a setting.
 
 "Pre-loaded" = the consumer is connected and subscribed, then paused (SIGSTOP) while the whole stream is
 published, and timed from SIGCONT to its last ack: no process start-up in the figure, identical for both.
@@ -367,6 +371,7 @@ def run_bridge_burst(bridge: BridgeProcess, broker: Mosquitto, items: list[tuple
         "ditto_requests_per_s": d["requests_total"] / elapsed,
         "ditto_requests_per_message": d["requests_total"] / n,
         "ditto_reading_patches": d["patches"].get("reading", 0),
+        "ditto_websocket_commands": d["ws_commands"],
         "coalesced_readings": after.get("racktwin_ditto_coalesced_total", 0)
         - before.get("racktwin_ditto_coalesced_total", 0),
     }
@@ -441,6 +446,14 @@ def figures(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for q in (50, 95, 99):
             key = f"latency_{sink}_p{q}_s"
             f[key] = figure(lat[f"{sink}_p{q}_s"], "s", f"Latency to {name} p{q}", key)
+    ws = r["websocket"]
+    f["bridge_ws_msgs_per_s"] = figure(ws["bridge"]["messages_per_s"], "msg/s",
+                                       "Bridge over Ditto's WebSocket: fully delivered (warm twins)", "")
+    f["bridge_ws_to_ceiling_ratio"] = figure(ws["bridge"]["messages_per_s"] / ceil["messages_per_s"], "",
+                                             "Bridge over WebSocket / ceiling", "")
+    for sink, name in (("influx", "InfluxDB"), ("ditto", "Ditto")):
+        f[f"latency_ws_{sink}_p99_s"] = figure(ws["latency"][f"{sink}_p99_s"], "s",
+                                               f"Latency to {name} p99, WebSocket transport", "")
     f["ditto_requests_per_msg_burst"] = figure(warm["ditto_requests_per_message"], "req/msg",
                                                f"Ditto requests per message, burst of {r['config']['burst_rounds']}"
                                                " rounds", "")
@@ -542,26 +555,33 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         log(f"ceiling: {len(burst):,} messages through a minimal subscriber")
         result["ceiling"] = run_ceiling(broker, burst, work)
 
-        bridge = BridgeProcess({
-            "RACKTWIN_MQTT_HOST": "127.0.0.1",
-            "RACKTWIN_MQTT_PORT": str(broker.port),
-            "RACKTWIN_MQTT_CLIENT_ID": "bench-bridge",
-            "RACKTWIN_MQTT_TOPIC": "bench/bridge/#",
-            "RACKTWIN_MQTT_RECEIVE_MAXIMUM": str(RECEIVE_MAXIMUM),
-            "RACKTWIN_DITTO_URL": ditto.url,
-            "RACKTWIN_DITTO_USERNAME": "bridge",
-            "RACKTWIN_DITTO_PASSWORD": users["bridge"],
-            "RACKTWIN_DITTO_NAMESPACE": "dc.bench",
-            "RACKTWIN_DITTO_POLICY_SUBJECTS": json.dumps({"admin": ["nginx:ditto"], "bridge": ["nginx:bridge"]}),
-            "RACKTWIN_INFLUX_URL": influx.url,
-            "RACKTWIN_INFLUX_TOKEN": token,
-            "RACKTWIN_INFLUX_ORG": ORG,
-            "RACKTWIN_INFLUX_BUCKET": BUCKET,
-            "RACKTWIN_HTTP_HOST": "127.0.0.1",
-            "RACKTWIN_HTTP_PORT": "0",
-        }, work / "bridge.log")
-        bridge.start()
-        stack.callback(bridge.kill)
+        def start_bridge(transport: str, client_id: str) -> BridgeProcess:
+            bridge = BridgeProcess({
+                "RACKTWIN_MQTT_HOST": "127.0.0.1",
+                "RACKTWIN_MQTT_PORT": str(broker.port),
+                "RACKTWIN_MQTT_CLIENT_ID": client_id,
+                "RACKTWIN_MQTT_TOPIC": "bench/bridge/#",
+                "RACKTWIN_MQTT_RECEIVE_MAXIMUM": str(RECEIVE_MAXIMUM),
+                "RACKTWIN_DITTO_URL": ditto.url,
+                "RACKTWIN_DITTO_TRANSPORT": transport,
+                "RACKTWIN_DITTO_USERNAME": "bridge",
+                "RACKTWIN_DITTO_PASSWORD": users["bridge"],
+                "RACKTWIN_DITTO_NAMESPACE": "dc.bench",
+                "RACKTWIN_DITTO_POLICY_SUBJECTS": json.dumps({"admin": ["nginx:ditto"], "bridge": ["nginx:bridge"]}),
+                "RACKTWIN_INFLUX_URL": influx.url,
+                "RACKTWIN_INFLUX_TOKEN": token,
+                "RACKTWIN_INFLUX_ORG": ORG,
+                "RACKTWIN_INFLUX_BUCKET": BUCKET,
+                "RACKTWIN_HTTP_HOST": "127.0.0.1",
+                "RACKTWIN_HTTP_PORT": "0",
+                # RACKTWIN_* from the caller's environment tune the bridge under test (e.g. RACKTWIN_DITTO_CONCURRENCY).
+                **{k: v for k, v in os.environ.items() if k.startswith("RACKTWIN_")},
+            }, work / f"bridge-{transport}.log")
+            bridge.start()
+            stack.callback(bridge.kill)
+            return bridge
+
+        bridge = start_bridge("http", "bench-bridge")
         try:
             log(f"bridge, first contact: {racks:,} messages, every twin created")
             result["bridge_cold"] = run_bridge_burst(bridge, broker, stream.burst(1), ditto, influx, cfg["timeout_s"])
@@ -580,6 +600,20 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
                                             cfg["timeout_s"])
             status = proc_status(bridge.proc.pid)
             result["bridge_memory"] = {"peak_rss_mb": status["VmHWM"] / 1024, "rss_mb": status["VmRSS"] / 1024}
+        except Exception:
+            sys.stderr.write(f"bridge log tail:\n{bridge.log()[-3000:]}\n")
+            raise
+        bridge.terminate()
+
+        # The same runs with twin updates as Ditto Protocol merge commands on the WebSocket channel.
+        bridge = start_bridge("websocket", "bench-bridge-ws")
+        try:
+            log("WebSocket transport: first contact with the existing twins, then the stream and the latency run")
+            run_bridge_burst(bridge, broker, stream.burst(1), ditto, influx, cfg["timeout_s"])
+            ws: dict[str, Any] = {"bridge": run_bridge_burst(bridge, broker, stream.burst(cfg["burst_rounds"]), ditto,
+                                                             influx, cfg["timeout_s"])}
+            ws["latency"] = run_latency(bridge, broker, stream, rate, cfg["latency_s"], ditto, influx, cfg["timeout_s"])
+            result["websocket"] = ws
         except Exception:
             sys.stderr.write(f"bridge log tail:\n{bridge.log()[-3000:]}\n")
             raise

@@ -43,8 +43,8 @@ class RecordingDitto(DittoDouble):
         self.latencies: list[float] = []
         self.patches = Counter()  # "reading" (environment feature) / "other" (e.g. forecast)
 
-    def _send(self, handler, ctx, resp, data) -> None:  # noqa: ANN001 - the double's own signature
-        super()._send(handler, ctx, resp, data)  # the response is out: this is the confirmation
+    def _answered(self, ctx, resp) -> None:  # noqa: ANN001 - the double's own signature
+        # The answer (HTTP response or WebSocket message) is out: this is the confirmation.
         if ctx.method != "PATCH" or resp.status not in (201, 204):
             return
         now = time.time()
@@ -62,11 +62,12 @@ class RecordingDitto(DittoDouble):
         with self._lock:
             requests = {f"{m} {s}": n for (m, s), n in self.request_count.items()}
         return {"requests": requests, "requests_total": sum(requests.values()), "patches": dict(self.patches),
-                "latencies": list(self.latencies)}
+                "ws_commands": self.ws_commands, "latencies": list(self.latencies)}
 
     def reset_stats(self) -> None:
         with self._lock:
             self.request_count.clear()
+            self.ws_commands = 0
             self.patches.clear()
             self.latencies = []
 

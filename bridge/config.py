@@ -210,7 +210,17 @@ class Settings(BaseSettings):
         default_factory=lambda: {"admin": ["nginx:ditto"], "bridge": ["nginx:bridge"], "reader": ["nginx:grafana"]},
         description="Subjects granted on the shared policy: admin (policy+thing RW), bridge (thing RW), reader (thing R).",
     )
-    ditto_concurrency: int = Field(8, ge=1, le=256, description="Things updated concurrently (HTTP connections).")
+    ditto_transport: Literal["http", "websocket"] = Field(
+        "http",
+        description="How twin updates travel: 'http' (one merge-PATCH each, kept-alive connections) or "
+        "'websocket' (Ditto Protocol merge commands on one WebSocket, higher throughput).",
+    )
+    ditto_ws_url: str | None = Field(
+        None, description="Ditto WebSocket endpoint for ditto_transport=websocket; default ditto_url + /ws/2."
+    )
+    ditto_concurrency: int = Field(
+        8, ge=1, le=256, description="Things updated concurrently (HTTP connections, or commands in flight on the WebSocket)."
+    )
     ditto_timeout_s: float = Field(10.0, gt=0, le=60, description="Timeout of one Ditto request.")
 
     # InfluxDB: history.
@@ -386,6 +396,13 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("ditto_ws_url")
+    @classmethod
+    def _ws_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^wss?://[^/\s]+", value):
+            raise ValueError("must be a ws:// or wss:// URL")
+        return value
+
     @model_validator(mode="after")
     def _ranges(self) -> "Settings":
         if self.temp_min_c >= self.temp_max_c:
@@ -397,6 +414,13 @@ class Settings(BaseSettings):
     @property
     def policy_id(self) -> str:
         return self.ditto_policy_id or f"{self.ditto_namespace}:racktwin"
+
+    @property
+    def websocket_url(self) -> str:
+        if self.ditto_ws_url:
+            return self.ditto_ws_url
+        scheme, _, rest = self.ditto_url.partition("://")  # validated: http(s)://..., no trailing slash
+        return ("wss" if scheme.lower() == "https" else "ws") + "://" + rest + "/ws/2"
 
     @property
     def session_expiry_s(self) -> int:

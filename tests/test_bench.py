@@ -23,6 +23,7 @@ EXPECTED = [
     "latency_offered_msgs_per_s",
     "latency_influx_p50_s", "latency_influx_p95_s", "latency_influx_p99_s",
     "latency_ditto_p50_s", "latency_ditto_p95_s", "latency_ditto_p99_s",
+    "bridge_ws_msgs_per_s", "bridge_ws_to_ceiling_ratio", "latency_ws_influx_p99_s", "latency_ws_ditto_p99_s",
     "ditto_requests_per_msg_burst", "ditto_requests_per_msg_merge", "ditto_requests_per_msg_steady", "bridge_peak_rss_mb",
     "ditto_double_validated_req_per_s", "ditto_double_req_per_s", "ditto_double_headroom",
     "influx_adapter_points_per_s", "influx_adapter_headroom",
@@ -75,7 +76,10 @@ def test_quick_bench_delivered_everything(quick_result):
     racks, rounds = result["config"]["racks"], result["config"]["burst_rounds"]
     assert result["ceiling"]["messages"] == result["bridge"]["messages"] == racks * rounds
     assert result["bridge_cold"]["messages"] == racks
-    for run in (result["bridge_cold"], result["bridge"]):
+    assert result["websocket"]["bridge"]["messages"] == racks * rounds
+    assert result["bridge"]["ditto_websocket_commands"] == 0  # HTTP merge-PATCHes only
+    assert result["websocket"]["bridge"]["ditto_websocket_commands"] >= result["websocket"]["bridge"]["ditto_reading_patches"]
+    for run in (result["bridge_cold"], result["bridge"], result["websocket"]["bridge"]):
         assert run["rejected"] == 0
         assert run["influx_points"] == 2 * run["messages"]  # two positions per rack envelope
         assert run["ditto_reading_patches"] >= 1

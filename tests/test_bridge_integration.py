@@ -15,10 +15,12 @@ from tests.harness.mqtt import Publisher, wait_until
 TOPIC_PREFIX_KEY = "RACKTWIN_MQTT_TOPIC"
 
 
-@pytest.fixture
-def running_bridge(bridge_env, monkeypatch):
+@pytest.fixture(params=["http", "websocket"])
+def running_bridge(request, bridge_env, monkeypatch):
+    """The bridge in-process, once with twin updates as HTTP merge-PATCHes and once over Ditto's WebSocket."""
     for key, value in bridge_env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RACKTWIN_DITTO_TRANSPORT", request.param)
     bridge = Bridge(load_settings())
     bridge.start()
     wait_until(bridge.source.connected.is_set, what="bridge connected to MQTT")
@@ -74,6 +76,11 @@ def test_readings_reach_influx_and_twin_with_exact_values(running_bridge, bridge
         assert thing["policyId"] == "dc.test:racktwin"
         assert thing["attributes"] == {"site": "site1", "room": "room1", "row": "row1", "rack": rack,
                                        "tbDevices": {"bottom": rack, "top": rack}}
+    # The updates took the configured way: Ditto Protocol merge commands on /ws/2, or HTTP PATCHes only.
+    if running_bridge.settings.ditto_transport == "websocket":
+        assert ditto.ws_commands >= len(racks)
+    else:
+        assert ditto.ws_commands == 0 and any(method == "PATCH" for method, _, _ in ditto.requests)
     # Grafana's read-only user can read the twins the bridge created (shared policy).
     resp = requests.get(ditto.url + "/api/2/things/dc.test:rack-01", auth=("grafana", "grafana-secret"), timeout=5)
     assert resp.status_code == 200

@@ -569,15 +569,15 @@ def test_nginx_accepts_the_ditto_config(tmp_path):
     assert "test is successful" in result.stderr
 
 
-@pytest.fixture
-def nginx_in_front_of_echo(tmp_path):
-    _Echo.seen = []
-    echo = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    threading.Thread(target=echo.serve_forever, daemon=True).start()
+NGINX_USERS = {"ditto": "admin-pw", "bridge": "bridge-pw", "grafana": "grafana-pw"}
+
+
+def _start_nginx(tmp_path: Path, upstream: str) -> tuple[subprocess.Popen, str]:
+    """Debian's nginx with our Ditto config and htpasswd (NGINX_USERS) in front of ``upstream``."""
     port = free_port()
-    conf = _test_nginx_conf(tmp_path, upstream=f"127.0.0.1:{echo.server_address[1]}", port=port)
-    init_secrets(tmp_path, {"DITTO_ADMIN_PASSWORD": "admin-pw", "DITTO_BRIDGE_PASSWORD": "bridge-pw",
-                            "DITTO_GRAFANA_PASSWORD": "grafana-pw"})
+    conf = _test_nginx_conf(tmp_path, upstream=upstream, port=port)
+    init_secrets(tmp_path, {"DITTO_ADMIN_PASSWORD": NGINX_USERS["ditto"], "DITTO_BRIDGE_PASSWORD": NGINX_USERS["bridge"],
+                            "DITTO_GRAFANA_PASSWORD": NGINX_USERS["grafana"]})
     proc = subprocess.Popen([_nginx(), "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
                             stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
@@ -585,17 +585,53 @@ def nginx_in_front_of_echo(tmp_path):
     while True:
         try:
             requests.get(base + "/health", timeout=1)
-            break
+            return proc, base
         except requests.RequestException:
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+@pytest.fixture
+def nginx_in_front_of_echo(tmp_path):
+    _Echo.seen = []
+    echo = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    proc, base = _start_nginx(tmp_path, f"127.0.0.1:{echo.server_address[1]}")
     _Echo.seen = []
     yield base
     proc.terminate()
     proc.wait(10)
     echo.shutdown()
     echo.server_close()
+
+
+def test_nginx_carries_the_bridges_ditto_websocket(tmp_path):
+    """The bridge's WebSocket channel through our nginx config (auth, upgrade) to the Ditto double."""
+    from bridge.sinks.ditto import DittoError
+    from bridge.sinks.ditto_ws import DittoWebSocket
+    from tests.doubles.ditto import DittoDouble, standard_policy
+
+    double = DittoDouble(NGINX_USERS)
+    double.start()
+    proc, base = _start_nginx(tmp_path, f"127.0.0.1:{double.port}")
+    url = base.replace("http://", "ws://") + "/ws/2"
+    channel = DittoWebSocket(url, "bridge", NGINX_USERS["bridge"], timeout=5)
+    try:
+        double.seed_policy("dc.site1:racktwin", standard_policy())
+        double.seed_thing("dc.site1:rack-a01", {"policyId": "dc.site1:racktwin"})
+        status, _ = channel.merge("dc.site1:rack-a01", {"attributes": {"room": "r1"}}, None)
+        assert status == 204 and double.things["dc.site1:rack-a01"]["attributes"] == {"room": "r1"}
+        assert double.ws_commands == 1
+        with pytest.raises(DittoError) as refused:  # nginx's basic auth answers before Ditto sees anything
+            DittoWebSocket(url, "bridge", "wrong", timeout=5).merge("dc.site1:rack-a01", {}, None)
+        assert refused.value.status == 401 and double.ws_commands == 1
+        double.assert_no_violations()
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(10)
+        double.stop()
 
 
 def test_nginx_authenticates_and_sets_the_ditto_subject(nginx_in_front_of_echo):

@@ -711,3 +711,104 @@ def test_throughput_report(capsys):
             f"{rates['validated']:.0f} req/s validated, {rates['unvalidated']:.0f} req/s unvalidated"
         )
     assert rates["validated"] > 0 and rates["unvalidated"] > 0
+
+
+# ------------------------------------------------------------------------------------ WebSocket (/ws/2)
+
+
+def ws_connect(ditto: DittoDouble, user: str, password: str | None = None):
+    import base64
+
+    from websockets.sync.client import connect
+
+    token = base64.b64encode(f"{user}:{password or USERS[user]}".encode()).decode()
+    return connect(ditto.url.replace("http://", "ws://") + "/ws/2", additional_headers={"Authorization": f"Basic {token}"},
+                   open_timeout=5)
+
+
+def ws_merge(thing_id: str, path: str, value, cid: str, **headers) -> str:
+    namespace, _, name = thing_id.partition(":")
+    return json.dumps({"topic": f"{namespace}/{name}/things/twin/commands/merge",
+                       "headers": {"content-type": MERGE_PATCH, "correlation-id": cid, **headers},
+                       "path": path, "value": value})
+
+
+def test_websocket_merge_commands_behave_like_merge_patch(ditto):
+    seed_rack(ditto, props={"tsTop": "2026-01-01T00:00:00.000Z"})
+    with ws_connect(ditto, "bridge") as ws:
+        ws.send(ws_merge(RACK, "/features/environment/properties", {"tempTop": 24.5, "tsTop": "2026-01-02T00:00:00.000Z"},
+                         "c1", condition='lt(features/environment/properties/tsTop,"2026-01-02T00:00:00.000Z")'))
+        answer = json.loads(ws.recv(timeout=5))
+        assert answer == {"topic": "dc.racks/rack-a01/things/twin/commands/merge", "headers": {"correlation-id": "c1"},
+                          "path": "/features/environment/properties", "status": 204}
+        assert ditto.things[RACK]["features"]["environment"]["properties"]["tempTop"] == 24.5
+        assert ditto.revision(RACK) == 2
+        # The same condition again no longer holds: an error on the errors topic, nothing written.
+        ws.send(ws_merge(RACK, "/", {"features": {"environment": {"properties": {"tempTop": 1.0}}}}, "c2",
+                         condition='lt(features/environment/properties/tsTop,"2026-01-02T00:00:00.000Z")'))
+        answer = json.loads(ws.recv(timeout=5))
+        assert answer["topic"] == "dc.racks/rack-a01/things/twin/errors" and answer["status"] == 412
+        assert answer["headers"]["correlation-id"] == "c2" and answer["value"]["status"] == 412
+        assert ditto.revision(RACK) == 2
+        # A merge at / of a thing that does not exist creates it and answers 201 with the thing.
+        ws.send(ws_merge("dc.racks:rack-new", "/", {"policyId": POLICY, "attributes": {"rack": "new"}}, "c3"))
+        answer = json.loads(ws.recv(timeout=5))
+        assert answer["status"] == 201 and answer["value"]["thingId"] == "dc.racks:rack-new"
+        # Control messages are acknowledged as Ditto does.
+        ws.send("START-SEND-EVENTS?namespaces=dc.racks")
+        assert ws.recv(timeout=5) == "START-SEND-EVENTS:ACK"
+    with ws_connect(ditto, "grafana") as ws:  # read-only subject: the policy refuses the write
+        ws.send(ws_merge(RACK, "/attributes", {"room": "r9"}, "c4"))
+        answer = json.loads(ws.recv(timeout=5))
+        assert answer["status"] == 403 and answer["topic"].endswith("/things/twin/errors")
+    assert ditto.things[RACK]["attributes"] == {"room": "r1"}
+    assert ditto.ws_commands == 4
+
+
+def test_websocket_handshake_needs_basic_auth(ditto):
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(ditto, "bridge", password="wrong")
+    assert info.value.response.status_code == 401
+
+
+def test_websocket_commands_that_break_the_protocol_or_the_contract_are_recorded(ditto):
+    seed_rack(ditto)
+    with ws_connect(ditto, "bridge") as ws:
+        ws.send(json.dumps({"topic": "dc.racks/rack-a01/things/twin/commands/merge", "headers": {}, "path": "/",
+                            "value": {}}))  # no correlation-id: nothing to answer
+        ws.send(json.dumps({"topic": "dc.racks:rack-a01/merge", "headers": {"correlation-id": "t"}, "path": "/",
+                            "value": {}}))
+        assert json.loads(ws.recv(timeout=5))["status"] == 400
+        found = take_violations(ditto, kind="protocol")
+        assert "correlation-id" in found[0].reason and "topic" in found[1].reason
+
+        ws.send(ws_merge(RACK, "/attributes", {"room": "r2"}, "ct", **{"content-type": "application/json"}))
+        assert json.loads(ws.recv(timeout=5))["status"] == 400
+        assert "content-type" in take_violations(ditto, kind="protocol")[0].reason
+
+        ws.send(json.dumps({"topic": "dc.racks/rack-a01/things/twin/commands/merge",
+                            "headers": {"correlation-id": "nv"}, "path": "/"}))
+        assert json.loads(ws.recv(timeout=5))["status"] == 400
+        assert "value" in take_violations(ditto, kind="protocol")[0].reason
+
+        # The HTTP request a command stands for is validated against the OpenAPI contract.
+        ws.send(ws_merge(RACK, "/featurez/x", {"a": 1}, "p"))
+        assert json.loads(ws.recv(timeout=5))["status"] == 404
+        assert "featurez" in take_violations(ditto)[0].reason
+
+        ws.send(json.dumps({"topic": "dc.racks/rack-a01/things/twin/commands/retrieve",
+                            "headers": {"correlation-id": "r"}, "path": "/"}))
+        assert json.loads(ws.recv(timeout=5))["status"] == 501
+        assert take_violations(ditto, kind="unimplemented")
+    assert ditto.revision(RACK) == 1  # nothing was written
+
+
+def test_websocket_command_paths_map_to_http_paths():
+    from tests.doubles.ditto_ws import Command
+
+    command = Command(ws_merge("dc.racks:rack a1", "/features/environment/properties", {}, "x"))
+    assert command.problems == [] and command.thing_id == "dc.racks:rack a1"
+    assert command.http_path() == "/api/2/things/dc.racks:rack%20a1/features/environment/properties"
+    assert Command(ws_merge("dc.racks:r1", "/", {}, "x")).http_path() == "/api/2/things/dc.racks:r1"

@@ -167,8 +167,10 @@ def test_influxdb_outage_backpressure_bounded_memory_nothing_lost(bridge_env, mo
         influxd.stop()
 
 
-def test_ditto_errors_and_timeouts_then_twins_converge(bridge_env, mosquitto, ditto, influxd, influx_db, tmp_path):
-    env = dict(bridge_env, RACKTWIN_DITTO_TIMEOUT_S="1")
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_ditto_errors_and_timeouts_then_twins_converge(transport, bridge_env, mosquitto, ditto, influxd, influx_db,
+                                                       tmp_path):
+    env = dict(bridge_env, RACKTWIN_DITTO_TIMEOUT_S="1", RACKTWIN_DITTO_TRANSPORT=transport)
     racks = 20
     prefix = env["RACKTWIN_MQTT_TOPIC"].rstrip("#")
     base = int(time.time() * 1000) - 100_000
@@ -192,6 +194,7 @@ def test_ditto_errors_and_timeouts_then_twins_converge(bridge_env, mosquitto, di
         metrics = bridge.metrics()
         retries = [line for line in metrics.splitlines() if line.startswith('racktwin_ditto_updates_total{result="retry"}')]
         assert float(retries[0].split()[1]) > 0
+        assert (ditto.ws_commands > 0) == (transport == "websocket")
     finally:
         publisher.close()
         bridge.kill()

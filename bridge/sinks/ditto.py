@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -26,6 +26,9 @@ from .. import twin
 from ..config import Settings
 from ..mapping import Position, RackLocation, SensorReading
 from ..metrics import Metrics
+
+if TYPE_CHECKING:
+    from .ditto_ws import DittoWebSocket
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +116,13 @@ class _Thing:
 
 
 class DittoClient:
-    """Thin HTTP adapter for the few Ditto calls we make. One instance per worker thread."""
+    """Thin HTTP adapter for the few Ditto calls we make. One instance per worker thread.
 
-    def __init__(self, settings: Settings):
+    With a ``channel`` (the shared WebSocket), the hot-path twin update goes over it instead of HTTP.
+    """
+
+    def __init__(self, settings: Settings, channel: "DittoWebSocket | None" = None):
+        self.channel = channel
         self.base = settings.ditto_url
         self.timeout = settings.ditto_timeout_s
         self.session = requests.Session()
@@ -156,7 +163,13 @@ class DittoClient:
         return self._create_only(twin.thing_path(tid), body)
 
     def patch_thing(self, tid: str, patch: dict[str, Any], condition: str) -> int:
-        """The hot path: one conditional merge-PATCH per thing update, on the kept-alive connection."""
+        """The hot path: one conditional merge per thing update, on the WebSocket channel or as a
+        merge-PATCH on the kept-alive connection."""
+        if self.channel is not None:
+            status, value = self.channel.merge(tid, patch, condition)
+            if status in (201, 204, 412):
+                return status
+            raise DittoError(status, json.dumps(value)[:300])
         path = twin.thing_path(tid) + "?condition=" + quote(condition, safe="")
         body = json.dumps(patch, separators=(",", ":")).encode()
         status, data = self.fast.request("PATCH", path, body, {"Content-Type": MERGE_PATCH})
@@ -165,18 +178,18 @@ class DittoClient:
         raise DittoError(status, data.decode(errors="replace"))
 
     def patch_existing(self, tid: str, patch: dict[str, Any]) -> bool:
-        """Merge into a thing only if it exists (If-Match: *); False when it does not (yet)."""
-        resp = self.request(
-            "PATCH",
-            twin.thing_path(tid),
-            data=json.dumps(patch, separators=(",", ":")),
-            headers={"Content-Type": MERGE_PATCH, "If-Match": "*"},
+        """Merge into a thing only if it exists (If-Match: *); False when it does not (yet).
+
+        On the kept-alive connection too: the forecast publisher sends one per changed rack position."""
+        body = json.dumps(patch, separators=(",", ":")).encode()
+        status, data = self.fast.request(
+            "PATCH", twin.thing_path(tid), body, {"Content-Type": MERGE_PATCH, "If-Match": "*"}
         )
-        if resp.status_code in (201, 204):
+        if status in (201, 204):
             return True
-        if resp.status_code == 412:
+        if status == 412:
             return False
-        raise DittoError(resp.status_code, resp.text)
+        raise DittoError(status, data.decode(errors="replace"))
 
     def ensure_policy(self, policy_id: str, body: dict[str, Any]) -> bool:
         return self._create_only("/api/2/policies/" + requests.utils.quote(policy_id, safe=":"), body)
@@ -213,6 +226,16 @@ class DittoUpdater:
         self.healthy = True
         self.policy_ready = False
         self.last_error: str | None = None
+        self.channel = self._channel(settings)
+
+    @staticmethod
+    def _channel(settings: Settings) -> "DittoWebSocket | None":
+        if settings.ditto_transport != "websocket":
+            return None
+        from .ditto_ws import DittoWebSocket  # only users of the WebSocket need its library loaded
+
+        password = settings.ditto_password.get_secret_value() if settings.ditto_password else ""
+        return DittoWebSocket(settings.websocket_url, settings.ditto_username, password, settings.ditto_timeout_s)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -244,6 +267,8 @@ class DittoUpdater:
             self._cond.notify_all()
         for worker in self._workers:
             worker.join(timeout=max(0.1, deadline - time.monotonic()) + self.settings.ditto_timeout_s)
+        if self.channel is not None:
+            self.channel.close()
 
     def _pending_work(self) -> bool:
         return self._ready_head < len(self._ready) or bool(self._delayed)
@@ -292,7 +317,7 @@ class DittoUpdater:
                 self._cond.wait(timeout=max(0.01, min(wait, 0.5)))
 
     def _work(self) -> None:
-        client = DittoClient(self.settings)
+        client = DittoClient(self.settings, self.channel)
         try:
             while (tid := self._next()) is not None:
                 try:

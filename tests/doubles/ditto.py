@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from . import rql
+from . import ditto_ws, rql
 from .contracts import find_contract
 
 __all__ = [
@@ -839,6 +839,7 @@ class DittoDouble:
         self.request_count: Counter[tuple[str, int]] = Counter()
         self.faults: list[Fault] = []
         self.connection_count = 0  # TCP connections accepted (keep-alive reuse keeps this low)
+        self.ws_commands = 0  # Ditto Protocol commands answered over /ws/2
         self._enforcers: dict[tuple[str, int, tuple[str, ...]], _Enforcer] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -894,6 +895,7 @@ class DittoDouble:
             self.violations.clear()
             self.requests.clear()
             self.request_count.clear()
+            self.ws_commands = 0
             self.faults.clear()
 
     def assert_no_violations(self) -> None:
@@ -1081,6 +1083,9 @@ class DittoDouble:
     # ------------------------------------------------------------------ request entry point
 
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
+        if (handler.headers.get("Upgrade") or "").lower() == "websocket":
+            self._serve_websocket(handler)
+            return
         try:
             body = _read_body(handler)
         except (ValueError, OSError):
@@ -1105,10 +1110,16 @@ class DittoDouble:
             return
         self._send(handler, ctx, resp, data)
 
-    def _send(self, handler: BaseHTTPRequestHandler, ctx: _Ctx, resp: _Resp, data: bytes) -> None:
+    def _note(self, ctx: _Ctx, status: int) -> None:
         with self._lock:
-            self.requests.append((ctx.method, ctx.raw_path, resp.status))
-            self.request_count[(ctx.method, resp.status)] += 1
+            self.requests.append((ctx.method, ctx.raw_path, status))
+            self.request_count[(ctx.method, status)] += 1
+
+    def _answered(self, ctx: _Ctx, resp: _Resp) -> None:
+        """Called once the answer to a request or WebSocket command is out (a hook for recording subclasses)."""
+
+    def _send(self, handler: BaseHTTPRequestHandler, ctx: _Ctx, resp: _Resp, data: bytes) -> None:
+        self._note(ctx, resp.status)
         try:
             handler.send_response(resp.status)
             for key, value in resp.headers:
@@ -1127,6 +1138,106 @@ class DittoDouble:
             handler.flush_headers()
         except OSError:
             handler.close_connection = True
+            return
+        self._answered(ctx, resp)
+
+    # ------------------------------------------------------------------ WebSocket (/ws/2, Ditto Protocol)
+
+    def _serve_websocket(self, handler: BaseHTTPRequestHandler) -> None:
+        """nginx's ``location /ws``: basic auth, then the upgrade; each text message is one command."""
+        handler.close_connection = True
+        split = urlsplit(handler.path)
+        ctx = _Ctx("GET", split.path, [], list(handler.headers.items()), handler.headers, b"", "", "")
+        problems = ditto_ws.handshake_problems(handler.headers)
+        if split.path != "/ws/2":
+            problems.append(f"{split.path} is not Ditto's WebSocket endpoint /ws/2")
+        if problems:
+            self._record(ctx, "; ".join(problems), "websocket")
+            resp = self._error_resp(DittoError(400, "gateway:websocket.invalid", "; ".join(problems)))
+            self._send(handler, ctx, resp, self._encode(resp))
+            return
+        user = self._authenticate(ctx)
+        if user is None:
+            resp = self._error_resp(DittoError(
+                401, "gateway:authentication.failed", "Unauthorized: basic authentication failed.",
+                "Send valid nginx basic-auth credentials.", [("WWW-Authenticate", 'Basic realm="Authentication required"')],
+            ))
+            self._send(handler, ctx, resp, self._encode(resp))
+            return
+        handler.send_response(101, "Switching Protocols")
+        handler.send_header("Upgrade", "websocket")
+        handler.send_header("Connection", "Upgrade")
+        handler.send_header("Sec-WebSocket-Accept", ditto_ws.accept_key(handler.headers["Sec-WebSocket-Key"]))
+        handler.end_headers()
+        handler.connection.settimeout(None)  # nginx keeps /ws open for a day
+        authorization = handler.headers.get("Authorization") or ""
+        host_url = f"http://{handler.headers.get('Host') or f'{self.host}:{self.port}'}"
+        fragments: list[bytes] = []
+        try:
+            while (got := ditto_ws.read_frame(handler.rfile)) is not None:
+                fin, opcode, masked, payload = got
+                if not masked:
+                    self._record(ctx, "a client frame is not masked (RFC 6455 §5.1)", "websocket")
+                if opcode == ditto_ws.OP_CLOSE:
+                    handler.wfile.write(ditto_ws.frame(ditto_ws.OP_CLOSE, payload[:2]))
+                    return
+                if opcode == ditto_ws.OP_PING:
+                    handler.wfile.write(ditto_ws.frame(ditto_ws.OP_PONG, payload))
+                    continue
+                if opcode in (ditto_ws.OP_TEXT, ditto_ws.OP_CONT):
+                    fragments.append(payload)
+                    if not fin:
+                        continue
+                    text, fragments = b"".join(fragments).decode("utf-8", errors="replace"), []
+                    reply = self._ws_command(authorization, host_url, text)
+                    if reply is not None:
+                        handler.wfile.write(ditto_ws.frame(ditto_ws.OP_TEXT, reply[0].encode()))
+                        if reply[1] is not None:
+                            self._answered(*reply[1])
+                elif opcode != ditto_ws.OP_PONG:
+                    self._record(ctx, f"opcode {opcode:#x}: Ditto Protocol messages are UTF-8 text", "websocket")
+        except (OSError, ValueError):
+            return
+
+    def _ws_command(self, authorization: str, host_url: str, text: str) -> tuple[str, tuple[_Ctx, _Resp] | None] | None:
+        """Answer one Ditto Protocol message, via the HTTP request it stands for."""
+        if text.startswith(("START-SEND-", "STOP-SEND-")):
+            return text.split("?", 1)[0] + ":ACK", None
+        command = ditto_ws.Command(text)
+        ws_ctx = _Ctx("WS", "/ws/2", [], [], Message(), text.encode(), "", host_url)
+        if command.action and command.action != "merge":
+            command.problems.append(f"the double implements merge commands only, not {command.action!r}")
+            self._record(ws_ctx, "; ".join(command.problems), "unimplemented")
+            return command.response(501, {"status": 501, "error": "double:unimplemented", "message": command.problems[-1]}), None
+        if command.problems:
+            self._record(ws_ctx, "; ".join(command.problems), "protocol")
+            if command.correlation_id is None:
+                return None  # Ditto could not address an answer either
+            return command.response(400, {"status": 400, "error": "protocol:message.invalid",
+                                          "message": "; ".join(command.problems)}), None
+        headers = Message()
+        headers["Authorization"] = authorization
+        headers["Content-Type"] = MERGE_PATCH
+        headers["correlation-id"] = command.correlation_id
+        condition = command.headers.get("condition")
+        ctx = _Ctx(
+            method="PATCH",
+            raw_path=command.http_path(),
+            query=[("condition", condition)] if isinstance(condition, str) else [],
+            header_items=list(headers.items()),
+            headers=headers,
+            body=json.dumps(command.value).encode(),
+            content_type=MERGE_PATCH,
+            host_url=host_url,
+        )
+        try:
+            resp, _, _, _ = self._dispatch(ctx)
+        except _Stop:
+            raise OSError("double stopping") from None
+        self._note(ctx, resp.status)
+        with self._lock:
+            self.ws_commands += 1
+        return command.response(resp.status, resp.body), (ctx, resp)
 
     def _encode(self, resp: _Resp) -> bytes:
         if resp.raw is not None:
