@@ -85,6 +85,17 @@ def merge_reading(state: PositionState | None, reading: SensorReading) -> Positi
     )
 
 
+def newest_of(a: PositionState, b: PositionState) -> PositionState:
+    """The newer of two states of one position; fields it lacks come from the older (as a merge-PATCH would)."""
+    newer, older = (a, b) if a.ts_ms >= b.ts_ms else (b, a)
+    return PositionState(
+        ts_ms=newer.ts_ms,
+        temperature=newer.temperature if newer.temperature is not None else older.temperature,
+        humidity=newer.humidity if newer.humidity is not None else older.humidity,
+        device=newer.device or older.device,
+    )
+
+
 def attributes_for(location: RackLocation, devices: dict[Position, str]) -> dict[str, Any]:
     return {
         "site": location.site,

@@ -194,3 +194,49 @@ def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_e
     rows = influxd.rows("SELECT trend_c_per_h, rack FROM rack_forecast", influx_db)
     assert sorted(r["rack"] for r in rows) == ["r2", "r3", "r4", "r5"]
     assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 6
+
+
+def test_failed_update_is_not_lost_to_an_older_reading_that_arrived_meanwhile(bridge_env, monkeypatch, ditto):
+    """A newer reading whose request fails while an older one queues behind it: the twin still ends newest."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.metrics import Metrics
+    from bridge.sinks.ditto import DittoUpdater
+
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    updater = DittoUpdater(load_settings(), Metrics())
+    updater.start()
+    loc = RackLocation("site1", "room1", "row1", "rack-r")
+    now = int(time.time() * 1000)
+    confirmed = []
+    try:
+        updater.submit(SensorReading(loc, "top", "rack-r", now - 60_000, 20.0, 40.0), lambda: confirmed.append("t0"))
+        wait_until(lambda: confirmed == ["t0"], what="twin created")
+        ditto.inject(status=503, count=1, delay=0.5)  # the next request is in flight for 0.5 s, then fails
+        updater.submit(SensorReading(loc, "top", "rack-r", now - 1_000, 25.0, 41.0), lambda: confirmed.append("new"))
+        time.sleep(0.2)
+        updater.submit(SensorReading(loc, "top", "rack-r", now - 30_000, 22.0, None), lambda: confirmed.append("old"))
+        wait_until(lambda: len(confirmed) == 3, timeout=20, what="both readings confirmed")
+        assert props(ditto, "dc.test:rack-r")["tsTop"] == iso_ms(now - 1_000)
+        assert props(ditto, "dc.test:rack-r")["tempTop"] == 25.0
+    finally:
+        updater.stop(timeout=2)
+
+
+def test_tag_values_with_separators_and_control_characters_reach_influxdb_intact(influxd, influx_db):
+    """Config-supplied room/row names and pattern-matched device names may hold any of these; each point must
+    still parse, and read back with its tags (control characters as spaces)."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks.influx import reading_line
+
+    names = {"hall 1": "hall 1", "a,b=c": "a,b=c", "tab\there": "tab here", "line\nbreak": "line break",
+             "cr\rx": "cr x", "ends\\": "ends "}  # a trailing backslash cannot survive: it would escape the separator
+    ts = int(time.time() * 1000) - 60_000
+    lines = [reading_line(SensorReading(RackLocation("site1", name, "row1", f"rack-{i}"), "top", f"dev {i}",
+                                        ts, 21.0 + i, 40.0)) for i, name in enumerate(names)]
+    resp = requests.post(f"{influxd.url}/write", params={"db": influx_db, "precision": "ms"},
+                         data="\n".join(lines).encode(), timeout=5)
+    assert resp.status_code == 204, resp.text
+    rows = influxd.rows("SELECT temperature, room, device FROM rack_environment", influx_db)
+    assert sorted((r["room"], r["temperature"]) for r in rows) == sorted(
+        (stored, 21.0 + i) for i, stored in enumerate(names.values()))

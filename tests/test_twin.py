@@ -80,3 +80,10 @@ def test_policy_grants():
     body = twin.policy_body({"admin": ["nginx:ditto"], "bridge": ["nginx:bridge"], "reader": ["nginx:grafana"]})
     assert body["entries"]["reader"]["resources"] == {"thing:/": {"grant": ["READ"], "revoke": []}}
     assert body["entries"]["bridge"]["resources"]["thing:/"]["grant"] == ["READ", "WRITE"]
+
+
+def test_newest_of_keeps_the_newer_state_whichever_side_it_is_on():
+    older = twin.PositionState(1, 20.0, 40.0, "d-old")
+    newer = twin.PositionState(2, 21.0, None, None)
+    for a, b in ((older, newer), (newer, older)):
+        assert twin.newest_of(a, b) == twin.PositionState(2, 21.0, 40.0, "d-old")

@@ -33,7 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
-RETRY_STATUSES = {401, 403, 404, 408, 429, 500, 502, 503, 504}
+RETRY_STATUSES = {401, 403, 404, 408, 429}  # and every 5xx: see retryable()
+
+
+def retryable(status: int | None) -> bool:
+    """No answer, a server or proxy error, overload, or a policy/thing not there yet: worth waiting for."""
+    return status is None or status >= 500 or status in RETRY_STATUSES
 
 
 class DittoError(Exception):
@@ -409,7 +414,7 @@ class DittoUpdater:
 
     def _retry_later(self, thing: _Thing, pending: dict, waiters: list[_Waiter], exc: Exception) -> None:
         status = getattr(exc, "status", None)
-        if status is not None and status not in RETRY_STATUSES and status != 412:
+        if not retryable(status) and status != 412:
             # A request Ditto will never accept (bad id, body too large): it cannot succeed by waiting.
             self.metrics.ditto_updates.labels("error").inc()
             log.error("Ditto refused update of %s for good: %s", thing.tid, exc)
@@ -431,18 +436,11 @@ class DittoUpdater:
         if status in (401, 403, 404):
             thing.ensured = False
         with self._cond:
-            # Readings that arrived meanwhile are newer: they win over the ones we failed to send.
+            # Fold what we failed to send back in with what arrived meanwhile; per position the newest wins,
+            # whichever of the two it is (a reading that arrived meanwhile may be older than the failed one).
             for position, state in pending.items():
-                newer = thing.pending.get(position)
-                if newer is None:
-                    thing.pending[position] = state
-                elif newer.ts_ms > state.ts_ms:
-                    thing.pending[position] = twin.PositionState(
-                        newer.ts_ms,
-                        newer.temperature if newer.temperature is not None else state.temperature,
-                        newer.humidity if newer.humidity is not None else state.humidity,
-                        newer.device,
-                    )
+                other = thing.pending.get(position)
+                thing.pending[position] = state if other is None else twin.newest_of(state, other)
             thing.waiters = waiters + thing.waiters
             thing.attempts += 1
             delay = min(0.1 * 2 ** min(thing.attempts, 8), 10.0)

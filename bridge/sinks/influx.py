@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 MEASUREMENT = "rack_environment"
 
-_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": " ", "\r": " ", "\t": " "})
+_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\ ", "\r": r"\ ", "\t": r"\ "})
 
 
 def escape_tag(value: str) -> str:
