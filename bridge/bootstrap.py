@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import requests
 
@@ -103,6 +104,14 @@ def config_from_env(env: Mapping[str, str] | None = None) -> BootstrapConfig:
     if tb_mode not in ("demo", "external", "off"):
         raise BootstrapError(f"TB_MODE must be demo, external or off, not {tb_mode!r}")
     tb_needed = tb_mode != "off"
+    if tb_mode == "external":
+        # The demo's container names mean nothing to a ThingsBoard outside this stack: installing a rule chain
+        # that forwards to "mosquitto" would fail silently, so stop here instead.
+        if urlsplit(env.get("TB_URL", "")).hostname == "thingsboard":
+            raise BootstrapError("TB_MODE=external: set TB_URL to your ThingsBoard's URL (it is still the demo's)")
+        if (env.get("TB_MQTT_BROKER_HOST") or "mosquitto") == "mosquitto":
+            raise BootstrapError("TB_MODE=external: set TB_MQTT_BROKER_HOST to an address of this host that your "
+                                 "ThingsBoard can reach (and TB_MQTT_BROKER_PORT to MOSQUITTO_HOST_PORT)")
     return BootstrapConfig(
         secrets_dir=Path(env.get("BOOTSTRAP_SECRETS_DIR", "/run/racktwin")),
         wait_timeout_s=float(env.get("BOOTSTRAP_WAIT_TIMEOUT_S", "600")),

@@ -173,8 +173,16 @@ def test_config_from_env_names_the_missing_variable():
         config_from_env(env)
     cfg = config_from_env({**env, "INFLUX_ADMIN_TOKEN": "t"})
     assert cfg.tb_mode == "off" and cfg.policy_id == "dc.site1:racktwin"
+    external = {**env, "INFLUX_ADMIN_TOKEN": "t", "TB_MODE": "external", "TB_URL": "http://tb",
+                "TB_MQTT_BROKER_HOST": "192.0.2.10"}
     with pytest.raises(BootstrapError, match="TB_TENANT_PASSWORD"):
-        config_from_env({**env, "INFLUX_ADMIN_TOKEN": "t", "TB_MODE": "external", "TB_URL": "http://tb"})
+        config_from_env(external)
+    # The demo's container names left in place for an external ThingsBoard are refused, naming the variable.
+    with pytest.raises(BootstrapError, match="TB_URL"):
+        config_from_env({**external, "TB_URL": "http://thingsboard:8080"})
+    with pytest.raises(BootstrapError, match="TB_MQTT_BROKER_HOST"):
+        config_from_env({**external, "TB_MQTT_BROKER_HOST": "mosquitto"})
+    assert config_from_env({**external, "TB_TENANT_PASSWORD": "p", "MQTT_TB_PASSWORD": "m"}).tb_mqtt_host == "192.0.2.10"
 
 
 # --- ThingsBoard demo password rotation ------------------------------------------------------------------

@@ -323,6 +323,9 @@ def test_dependencies_wait_for_health_and_one_shots():
     for name, svc in services.items():
         if name not in one_shots:
             assert svc.get("healthcheck", {}).get("test"), f"long-running {name} has no healthcheck"
+        elif svc["image"].startswith("racktwin/bridge:"):
+            # The bridge image's HEALTHCHECK would mark a one-shot unhealthy (it serves no /healthz).
+            assert svc.get("healthcheck", {}).get("disable") is True, f"one-shot {name} inherits the image's healthcheck"
 
 
 def test_every_service_has_a_memory_limit_and_the_sum_fits_the_readme():
@@ -652,8 +655,11 @@ def test_nginx_authenticates_and_sets_the_ditto_subject(nginx_in_front_of_echo):
     resp = requests.get(base + "/health", headers=spoof, timeout=5)
     assert resp.status_code == 200
     assert "x-ditto-pre-authenticated" not in _Echo.seen[-1]["headers"]
-    # The UI is served from /ui/ with the prefix stripped; unknown paths are not proxied.
-    requests.get(base + "/ui/index.html", timeout=5)
+    # The UI is served from /ui/ behind the same login, with the prefix stripped; unknown paths are not proxied.
+    n = len(_Echo.seen)
+    assert requests.get(base + "/ui/index.html", timeout=5).status_code == 401
+    assert len(_Echo.seen) == n
+    requests.get(base + "/ui/index.html", auth=("grafana", "grafana-pw"), timeout=5)
     assert _Echo.seen[-1]["path"] == "/index.html"
     n = len(_Echo.seen)
     assert requests.get(base + "/devops/logging", auth=("ditto", "admin-pw"), timeout=5).status_code == 404
@@ -698,3 +704,26 @@ def test_tb_install_runs_only_on_an_empty_database(tmp_path):
     assert runs["installed"].returncode == 0 and "INSTALLING" not in runs["installed"].stdout
     assert runs["empty"].returncode == 0 and "INSTALLING true" in runs["empty"].stdout
     assert runs[None].returncode == 1
+
+
+def test_grafana_entrypoint_fills_empty_receivers_and_wires_smtp(tmp_path):
+    """Grafana refuses provisioned receivers without url/address: empty ones become placeholders; SMTP_HOST
+    switches email on. The image's /run.sh is replaced by a script that prints the environment it gets."""
+    run = tmp_path / "run.sh"
+    run.write_text("#!/bin/sh\nenv\n")
+    run.chmod(0o755)
+    base = {"PATH": os.environ["PATH"], "GRAFANA_RUN": str(run), "GRAFANA_INFLUX_TOKEN": "t"}
+
+    def start(**env: str) -> tuple[dict[str, str], str]:
+        proc = subprocess.run(["sh", str(COMPOSE_DIR / "grafana" / "entrypoint.sh")], env={**base, **env},
+                              capture_output=True, text=True, check=True)
+        return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line), proc.stderr
+
+    got, log = start(ALERT_WEBHOOK_URL="", ALERT_EMAIL_TO="")
+    assert got["ALERT_WEBHOOK_URL"].startswith("http://127.0.0.1:9/") and got["ALERT_EMAIL_TO"].endswith(".invalid")
+    assert "ALERT_WEBHOOK_URL is empty" in log and "GF_SMTP_ENABLED" not in got
+    got, log = start(ALERT_WEBHOOK_URL="https://hooks.example/x", ALERT_EMAIL_TO="noc@example.org",
+                     SMTP_HOST="smtp.example.org:587", SMTP_USER="u", SMTP_PASSWORD="p", SMTP_FROM="rt@example.org")
+    assert (got["ALERT_WEBHOOK_URL"], got["ALERT_EMAIL_TO"]) == ("https://hooks.example/x", "noc@example.org")
+    assert (got["GF_SMTP_ENABLED"], got["GF_SMTP_HOST"], got["GF_SMTP_PASSWORD"]) == ("true", "smtp.example.org:587", "p")
+    assert log == ""
