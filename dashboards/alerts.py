@@ -48,6 +48,10 @@ def latest(field_name: str) -> str:
 
 # A real sensor's readings wander by at least its noise; identical values for 15 min mean a stuck one.
 STUCK_WINDOW_S = 900
+# How far back the silent-sensor rule looks for sensors that used to report. A sensor silent for longer drops
+# out of the result and its alert resolves, so this is a day, not an hour: the engineer paged at 3 a.m. must not
+# see it "resolve" at 4 while the sensor is still dead. (Cost: one bucket per reading interval per sensor.)
+SILENT_LOOKBACK_S = 24 * 3600
 STUCK_MIN_READINGS = 10  # fewer readings than this is the silent-sensor rule's business
 
 
@@ -128,7 +132,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  f"{WHERE_SENSOR} inlet changed {VALUE} °C within {RATE_WINDOW_S // 60} min "
                  f"(limit {num(t.rate_limit_c_per_h)} °C/h)"),
         RuleSpec("racktwin-sensor-silent", "Sensor stopped reporting",
-                 silent_sensors_per_series(t, "", SENSOR_TAGS), 3600, "last", "lt", (0.001,), "warning",
+                 silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
                  f"{WHERE_SENSOR} sent no reading for {t.silent_after_s} s (3 intervals of "
                  f"{t.reading_interval_s} s)"),
         RuleSpec("racktwin-sensor-stuck", "Sensor stuck (reports the same values)",

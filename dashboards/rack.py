@@ -12,9 +12,9 @@ from .panels import dashboard_link, grid, stat, timeseries
 from .thresholds import Thresholds
 from .wall import FORECAST_RANGE, minutes_steps, num
 
-# Host-side defaults (compose publishes Ditto's nginx on DITTO_HTTP_PORT=8081 and ThingsBoard on 8080);
+# Host-side defaults (compose publishes Ditto's nginx on DITTO_HTTP_PORT=8090 and ThingsBoard on 8080);
 # change the constants in the dashboard settings if the wall runs elsewhere.
-DITTO_UI_URL = "http://localhost:8081/ui/"
+DITTO_URL = "http://localhost:8090"
 THINGSBOARD_URL = "http://localhost:8080"
 
 RACK_FILTER = "\"rack\" = '$rack'"
@@ -136,14 +136,15 @@ def build(t: Thresholds) -> dict:
         templating=templating(
             tag_variable("rack", "Rack", multi=False),
             namespace_variable(),
-            constant_variable("ditto_ui", DITTO_UI_URL, "Ditto UI"),
+            constant_variable("ditto", DITTO_URL, "Ditto"),
             constant_variable("thingsboard", THINGSBOARD_URL, "ThingsBoard"),
         ),
     ).auto_panel_ids()
     links = [
         dashboard_link("Data hall wall", WALL_PATH, "Back to the NOC wall", keep_time=True),
-        dashboard_link("Twin in Ditto UI", "${ditto_ui}", "Thing ${namespace}:${rack} in the Ditto UI",
-                       target_blank=True),
+        dashboard_link("Twin in Ditto", "${ditto}/api/2/things/${namespace}:${rack}",
+                       "Thing ${namespace}:${rack} as Ditto stores it (JSON; Ditto login)", target_blank=True),
+        dashboard_link("Ditto UI", "${ditto}/ui/", "Ditto's web UI (Ditto login)", target_blank=True),
         dashboard_link("Devices in ThingsBoard", "${thingsboard}/entities/devices", "ThingsBoard device list",
                        target_blank=True),
     ]

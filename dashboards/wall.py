@@ -173,9 +173,9 @@ def build(t: Thresholds) -> dict:
              description=f"Racks with a position outside the ASHRAE {t.ashrae_class} allowable envelope."),
         stat("Sensors silent", grid(12, 0, 4, 4), [influx_target(
             f'SELECT count("recent") AS "silent" FROM ({silent_sensors_per_series(t)}) WHERE "recent" = 0')],
-            field_defaults("none", count_steps, 0, noValue="0"), datasource=INFLUX, time_from="1h",
+            field_defaults("none", count_steps, 0, noValue="0"), datasource=INFLUX, time_from="24h",
             description=f"Rack positions with no reading for {t.silent_after_s} s (3 reporting intervals) "
-                        "that reported in the last hour."),
+                        "that reported in the last 24 hours."),
         stat("Largest top − bottom", grid(16, 0, 4, 4), [influx_target(
             f'SELECT max("delta") AS "delta" FROM ({delta_per_rack(ROOM_ROW_FILTER)})')],
             field_defaults("celsius", t.delta_t_steps()), datasource=INFLUX, time_from="15m",

@@ -62,6 +62,16 @@ def test_expectations_cover_every_rack_rule():
     assert rack_rules == set(EXPECTED)
 
 
+def test_a_sensor_silent_for_hours_keeps_firing(fed, influxd, influx_db):
+    """Two hours after the last reading every sensor is still reported silent: the rule's lookback must outlast
+    the outage, or Grafana would resolve the alert while the sensor is dead."""
+    rule = RULES["racktwin-sensor-silent"]
+    every_series = set(evaluate_rule(rule, make_runner(influxd, influx_db, fed.now_ms)).values)
+    later = evaluate_rule(rule, make_runner(influxd, influx_db, fed.now_ms + 2 * 3600 * 1000))
+    assert later.state == "Evaluated" and len(every_series) > 2
+    assert set(later.firing) == every_series
+
+
 def test_exactly_the_expected_racks_fire(fed, influxd, influx_db):
     run = make_runner(influxd, influx_db, fed.now_ms)
     run_forecast = make_runner(influxd, influx_db, fed.forecast_ms + 1000)
