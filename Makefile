@@ -21,11 +21,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create the virtualenv with the project and its test dependencies
 
-deps-system: ## install Mosquitto, InfluxDB and nginx for the tests (apt on Debian/Ubuntu)
+deps-system: ## install Mosquitto, InfluxDB, nginx (and Python's venv if missing) for the tests (apt on Debian/Ubuntu)
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	[ -e $(VENV)/.installed ] || $(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    echo "installing$$missing with apt-get"; \
@@ -33,20 +34,20 @@ deps-system: ## install Mosquitto, InfluxDB and nginx for the tests (apt on Debi
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing \
 	      && for svc in mosquitto influxdb nginx; do $$SUDO service $$svc stop >/dev/null 2>&1 || true; done; \
 	  else \
-	    echo "The tests need these programs:$$missing (Debian package names: $(APT_PACKAGES))."; \
-	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd) and nginx with your package manager, then re-run make test."; \
+	    echo "The tests need these programs:$$missing (Debian package names: $(APT_PACKAGES) python3-venv)."; \
+	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd), nginx and Python's venv module with your package manager, then re-run make test."; \
 	    exit 1; \
 	  fi; \
 	fi
 
-test: venv deps-system ## run the whole test suite (sets itself up from a fresh clone)
+test: deps-system venv contracts ## run the whole test suite (sets itself up from a fresh clone)
 	$(VENV)/bin/pytest -q
 
 readme: venv ## regenerate README's configuration reference from the settings model
 	$(PY) -m bridge.readme
 
-contracts: ## download the contract files the tests use into tests/contracts/ (pinned commits, sha256-checked)
-	$(PY) -m tests.harness.contracts
+contracts: ## fetch the contract files the tests use into tests/contracts/ unless present (pinned, sha256-checked)
+	$(PYTHON) -m tests.harness.contracts
 
 # --- stack (compose/) ---------------------------------------------------------------------------
 

@@ -463,13 +463,22 @@ def _describe(exc: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+# RACKTWIN_* variables that are not bridge settings but belong to the project's other tools, so a shell that
+# exports them for those tools can still run the bridge: the config file, the dashboard generator's thresholds,
+# compose's image tag, and test switches.
+OTHER_TOOLS_ENV = frozenset({
+    "CONFIG", "DELTA_T_LIMIT", "RATE_LIMIT_C_PER_H", "READING_INTERVAL_S", "BRIDGE_LAG_LIMIT_S",
+    "VERSION", "CONTRACTS_DIR", "FAULT_SEED", "SMOKE",
+})
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings from env/files; raise ConfigError with every bad field named."""
     unknown = sorted(
         key
         for key in os.environ
         if key.upper().startswith(ENV_PREFIX)
-        and key.upper() != f"{ENV_PREFIX}CONFIG"
+        and key.upper()[len(ENV_PREFIX):] not in OTHER_TOOLS_ENV
         and _field_of_env(key.upper()) is None
     )
     if unknown:

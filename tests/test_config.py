@@ -41,6 +41,24 @@ def test_unknown_env_key_is_named(monkeypatch):
         load_settings()
 
 
+def test_variables_of_the_projects_other_tools_do_not_stop_the_bridge(monkeypatch):
+    """The dashboard generator, compose and the tests read RACKTWIN_* names of their own; one shell may export them."""
+    import re
+    from pathlib import Path
+
+    from bridge.config import OTHER_TOOLS_ENV, _field_of_env
+
+    repo = Path(__file__).resolve().parent.parent
+    read_elsewhere = set()
+    for path in [repo / "dashboards" / "thresholds.py", repo / "compose" / "docker-compose.yml", *repo.glob("tests/**/*.py")]:
+        read_elsewhere |= set(re.findall(r"RACKTWIN_([A-Z0-9_]+[A-Z0-9])", path.read_text()))
+    not_settings = {n for n in read_elsewhere if _field_of_env("RACKTWIN_" + n) is None} - {"MQTT_HOTS"}
+    assert not_settings and not_settings <= OTHER_TOOLS_ENV, not_settings - OTHER_TOOLS_ENV
+    for name in not_settings - {"CONFIG"}:  # CONFIG is the bridge's own: the file it reads
+        monkeypatch.setenv("RACKTWIN_" + name, "1")
+    load_settings()
+
+
 def test_bad_value_names_field_and_env(monkeypatch):
     monkeypatch.setenv("RACKTWIN_DITTO_NAMESPACE", "1bad ns")
     with pytest.raises(ConfigError) as info:
