@@ -21,10 +21,11 @@ from typing import Any
 class Rejected(Exception):
     """A message that can never succeed. ``reason`` is a short stable label used in metrics."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, device: str | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.device = device  # when known: the log line's rate limit is per device
 
 
 @dataclass(frozen=True, slots=True)

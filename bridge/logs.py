@@ -21,12 +21,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class OneLineFormatter(logging.Formatter):
+    """Plain text, but a traceback or a newline inside a message stays on the event's line (joined by ' | '),
+    so line-based log shippers and `grep` see one event per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " | ".join(part for part in super().format(record).splitlines() if part.strip())
+
+
 def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if as_json:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -55,7 +55,13 @@ class Pipeline:
         received_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         try:
             groups = decode(topic, payload, received_ms, self.settings.max_payload_bytes)
-            readings = [r for g in groups for r in self.mapper.map_group(g, received_ms)]
+            readings = []
+            for group in groups:
+                try:
+                    readings.extend(self.mapper.map_group(group, received_ms))
+                except Rejected as rej:
+                    rej.device = rej.device or group.device  # a gateway topic carries many devices
+                    raise
         except Rejected as rej:
             self._reject(topic, rej)
             ack()  # it will never succeed: do not let the broker redeliver it forever
@@ -93,10 +99,12 @@ class Pipeline:
 
     def _reject(self, topic: str, rej: Rejected) -> None:
         self.metrics.rejected.labels(rej.reason).inc()
-        try:
-            device = device_from_topic(topic)
-        except Rejected:
-            device = topic
+        device = rej.device
+        if device is None:  # the payload did not get as far as naming one
+            try:
+                device = device_from_topic(topic)
+            except Rejected:
+                device = topic
         now = time.monotonic()
         interval = self.settings.reject_log_interval_s
         last = self._last_reject_log.get(device)
@@ -105,4 +113,4 @@ class Pipeline:
         if len(self._last_reject_log) > 10000:
             self._last_reject_log.clear()
         self._last_reject_log[device] = now
-        log.warning("rejected message on %s: %s: %s", topic[:120], rej.reason, rej.detail[:200])
+        log.warning("rejected message from %s on %s: %s: %s", device[:80], topic[:120], rej.reason, rej.detail[:200])

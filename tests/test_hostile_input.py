@@ -124,3 +124,39 @@ def test_fuzzed_documents_keep_the_invariants(topic, doc):
 @given(payload=st.binary(max_size=200))
 def test_fuzzed_bytes_keep_the_invariants(payload):
     check_outcome("racktwin/telemetry/rack-1", payload)
+
+
+def test_reject_log_lines_are_rate_limited_per_device_not_per_topic(caplog):
+    """Many devices share one topic (rule-engine envelopes on a fixed topic, a gateway): one noisy device must not
+    hide the others' rejects from the log; the same device is logged once per interval, and counted every time."""
+    class Sink:
+        def submit(self, *args):
+            pass
+
+    metrics = Metrics()
+    pipeline = Pipeline(SETTINGS, Sink(), Sink(), metrics)
+    too_hot = {"tempTop": 500}
+    messages = [{"deviceName": name, "deviceType": "rack-sensor", "ts": NOW, "values": too_hot}
+                for name in ("rack-1", "rack-1", "rack-2", "rack-1", "rack-3")]
+    with caplog.at_level("WARNING", logger="bridge.pipeline"):
+        for doc in messages:
+            pipeline.handle("racktwin/telemetry/shared", json.dumps(doc).encode(), lambda: None, now_ms=NOW)
+    logged = [r.getMessage() for r in caplog.records if "rejected message" in r.getMessage()]
+    assert [m.split()[3] for m in logged] == ["rack-1", "rack-2", "rack-3"], logged
+    assert metrics.value("racktwin_messages_rejected_total", {"reason": "out_of_range"}) == 5
+
+
+def test_log_events_stay_on_one_line_in_both_formats():
+    import logging
+
+    from bridge.logs import JsonFormatter, OneLineFormatter
+
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        import sys
+        record = logging.LogRecord("bridge.x", logging.ERROR, __file__, 1, "failed on %s", ("a\nb",), sys.exc_info())
+    plain = OneLineFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert "\n" not in plain and plain.startswith("ERROR bridge.x: failed on a | b | Traceback")
+    assert "ValueError: bad | value" in plain
+    assert "\n" not in JsonFormatter().format(record)
