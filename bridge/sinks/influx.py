@@ -73,6 +73,7 @@ READING = POINT_KINDS[0]
 # The bridge's own points (forecasts, stats) have no MQTT message to hold back, so during an outage
 # they are bounded here instead: past this many queued, the oldest are shed (and counted).
 MAX_QUEUED_SIDE_POINTS = 50_000
+PROBE_INTERVAL_S = 5.0  # how often an idle writer that has not reached InfluxDB asks /ping again
 
 
 @dataclass
@@ -106,7 +107,7 @@ class InfluxWriter:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="influx-writer", daemon=True)
-        self.healthy = True
+        self.healthy = False  # until InfluxDB answered once: /readyz must not claim a sink it never reached
         self.last_error: str | None = None
 
     def start(self) -> None:
@@ -132,11 +133,13 @@ class InfluxWriter:
                 kept.append(entry)
         self._queue = kept
 
-    def _take_batch(self) -> list[_Entry]:
+    def _take_batch(self) -> list[_Entry] | None:
+        """The next batch; [] when stopping and drained; None when idle and InfluxDB should be probed."""
         s = self.settings
         with self._cond:
             while not self._queue and not self._stopping:
-                self._cond.wait()
+                if not self._cond.wait(timeout=None if self.healthy else PROBE_INTERVAL_S) and not self.healthy:
+                    return None
             if not self._queue:
                 return []
             # Give a young batch a moment to fill, without holding the oldest point longer than the interval.
@@ -156,14 +159,31 @@ class InfluxWriter:
                 points += len(entry.lines)
             return batch
 
+    def _probe(self) -> None:
+        """Idle and not known healthy: ask InfluxDB's /ping, so readiness tells the truth without traffic."""
+        if self.client.ping():
+            if not self.healthy:
+                log.info("InfluxDB reachable at %s", self.settings.influx_url)
+            self.healthy, self.last_error = True, None
+        else:
+            error = f"no answer to /ping at {self.settings.influx_url}"
+            if error != self.last_error:
+                log.warning("InfluxDB not reachable (%s); asking again every %.0f s", error, PROBE_INTERVAL_S)
+            self.healthy, self.last_error = False, error
+
     def _run(self) -> None:
         backoff = 0.2
         batch: list[_Entry] = []
+        self._probe()
         while True:
             if not batch:
-                batch = self._take_batch()
-                if not batch:
+                taken = self._take_batch()
+                if taken is None:
+                    self._probe()
+                    continue
+                if not taken:
                     return  # stopping and drained
+                batch = taken
             lines = [line for e in batch for line in e.lines]
             outcome = self._write(lines, batch)
             if outcome == "retry":
