@@ -1,4 +1,5 @@
-"""Operating endpoints: /healthz (alive), /readyz (broker connected, sinks reachable), /metrics."""
+"""Operating endpoints: /healthz (alive), /readyz (broker connected, sinks reachable), /metrics, and
+POST /sync (run the ThingsBoard sync now, when one is configured)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ ReadinessCheck = Callable[[], dict[str, bool]]
 
 
 class OpsServer:
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, readiness: ReadinessCheck):
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, readiness: ReadinessCheck,
+                 sync_now: Callable[[], None] | None = None):
         registry_ref, readiness_ref = registry, readiness
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,6 +35,15 @@ class OpsServer:
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry_ref))
                 else:
                     self._send(404, "text/plain", b"not found\n")
+
+            def do_POST(self) -> None:  # noqa: N802
+                if self.path.split("?", 1)[0] != "/sync":
+                    self._send(404, "text/plain", b"not found\n")
+                elif sync_now is None:
+                    self._send(409, "application/json", b'{"error":"no ThingsBoard configured (RACKTWIN_TB_URL)"}')
+                else:
+                    sync_now()  # wakes the sync worker; the result shows in the log and in the twins
+                    self._send(202, "application/json", b'{"sync":"started"}')
 
             def _send(self, status: int, ctype: str, body: bytes) -> None:
                 self.send_response(status)
@@ -51,7 +62,7 @@ class OpsServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("ops endpoints on port %d: /healthz /readyz /metrics", self.port)
+        log.info("ops endpoints on port %d: /healthz /readyz /metrics, POST /sync", self.port)
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -68,10 +68,21 @@ class Mapper:
                 for alias in aliases:
                     self.key_index[alias] = (None, quantity)
         self.max_name = MAX_THING_ID - len(settings.ditto_namespace) - 1
+        # device -> where ThingsBoard's server attributes put it (racktwin sync); checked before the pattern.
+        self.placements: dict[str, tuple[RackLocation, Position | None]] = {}
 
     def replace_mapping(self, mapping: MappingConfig) -> None:
         """Swap in rack metadata learnt at run time (ThingsBoard sync); one attribute store, so thread-safe."""
         self.mapping = mapping
+
+    def replace_placements(self, placements: dict[str, tuple[RackLocation, Position | None]]) -> None:
+        """Swap in the devices ThingsBoard's attributes place (rack, and top/bottom of per-sensor devices), so live
+        readings land where `racktwin sync` put the twins; one attribute store, so thread-safe."""
+        self.placements = placements
+
+    def _check_rack(self, rack: str) -> None:
+        if not rack or not _DITTO_NAME.match(rack) or len(rack) > self.max_name:
+            raise Rejected("invalid_rack_name", f"rack {rack[:80]!r} is not a legal Ditto thing name")
 
     @cached_property
     def _ranges(self) -> dict[str, tuple[float, float]]:
@@ -79,13 +90,17 @@ class Mapper:
         return {"temperature": (s.temp_min_c, s.temp_max_c), "humidity": (s.humidity_min_pct, s.humidity_max_pct)}
 
     def locate(self, device: str) -> tuple[RackLocation, Position | None]:
+        placed = self.placements.get(device)
+        if placed is not None:
+            location, position = placed
+            self._check_rack(location.rack)
+            return location, position if self.mapping.mode == "per_sensor" else None
         match = self.pattern.fullmatch(device)
         if not match:
             raise Rejected("unknown_device", f"device {device[:80]!r} does not match device_pattern")
         groups = match.groupdict()
         rack = groups.get("rack") or ""
-        if not rack or not _DITTO_NAME.match(rack) or len(rack) > self.max_name:
-            raise Rejected("invalid_rack_name", f"rack {rack[:80]!r} is not a legal Ditto thing name")
+        self._check_rack(rack)
         meta = self.mapping.racks.get(rack)
         if meta is None and self.mapping.only_listed_racks:
             raise Rejected("unknown_device", f"rack {rack!r} is not listed in the mapping")

@@ -29,7 +29,9 @@ class Bridge:
         hooks = [self.forecast.observe] if self.forecast is not None else []
         self.pipeline = Pipeline(settings, self.influx, self.ditto, self.metrics, hooks=hooks)
         self.source = MqttSource(settings, self.metrics, self.pipeline.handle)
-        self.ops = OpsServer(settings.http_host, settings.http_port, self.metrics.registry, self.readiness)
+        self.sync = self._sync_worker(settings)
+        self.ops = OpsServer(settings.http_host, settings.http_port, self.metrics.registry, self.readiness,
+                             sync_now=self.sync.trigger if self.sync is not None else None)
         self.stats = StatsReporter(
             self.metrics,
             settings.mqtt_client_id,
@@ -37,7 +39,6 @@ class Bridge:
             lambda lines: self.influx.submit(lines, None, kind="stats"),
             lambda: all(self.readiness().values()),
         )
-        self.sync = self._sync_worker(settings)
         self._stopped = threading.Event()
 
     def _forecast(self, settings: Settings):  # noqa: ANN202
@@ -62,12 +63,13 @@ class Bridge:
         every sync_interval_s, so devices added later appear without a restart."""
         if not settings.tb_url:
             return None
-        from .thingsboard.sync import SyncWorker, merged_mapping
+        from .thingsboard.sync import SyncWorker, merged_mapping, placement_index
 
         configured = settings.mapping
 
         def learnt(result) -> None:  # noqa: ANN001
             self.pipeline.mapper.replace_mapping(merged_mapping(configured, result.racks))
+            self.pipeline.mapper.replace_placements(placement_index(result.placements))
             log.info("ThingsBoard sync: %d devices, %d racks placed", result.devices, len(result.racks))
 
         return SyncWorker(settings, learnt)

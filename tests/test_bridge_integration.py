@@ -153,6 +153,7 @@ def test_ops_endpoints(running_bridge, bridge_env, publisher, influxd, influx_db
     port = running_bridge.ops.port
     base = f"http://127.0.0.1:{port}"
     assert requests.get(base + "/healthz", timeout=5).json() == {"status": "alive"}
+    assert requests.post(base + "/sync", timeout=5).status_code == 409  # no ThingsBoard configured here
     wait_until(lambda: requests.get(base + "/readyz", timeout=5).status_code == 200, what="ready")
     publisher.publish_all([(topic(bridge_env, "rack-m"), b"oops")])
     wait_until(lambda: 'racktwin_messages_rejected_total{reason="invalid_json"} 1.0' in
@@ -240,3 +241,28 @@ def test_tag_values_with_separators_and_control_characters_reach_influxdb_intact
     rows = influxd.rows("SELECT temperature, room, device FROM rack_environment", influx_db)
     assert sorted((r["room"], r["temperature"]) for r in rows) == sorted(
         (stored, 21.0 + i) for i, stored in enumerate(names.values()))
+
+
+def test_readiness_reports_influxdb_only_once_it_answered(bridge_env, monkeypatch, influx_adapter):
+    """An idle bridge must not claim InfluxDB is reachable before it ever was: it asks /ping itself."""
+    from bridge.metrics import Metrics
+    from bridge.sinks import influx as influx_sink
+    from tests.harness.services import free_port
+
+    monkeypatch.setattr(influx_sink, "PROBE_INTERVAL_S", 0.2)
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RACKTWIN_INFLUX_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("RACKTWIN_INFLUX_TIMEOUT_S", "1")
+    nowhere = influx_sink.InfluxWriter(load_settings(), Metrics())
+    assert not nowhere.healthy
+    nowhere.start()
+    time.sleep(1.0)
+    assert not nowhere.healthy and "ping" in (nowhere.last_error or "")
+    nowhere.stop(timeout=2)
+
+    monkeypatch.setenv("RACKTWIN_INFLUX_URL", influx_adapter.url)
+    there = influx_sink.InfluxWriter(load_settings(), Metrics())
+    there.start()
+    wait_until(lambda: there.healthy, timeout=5, what="InfluxDB reached without any write")
+    there.stop(timeout=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import requests
 
 from bridge.config import MappingConfig, RackMeta, load_settings
 from bridge.thingsboard.sync import SyncWorker, groups_from_timeseries, merged_mapping, run_sync
@@ -156,5 +157,46 @@ def test_bridge_places_racks_by_thingsboard_attributes(tb_double, ditto, setting
         wait_until(lambda: thing(ditto, "rack-77")["features"]["environment"]["properties"].get("tempTop") == 25.5,
                    what="twin updated")
         assert thing(ditto, "rack-77")["attributes"]["room"] == "hall-9"
+    finally:
+        bridge.stop()
+
+
+def test_bridge_places_per_sensor_devices_by_their_rack_and_position_attributes(tb_double, ditto, settings_factory,
+                                                                                 mosquitto, influxd, influx_db,
+                                                                                 bridge_env):
+    """Per-sensor devices whose rack and top/bottom come only from ThingsBoard attributes: live readings land
+    in the twin and series sync created, not in whatever the name pattern would say."""
+    from bridge.service import Bridge
+    from tests.harness.mqtt import Publisher
+
+    now = int(time.time() * 1000)
+    for position in ("top", "bottom"):
+        tb_double.add_device(f"probe-{position}-3", "rack-sensor", attributes={"rack": "rack-33", "position": position})
+        tb_double.add_telemetry(f"probe-{position}-3", now - 60_000, {"temperature": 22.0})
+    settings = settings_factory(sync_interval_s=0, mapping={
+        "mode": "per_sensor", "device_pattern": r"(?P<rack>probe)-(?P<position>[a-z]+)-\d+"})
+    bridge = Bridge(settings)
+    bridge.start()
+    try:
+        wait_until(lambda: "probe-top-3" in bridge.pipeline.mapper.placements, what="placements reached the mapper")
+        wait_until(bridge.source.connected.is_set, what="bridge connected")
+        publisher = Publisher(mosquitto.port)
+        prefix = bridge_env["RACKTWIN_MQTT_TOPIC"].rstrip("#")
+        publisher.publish_all([(prefix + f"probe-{pos}-3", {"deviceName": f"probe-{pos}-3", "ts": now,
+                                                             "values": {"temperature": temp, "humidity": 40.0}})
+                               for pos, temp in (("top", 27.5), ("bottom", 21.0))])
+        publisher.close()
+        rows = wait_until(lambda: influxd.rows(f"SELECT temperature FROM rack_environment WHERE time = {now}ms "
+                                               "GROUP BY rack, position", influx_db), what="points written")
+        assert sorted((r["rack"], r["position"], r["temperature"]) for r in rows) == [
+            ("rack-33", "bottom", 21.0), ("rack-33", "top", 27.5)]
+        wait_until(lambda: thing(ditto, "rack-33")["features"]["environment"]["properties"].get("deltaT") == 6.5,
+                   what="twin updated from both sensors")
+        assert thing(ditto, "probe") is None  # the name pattern's rack never got a twin
+        # A device added in ThingsBoard is placed at once on demand (POST /sync), not after sync_interval_s.
+        tb_double.add_device("probe-top-4", "rack-sensor", attributes={"rack": "rack-44", "position": "top"})
+        resp = requests.post(f"http://127.0.0.1:{bridge.ops.port}/sync", timeout=5)
+        assert resp.status_code == 202
+        wait_until(lambda: "probe-top-4" in bridge.pipeline.mapper.placements, what="on-demand sync")
     finally:
         bridge.stop()

@@ -106,17 +106,18 @@ def groups_from_timeseries(device: str, device_type: str | None,
     return [TelemetryGroup(device, device_type, ts, values) for ts, values in sorted(by_ts.items())]
 
 
+def placement_index(placements: dict[str, DevicePlacement]) -> dict[str, tuple[RackLocation, Position | None]]:
+    """What Mapper.replace_placements takes: device -> (location, position)."""
+    return {name: (p.location, p.position) for name, p in placements.items()}
+
+
 class PlacedMapper(Mapper):
     """The bridge's mapper, but devices are placed by their ThingsBoard attributes."""
 
     def __init__(self, settings: Settings, placements: dict[str, DevicePlacement]):
         super().__init__(settings)
-        self.placements = placements
+        self.replace_placements(placement_index(placements))
         self.device_types = frozenset()  # listing by profile already chose the devices
-
-    def locate(self, device: str) -> tuple[RackLocation, Position | None]:
-        placement = self.placements[device]
-        return placement.location, placement.position
 
 
 def merged_mapping(mapping: MappingConfig, racks: dict[str, RackMeta]) -> MappingConfig:
