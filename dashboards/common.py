@@ -25,6 +25,7 @@ BRIDGE_PATH = f"/d/{BRIDGE_UID}/bridge-health"
 
 MEASUREMENT = "rack_environment"
 FORECAST_MEASUREMENT = "rack_forecast"  # bridge/forecast/tracker.py, one point per rack position every 30 s
+PROJECTION_MEASUREMENT = "rack_projection"  # the same, its 30-min projection stamped 30 min ahead
 SCHEMA_VERSION = 39
 
 # Filters by the wall's room/row variables; multi-value variables expand to (a|b), so a regex match.
@@ -173,8 +174,8 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-def time_range(frm: str) -> Time:
-    return Time(frm, "now")
+def time_range(frm: str, to: str = "now") -> Time:
+    return Time(frm, to)
 
 
 def templating(*variables: Template) -> Templating:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from grafanalib.core import Dashboard
 
-from .common import (DITTO, FORECAST_MEASUREMENT, INFLUX, MEASUREMENT, RACK_UID, WALL_PATH, column, constant_variable,
-                     field_defaults, infinity_target, influx_target, namespace_variable, render, tag_variable,
-                     templating, time_range)
+from .common import (DITTO, FORECAST_MEASUREMENT, INFLUX, MEASUREMENT, PROJECTION_MEASUREMENT, RACK_UID, WALL_PATH,
+                     column, constant_variable, field_defaults, infinity_target, influx_target, namespace_variable,
+                     render, tag_variable, templating, time_range)
 from .panels import dashboard_link, grid, stat, timeseries
 from .thresholds import Thresholds
 from .wall import FORECAST_RANGE, minutes_steps, num
@@ -49,7 +49,8 @@ def delta_history() -> str:
 
 
 def projected_history() -> str:
-    return (f'SELECT mean("projected_temp_30m") FROM "{FORECAST_MEASUREMENT}" WHERE $timeFilter AND {RACK_FILTER} '
+    """The 30-minute projections at the time they project to: up to 30 min ahead of now."""
+    return (f'SELECT mean("projected_temp") FROM "{PROJECTION_MEASUREMENT}" WHERE $timeFilter AND {RACK_FILTER} '
             'GROUP BY time($__interval), "position" fill(null)')
 
 
@@ -132,7 +133,7 @@ def build(t: Thresholds) -> dict:
     ]
     dashboard = Dashboard(
         title="Rack detail", uid=RACK_UID, tags=["racktwin"], timezone="browser", refresh="1m",
-        time=time_range("now-24h"), editable=False, panels=panels,
+        time=time_range("now-24h", "now+30m"), editable=False, panels=panels,  # room for the projection
         templating=templating(
             tag_variable("rack", "Rack", multi=False),
             namespace_variable(),

@@ -138,8 +138,13 @@ def infinity_panel_targets():
 
 
 def panel_range(dash: dict, panel: dict, now_ms: int) -> tuple[int, int]:
-    frm = panel.get("timeFrom") or dash["time"]["from"].removeprefix("now-")
-    return now_ms - parse_duration_ms(frm), now_ms
+    """The absolute range Grafana queries: a panel's relative time (timeFrom) is now-X..now, else the
+    dashboard's from..to, where "to" may lie ahead of now (now+30m on the rack detail, for the projection)."""
+    if panel.get("timeFrom"):
+        return now_ms - parse_duration_ms(panel["timeFrom"]), now_ms
+    to = dash["time"]["to"]
+    end = now_ms + (parse_duration_ms(to.removeprefix("now+")) if to.startswith("now+") else 0)
+    return now_ms - parse_duration_ms(dash["time"]["from"].removeprefix("now-")), end
 
 
 # ------------------------------------------------------------------------------- the test
@@ -175,7 +180,7 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
 
     heading_checked = 0
     for uid, dash, panel, target in influx_panel_targets():
-        forecast = '"rack_forecast"' in target["query"]
+        forecast = '"rack_forecast"' in target["query"] or '"rack_projection"' in target["query"]
         rack = FORECAST_RACK if forecast else "rack-a02"  # a rack that has data for this query
         selections = SELECTIONS.items() if "$room" in target["query"] else [("rack", ({"rack": [rack]}, None))]
         for label, (selection, racks) in selections:

@@ -208,7 +208,10 @@ def test_forecast_panels_use_the_class_limits_and_the_horizon():
     rack = json.loads(files["dashboards/json/racktwin-rack.json"])
     inlet = next(p for p in rack["panels"] if p["title"].startswith("Inlet temperature"))
     assert [s["value"] for s in inlet["fieldConfig"]["defaults"]["thresholds"]["steps"]][-2:] == [27.0, 40.0]
-    projected = next(t for t in inlet["targets"] if "projected_temp_30m" in t["query"])
+    from bridge.forecast.tracker import PROJECTION_MEASUREMENT
+
+    projected = next(t for t in inlet["targets"] if f'FROM "{PROJECTION_MEASUREMENT}"' in t["query"])
+    assert rack["time"] == {"from": "now-24h", "to": "now+30m"}  # the projection is drawn ahead of now
     dashed = [o for o in inlet["fieldConfig"]["overrides"] if o["matcher"]["id"] == "byRegexp"]
     assert re.search(dashed[0]["matcher"]["options"].strip("/"), projected["alias"])
     assert {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}} in dashed[0]["properties"]

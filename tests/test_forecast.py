@@ -15,6 +15,7 @@ from bridge.forecast.tracker import (
     ForecastPublisher,
     ForecastTracker,
     forecast_line,
+    projection_line,
     forecast_patch,
     heading_for_trouble,
 )
@@ -203,6 +204,10 @@ def test_forecast_line_and_patch_formats():
     )
     held = Forecast(LOC, "bottom", "stuck", 1_764_000_000_123)
     assert forecast_line(held) is None
+    # The projection is stamped where it projects to, 30 min after computedAt, in its own measurement.
+    assert projection_line(f) == ("rack_projection,position=top,rack=rack-a01,room=hall\\ 1,row=A,site=fra1 "
+                                  f"projected_temp=27.02 {1_764_000_000_123 + 1_800_000}")
+    assert projection_line(held) is None
     patch = forecast_patch([held, f])
     assert patch == {"features": {"forecast": {"properties": {
         "statusTop": "ok", "trendTopCPerH": 6.0, "levelTopC": 24.0, "projectedTempTop30m": 27.0,
@@ -225,7 +230,7 @@ def test_publisher_writes_lines_and_patches_twins_only_on_change():
     assert (first.positions, first.lines, first.patches, first.heading) == (2, 2, 1, 0)
     assert patches[0][0] == "dc.site1:rack-a01"
     assert patches[0][1]["features"]["forecast"]["properties"]["minutesToRecommendedTop"] == 30.0
-    assert all(line.startswith("rack_forecast,") for line in lines[0])
+    assert sorted(line.split(",", 1)[0] for line in lines[0]) == ["rack_forecast"] * 2 + ["rack_projection"] * 2
     assert pub.publish_once(T0 + 1).patches == 0  # same rounded outlook: no patch
     assert pub.publish_once(T0 + 60).patches == 1  # minutes to the limit changed (now 29)
     assert pub.publish_once(T0 + 30).heading == 1  # 29.5 min < 29.75

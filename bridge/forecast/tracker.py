@@ -18,6 +18,8 @@ Where forecasts go:
   writes no point. "None" is an absent field, not a sentinel. So a query that takes
   ``last(minutes_to_recommended)`` over a short range (≤ 3 publish intervals) lists exactly the racks
   heading for trouble and sorts them by minutes.
+- InfluxDB measurement ``rack_projection`` (same tags): field ``projected_temp`` stamped at computed
+  at + 30 min, so a panel whose range ends at now+30m draws the projection ahead of the measurements.
 - Ditto feature ``forecast`` (merge patch of ``features/forecast/properties``): ``trend<P>CPerH``,
   ``level<P>C``, ``projectedTemp<P>30m``, ``minutesToRecommended<P>``, ``minutesToAllowable<P>``,
   ``minutesToDewPoint<P>``, ``dewPointTrend<P>CPerH``, ``status<P>`` (ok|warming_up|stuck|silent)
@@ -43,6 +45,10 @@ from .limits import ForecastLimits
 log = logging.getLogger(__name__)
 
 MEASUREMENT = "rack_forecast"
+# The same forecasts' 30-minute projections, stamped at the time they project to (computed at + 30 min), so the
+# rack detail can draw the projection ahead of "now". Its own measurement: future points must not become the
+# "last" of rack_forecast's fields.
+PROJECTION_MEASUREMENT = "rack_projection"
 FEATURE = "forecast"
 PROJECTION_S = 1800.0  # projected_temp_30m
 
@@ -233,10 +239,21 @@ def forecast_line(f: Forecast) -> str | None:
         "dew_point_trend_c_per_h": f.dew_point_trend_c_per_h,
     }
     fields = ",".join(f"{k}={format_float(round(v, 3))}" for k, v in values.items() if v is not None)
+    return f"{MEASUREMENT},{_tag_text(f)} {fields} {f.computed_at_ms}"
+
+
+def _tag_text(f: Forecast) -> str:
     loc = f.location
     tags = {"position": f.position, "rack": loc.rack, "room": loc.room, "row": loc.row, "site": loc.site}
-    tag_text = ",".join(f"{k}={escape_tag(v)}" for k, v in sorted(tags.items()) if v)
-    return f"{MEASUREMENT},{tag_text} {fields} {f.computed_at_ms}"
+    return ",".join(f"{k}={escape_tag(v)}" for k, v in sorted(tags.items()) if v)
+
+
+def projection_line(f: Forecast) -> str | None:
+    """Line protocol for ``rack_projection``: field ``projected_temp`` at computed_at + 30 min."""
+    if f.status != "ok" or f.projected_temp_30m is None:
+        return None
+    return (f"{PROJECTION_MEASUREMENT},{_tag_text(f)} projected_temp={format_float(round(f.projected_temp_30m, 3))} "
+            f"{f.computed_at_ms + int(PROJECTION_S * 1000)}")
 
 
 def heading_for_trouble(forecasts: Iterable[Forecast], horizon_min: float) -> list[Forecast]:
@@ -288,9 +305,10 @@ class ForecastPublisher:
         result = PublishResult(positions=len(forecasts))
         if self.submit_lines is not None:
             lines = [line for f in forecasts if (line := forecast_line(f))]
+            result.lines = len(lines)
+            lines += [line for f in forecasts if (line := projection_line(f))]
             if lines:
                 self.submit_lines(lines)
-            result.lines = len(lines)
         if self.patch_thing is not None:
             result.patches = self._patch_twins(forecasts, now)
         result.heading = len(heading_for_trouble(forecasts, self.settings.forecast_horizon_min))
