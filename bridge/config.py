@@ -294,12 +294,12 @@ class Settings(BaseSettings):
     )
     # The ASHRAE class and RH cap `make dashboards` reads (same env vars), so one environment serves both.
     ashrae_class: Literal["A1", "A2", "A3", "A4"] = Field(
-        DEFAULT_CLASS, description="ASHRAE class whose allowable limit the forecast counts minutes to (A1..A4); "
-        "the dashboards and alert rules are generated with the same variable."
+        DEFAULT_CLASS, description="ASHRAE class (A1..A4) for the twins' envelope state and the forecast's allowable "
+        "limit; the dashboards and alert rules are generated with the same variable."
     )
     rh_cap: float = Field(
-        DEFAULT_RH_CAP, description="Recommended RH cap (70 or 50 %), read by `make dashboards`; the bridge "
-        "only validates it."
+        DEFAULT_RH_CAP, description="Recommended RH cap (70 or 50 %) for the twins' envelope state; `make dashboards` "
+        "reads the same variable."
     )
 
     @field_validator("ashrae_class", mode="before")
@@ -409,6 +409,10 @@ class Settings(BaseSettings):
             raise ValueError("temp_min_c must be below temp_max_c")
         if self.humidity_min_pct >= self.humidity_max_pct:
             raise ValueError("humidity_min_pct must be below humidity_max_pct")
+        if self.sync_backfill_hours * 3600 > self.max_age_s:
+            raise ValueError(f"sync_backfill_hours ({self.sync_backfill_hours:g} h) reaches further back than "
+                             f"max_age_s ({self.max_age_s:g} s), whose older readings are rejected: raise max_age_s "
+                             "or lower sync_backfill_hours")
         return self
 
     @property

@@ -51,3 +51,43 @@ def check_rh_cap(rh_cap: float) -> float:
 
 def allowable(ashrae_class: str) -> dict[str, float]:
     return ALLOWABLE_CLASSES[check_class(ashrae_class)]
+
+
+# Where a reading sits in the envelope, worst first: the state the wall's rack tiles show and are coloured by.
+# Outside the allowable class beats outside the recommended envelope; temperature beats humidity at equal rank.
+ENVELOPE_STATES = ("HOT", "COLD", "VERY HUMID", "VERY DRY", "WARM", "COOL", "HUMID", "DRY", "OK")
+ENVELOPE_CRITICAL = frozenset(ENVELOPE_STATES[:4])  # outside the allowable class
+
+
+def envelope_state(temp_c: float | None, rh_pct: float | None, dew_point_c: float | None,
+                   ashrae_class: str = DEFAULT_CLASS, rh_cap: float = DEFAULT_RH_CAP) -> str:
+    """The worst envelope state of one sensor position (missing quantities are not judged)."""
+    a = allowable(ashrae_class)
+
+    def above(value: float | None, limit: float) -> bool:
+        return value is not None and value > limit
+
+    def below(value: float | None, limit: float) -> bool:
+        return value is not None and value < limit
+
+    if above(temp_c, a["temp_max"]):
+        return "HOT"
+    if below(temp_c, a["temp_min"]):
+        return "COLD"
+    if above(rh_pct, a["rh_max"]) or above(dew_point_c, a["dew_point_max"]):
+        return "VERY HUMID"
+    if below(rh_pct, ALLOWABLE_RH_MIN_PCT) or below(dew_point_c, ALLOWABLE_DEW_POINT_MIN_C):
+        return "VERY DRY"
+    if above(temp_c, RECOMMENDED_TEMP_C[1]):
+        return "WARM"
+    if below(temp_c, RECOMMENDED_TEMP_C[0]):
+        return "COOL"
+    if above(rh_pct, rh_cap) or above(dew_point_c, RECOMMENDED_DEW_POINT_C[1]):
+        return "HUMID"
+    if below(dew_point_c, RECOMMENDED_DEW_POINT_C[0]):
+        return "DRY"
+    return "OK"
+
+
+def worst_state(states: list[str]) -> str:
+    return min(states, key=ENVELOPE_STATES.index, default="OK")

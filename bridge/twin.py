@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .mapping import POSITIONS, Position, RackLocation, SensorReading
+from .thresholds import DEFAULT_CLASS, DEFAULT_RH_CAP, envelope_state, worst_state
 
 FEATURE = "environment"
 PROPS_PATH = f"features/{FEATURE}/properties"
@@ -127,12 +128,24 @@ def delta_t(known: dict[Position, PositionState]) -> float | None:
     return round(top.temperature - bottom.temperature, 2)
 
 
+def envelope(known: dict[Position, PositionState], ashrae_class: str, rh_cap: float) -> str:
+    """The rack's worst envelope state over both positions (bridge/thresholds.py), e.g. "OK", "HUMID", "HOT"."""
+    states = []
+    for state in known.values():
+        t, rh = state.temperature, state.humidity
+        dp = dew_point(t, rh) if t is not None and rh is not None else None
+        states.append(envelope_state(t, rh, dp, ashrae_class, rh_cap))
+    return worst_state(states)
+
+
 def build_patch(
     pending: dict[Position, PositionState],
     known: dict[Position, PositionState],
     attributes: dict[str, Any] | None,
+    limits: tuple[str, float] = (DEFAULT_CLASS, DEFAULT_RH_CAP),
 ) -> dict[str, Any]:
-    """Merge-patch body for the pending positions; ``known`` already includes them."""
+    """Merge-patch body for the pending positions; ``known`` already includes them. ``limits`` = (ASHRAE class,
+    recommended RH cap) for the rack's envelope state."""
     props: dict[str, Any] = {}
     for position in POSITIONS:
         if position in pending:
@@ -140,6 +153,8 @@ def build_patch(
     dt = delta_t(known)
     if dt is not None and any(pending[p].temperature is not None for p in pending):
         props["deltaT"] = dt
+    if pending:
+        props["envelope"] = envelope(known, *limits)
     patch: dict[str, Any] = {"features": {FEATURE: {"properties": props}}}
     if attributes is not None:
         patch["attributes"] = attributes

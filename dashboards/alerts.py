@@ -13,10 +13,10 @@ from bridge.thresholds import FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, F
 
 from .common import BRIDGE_UID, FORECAST_MEASUREMENT, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID
 from .thresholds import RATE_WINDOW_S, Thresholds
-from .wall import delta_per_rack, num, silent_sensors_per_series
+from .wall import (SENSOR_TAGS, STUCK_MIN_READINGS, STUCK_WINDOW_S, delta_per_rack, num, silent_sensors_per_series,
+                   stuck_sensors_per_series)
 
 FOLDER = "RackTwin"
-SENSOR_TAGS = '"site", "room", "row", "rack", "position"'
 RACK_TAGS = '"site", "room", "row", "rack"'
 RECEIVER = "racktwin-noc"
 RACK_LINK = "${GRAFANA_ROOT_URL}" + RACK_PATH + "?var-rack={{ $labels.rack }}"
@@ -46,22 +46,10 @@ def latest(field_name: str) -> str:
             f"GROUP BY {SENSOR_TAGS}")
 
 
-# A real sensor's readings wander by at least its noise; identical values for 15 min mean a stuck one.
-STUCK_WINDOW_S = 900
 # How far back the silent-sensor rule looks for sensors that used to report. A sensor silent for longer drops
 # out of the result and its alert resolves, so this is a day, not an hour: the engineer paged at 3 a.m. must not
 # see it "resolve" at 4 while the sensor is still dead. (Cost: one bucket per reading interval per sensor.)
 SILENT_LOOKBACK_S = 24 * 3600
-STUCK_MIN_READINGS = 10  # fewer readings than this is the silent-sensor rule's business
-
-
-def stuck_sensors_per_series() -> str:
-    """Per sensor position: spread of temperature plus humidity over the window, for positions with enough
-    readings. 0 means every reading was identical."""
-    inner = (f'SELECT spread("temperature") AS "st", spread("humidity") AS "sh", count("temperature") AS "n" '
-             f'FROM "{MEASUREMENT}" WHERE $timeFilter GROUP BY {SENSOR_TAGS}')
-    return (f'SELECT "st" + "sh" AS "spread" FROM ({inner}) WHERE "n" >= {STUCK_MIN_READINGS} '
-            f"GROUP BY {SENSOR_TAGS}")
 
 
 VALUE = '{{ printf "%.1f" $values.B.Value }}'

@@ -22,6 +22,10 @@ RATE_WINDOW_S = 900
 
 COLORS = {"cold_critical": "blue", "cold_warning": "light-blue", "ok": "green", "warning": "orange",
           "critical": "red", "unknown": "text"}
+# The twin's envelope state (bridge/thresholds.py envelope_state) -> tile colour: the same palette as the bands,
+# hot and humid on the warm side, cold and dry on the cold side.
+ENVELOPE_COLORS = {"HOT": "critical", "VERY HUMID": "critical", "COLD": "cold_critical", "VERY DRY": "cold_critical",
+                   "WARM": "warning", "HUMID": "warning", "COOL": "cold_warning", "DRY": "cold_warning", "OK": "ok"}
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from grafanalib.core import Dashboard
 
-from bridge.thresholds import FORECAST_ALERT_QUERY_RANGE_S
+from bridge.thresholds import ENVELOPE_STATES, FORECAST_ALERT_QUERY_RANGE_S
 
 from .common import (DITTO, FORECAST_MEASUREMENT, data_link, INFLUX, MEASUREMENT, RACK_PATH, ROOM_ROW_FILTER, WALL_UID,
                      column, field_defaults, infinity_target, influx_target, namespace_variable, render, tag_variable,
                      templating, thresholds, time_range)
 from .panels import alert_count, grid, stat, state_timeline, table
-from .thresholds import Thresholds
+from .thresholds import COLORS, ENVELOPE_COLORS, Thresholds
 
 # Newest forecasts only: three 30 s publish intervals, the range the forecast alert rule looks at too.
 FORECAST_RANGE = f"{FORECAST_ALERT_QUERY_RANGE_S}s"
@@ -71,6 +71,21 @@ def silent_sensors_per_series(t: Thresholds, where: str = ROOM_ROW_FILTER,
     return f'SELECT last("recent") AS "recent" FROM ({inner}) GROUP BY {group_by}'
 
 
+# A real sensor's readings wander by at least its noise; identical values for 15 min mean a stuck one.
+STUCK_WINDOW_S = 900
+STUCK_MIN_READINGS = 10  # fewer readings than this is the silent-sensor rule's business
+SENSOR_TAGS = '"site", "room", "row", "rack", "position"'
+
+
+def stuck_sensors_per_series(where: str = "") -> str:
+    """Per sensor position: spread of temperature plus humidity over the window, for positions with enough
+    readings. 0 means every reading was identical."""
+    inner = (f'SELECT spread("temperature") AS "st", spread("humidity") AS "sh", count("temperature") AS "n" '
+             f'FROM "{MEASUREMENT}" WHERE $timeFilter{and_(where)} GROUP BY {SENSOR_TAGS}')
+    return (f'SELECT "st" + "sh" AS "spread" FROM ({inner}) WHERE "n" >= {STUCK_MIN_READINGS} '
+            f"GROUP BY {SENSOR_TAGS}")
+
+
 # Ditto search columns (gjson paths into each item); order matters for the tile title's ${__cell_N}.
 TILE_COLUMNS = [
     column("attributes.rack", "rack", "string"),
@@ -83,9 +98,17 @@ TILE_COLUMNS = [
     column("features.environment.properties.deltaT", "deltaT"),
     column("features.environment.properties.tsTop", "tsTop", "timestamp"),
     column("features.environment.properties.tsBottom", "tsBottom", "timestamp"),
+    column("features.environment.properties.envelope", "envelope", "string"),
 ]
-# Title: rack, ▲top/▼bottom °C and RH top/bottom; the tile value is the hotter inlet, coloured by band.
+# Title: rack, ▲top/▼bottom °C and RH top/bottom; the tile value is the rack's envelope state (worst of
+# temperature, humidity and dew point over both positions, computed by the bridge), coloured by band.
 TILE_TITLE = "${__cell_0}  ▲${__cell_3}° ▼${__cell_4}°  ${__cell_5}/${__cell_6} %RH"
+
+
+def envelope_mappings() -> list[dict]:
+    return [{"type": "value", "options": {
+        state: {"text": state, "color": COLORS[ENVELOPE_COLORS[state]], "index": i}
+        for i, state in enumerate(ENVELOPE_STATES)}}]
 
 SEARCH_PARAMS = [
     ("namespaces", "${namespace}"),
@@ -171,11 +194,18 @@ def build(t: Thresholds) -> dict:
              [influx_target(racks_outside(allowable_violation(t)))],
              field_defaults("none", count_steps, 0, noValue="0"), datasource=INFLUX, time_from="15m",
              description=f"Racks with a position outside the ASHRAE {t.ashrae_class} allowable envelope."),
-        stat("Sensors silent", grid(12, 0, 4, 4), [influx_target(
+        stat("Sensors silent", grid(12, 0, 2, 4), [influx_target(
             f'SELECT count("recent") AS "silent" FROM ({silent_sensors_per_series(t)}) WHERE "recent" = 0')],
             field_defaults("none", count_steps, 0, noValue="0"), datasource=INFLUX, time_from="24h",
             description=f"Rack positions with no reading for {t.silent_after_s} s (3 reporting intervals) "
                         "that reported in the last 24 hours."),
+        stat("Sensors stuck", grid(14, 0, 2, 4), [influx_target(
+            f'SELECT count("spread") AS "stuck" FROM ({stuck_sensors_per_series(ROOM_ROW_FILTER)}) '
+            'WHERE "spread" < 0.001')],
+            field_defaults("none", count_steps, 0, noValue="0"), datasource=INFLUX,
+            time_from=f"{STUCK_WINDOW_S // 60}m",
+            description=f"Rack positions that reported identical temperature and humidity for {STUCK_WINDOW_S // 60} "
+                        f"min (at least {STUCK_MIN_READINGS} readings): a stuck sensor, not a steady room."),
         stat("Largest top − bottom", grid(16, 0, 4, 4), [influx_target(
             f'SELECT max("delta") AS "delta" FROM ({delta_per_rack(ROOM_ROW_FILTER)})')],
             field_defaults("celsius", t.delta_t_steps()), datasource=INFLUX, time_from="15m",
@@ -184,17 +214,17 @@ def build(t: Thresholds) -> dict:
         alert_count("Alerts firing", grid(20, 0, 4, 4)),
         stat("Racks (current twin state)", grid(0, 4, 24, 11), [infinity_target(
             "/api/2/search/things", SEARCH_PARAMS, TILE_COLUMNS, root_selector="items")],
-            field_defaults("celsius", t.temperature_steps(), displayName=TILE_TITLE, noValue="no twin"),
+            field_defaults("none", [{"color": COLORS["unknown"], "value": None}], None, displayName=TILE_TITLE,
+                           noValue="no twin", mappings=envelope_mappings()),
             datasource=DITTO, max_data_points=500,
-            options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "/^inlet_max$/", "values": True,
+            options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "/^envelope$/", "values": True,
                                        "limit": 200},
-                     "textMode": "value_and_name", "text": {"titleSize": 14, "valueSize": 28}},
-            transformations=[{"id": "calculateField", "options": {
-                "mode": "reduceRow", "reduce": {"reducer": "max", "include": ["tempTop", "tempBottom"]},
-                "alias": "inlet_max", "replaceFields": False}}],
+                     "textMode": "value_and_name", "text": {"titleSize": 16, "valueSize": 28}},
             links=[data_link("Rack detail", RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}")],
-            description="One tile per rack from Ditto's current twin state (one search request): value = hotter "
-                        "inlet, colour = ASHRAE band; title = rack, top/bottom °C, top/bottom RH. Click for detail."),
+            description="One tile per rack from Ditto's current twin state (one search request): title = rack, "
+                        "top/bottom °C, top/bottom RH; value and colour = the worst ASHRAE band of temperature, "
+                        "humidity and dew point at either position (OK, WARM/COOL/HUMID/DRY outside the recommended "
+                        f"envelope, HOT/COLD/VERY HUMID/VERY DRY outside {t.ashrae_class}). Click for detail."),
     ]
     for x, position in ((0, "top"), (8, "bottom")):
         panels.append(state_timeline(

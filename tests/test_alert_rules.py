@@ -123,3 +123,19 @@ def test_bridge_rules(fed, influxd, influx_db):
     # Ten minutes later with no stats (the bridge is stopped): no data, which this rule treats as firing.
     later = evaluate_rule(RULES["racktwin-bridge-down"], make_runner(influxd, influx_db, fed.now_ms + 600_000))
     assert later.state == "NoData" and RULES["racktwin-bridge-down"]["noDataState"] == "Alerting"
+
+
+def test_wall_tile_states_agree_with_the_envelope_rules(fed, ditto):
+    """The bridge's envelope state on each twin (the wall tiles' value and colour) and the Grafana rules judge
+    the same readings alike: critical where an allowable-class rule fires, a warning state where only
+    recommended-envelope rules fire, OK elsewhere."""
+    from bridge.thresholds import ENVELOPE_CRITICAL
+
+    envelope_rules = {uid for uid in EXPECTED if any(k in uid for k in ("inlet", "dewpoint", "humidity"))}
+    critical = {rack for uid in envelope_rules if uid.endswith("allowable") for rack, _ in EXPECTED[uid]}
+    warning = {rack for uid in envelope_rules if uid.endswith("recommended") for rack, _ in EXPECTED[uid]} - critical
+    states = {t["attributes"]["rack"]: t["features"]["environment"]["properties"]["envelope"]
+              for t in ditto.things.values()}
+    assert critical and warning
+    assert {r for r, s in states.items() if s in ENVELOPE_CRITICAL} == critical, states
+    assert {r for r, s in states.items() if s not in ENVELOPE_CRITICAL and s != "OK"} == warning, states

@@ -71,6 +71,7 @@ def test_readings_reach_influx_and_twin_with_exact_values(running_bridge, bridge
             "tempTop": t, "tempBottom": b, "humidityTop": ht, "humidityBottom": hb,
             "dewPointTop": dew_point(t, ht), "dewPointBottom": dew_point(b, hb),
             "deltaT": round(t - b, 2), "tsTop": iso_ms(now - 1000), "tsBottom": iso_ms(now - 1000),
+            "envelope": {"rack-03": "WARM"}.get(rack, "OK"),  # rack-03's top is 28 °C, above the recommended 27
         }
         thing = ditto.things[tid]
         assert thing["policyId"] == "dc.test:racktwin"

@@ -36,6 +36,7 @@ WALL_VALUES = {
     "Racks outside recommended": 4,          # a02 (29 °C), a04 (33 °C), b01 (RH 75 %), b02 (dew point < -9)
     "Racks outside A1": 3,                   # a04 (> 32 °C), b01 (dew point > 17), b02 (RH < 8 %)
     "Sensors silent": 2,                     # rack-a03 top and bottom
+    "Sensors stuck": 2,                      # rack-b05 top and bottom
     "Largest top − bottom": 12.0,            # rack-a04: 33 - 21
 }
 # Rack positions the wall's "Heading for trouble" table lists (forecast crossing of the recommended limit),

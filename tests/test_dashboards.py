@@ -182,6 +182,15 @@ def test_wall_reads_ditto_with_one_search_request():
     assert t["url"].endswith("/api/2/search/things") and t["parser"] == "backend" and t["root_selector"] == "items"
     params = {p["key"]: p["value"] for p in t["url_options"]["params"]}
     assert "size(200)" in params["option"] and params["namespaces"] == "${namespace}"
+    # Each tile shows the twin's envelope state, and every state the bridge can write has its band colour.
+    from bridge.thresholds import ENVELOPE_CRITICAL, ENVELOPE_STATES
+
+    tiles = next(p for p in wall["panels"] if p.get("targets") and p["targets"][0] is t)
+    assert tiles["options"]["reduceOptions"]["fields"] == "/^envelope$/"
+    assert {c["text"] for c in t["columns"]} >= {"envelope", "rack"}
+    mapped = tiles["fieldConfig"]["defaults"]["mappings"][0]["options"]
+    assert set(mapped) == set(ENVELOPE_STATES) and mapped["OK"]["color"] == "green"
+    assert {s for s, m in mapped.items() if m["color"] in ("red", "blue")} == ENVELOPE_CRITICAL
 
 
 def test_forecast_panels_use_the_class_limits_and_the_horizon():

@@ -200,3 +200,32 @@ def test_bridge_places_per_sensor_devices_by_their_rack_and_position_attributes(
         wait_until(lambda: "probe-top-4" in bridge.pipeline.mapper.placements, what="on-demand sync")
     finally:
         bridge.stop()
+
+
+def test_history_is_read_in_windows_so_no_answer_hits_thingsboards_limit(tb_double, monkeypatch):
+    """ThingsBoard caps each history answer per key: a long backfill is asked for window by window, the
+    windows neither overlap nor leave gaps (points exactly on a boundary come once)."""
+    from bridge.thingsboard import sync
+    from bridge.thingsboard.rest import ThingsBoard
+
+    monkeypatch.setattr(sync, "BACKFILL_WINDOW_S", 3600)
+    monkeypatch.setattr(sync, "HISTORY_LIMIT", 5)
+    start = 1_790_000_000_000
+    tb_double.add_device("rack-01", "rack-sensor")
+    stamps = [start + i * 20 * 60_000 for i in range(30)]  # every 20 min for 10 h: 3 per window, some on boundaries
+    for ts in stamps:
+        tb_double.add_telemetry("rack-01", ts, {"tempTop": 20.0 + (ts - start) / 3_600_000})
+    tb = ThingsBoard(tb_double.url, tb_double.username, tb_double.password)
+    try:
+        series = sync.history_series(tb, tb_double.device_id("rack-01"), ["tempTop"], start, stamps[-1])
+    finally:
+        tb.close()
+    assert [p["ts"] for p in series["tempTop"]] == stamps
+
+
+def test_backfill_cannot_reach_past_the_readings_age_limit():
+    from bridge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sync_backfill_hours .* max_age_s"):
+        load_settings(sync_backfill_hours=200)  # 7 days = 168 h is the default max age
+    assert load_settings(sync_backfill_hours=200, max_age_s=200 * 3600).sync_backfill_hours == 200

@@ -39,6 +39,7 @@ def test_patch_uses_users_field_names_and_derived_values():
         "dewPointTop": twin.dew_point(29.0, 40.0),
         "tsTop": "2026-09-21T14:13:20.000Z",
         "deltaT": 7.5,
+        "envelope": "WARM",  # 29 °C: above the recommended 27, below A1's allowable 32
     }
     assert "attributes" not in patch
 
@@ -87,3 +88,36 @@ def test_newest_of_keeps_the_newer_state_whichever_side_it_is_on():
     newer = twin.PositionState(2, 21.0, None, None)
     for a, b in ((older, newer), (newer, older)):
         assert twin.newest_of(a, b) == twin.PositionState(2, 21.0, 40.0, "d-old")
+
+
+@pytest.mark.parametrize("temp, rh, cls, cap, expected", [
+    (24.0, 45.0, "A1", 70, "OK"),          # dew point 11.3
+    (28.0, 40.0, "A1", 70, "WARM"),        # above 27, below 32
+    (33.0, 30.0, "A1", 70, "HOT"),         # above A1's 32
+    (33.0, 30.0, "A2", 70, "WARM"),        # A2 allows 35
+    (17.0, 50.0, "A1", 70, "COOL"),        # below 18, above 15
+    (14.0, 50.0, "A1", 70, "COLD"),
+    (20.0, 72.0, "A1", 70, "HUMID"),       # RH above the 70 % cap, dew point 14.8 still fine
+    (22.0, 55.0, "A1", 50, "HUMID"),       # the 50 % cap
+    (24.0, 62.0, "A1", 70, "HUMID"),       # dew point 16.3 above 15
+    (24.0, 75.0, "A1", 70, "VERY HUMID"),  # dew point 19.3 above A1's 17
+    (20.0, 13.0, "A1", 70, "DRY"),         # dew point -9.3
+    (20.0, 10.0, "A1", 70, "VERY DRY"),    # dew point -12.6
+    (20.0, 5.0, "A1", 70, "VERY DRY"),     # RH below 8 %
+    (24.0, None, "A1", 70, "OK"),          # temperature-only sensor
+])
+def test_envelope_state_of_one_position(temp, rh, cls, cap, expected):
+    from bridge.thresholds import envelope_state
+
+    dp = twin.dew_point(temp, rh) if rh is not None else None
+    assert envelope_state(temp, rh, dp, cls, cap) == expected
+
+
+def test_rack_envelope_is_the_worse_position_and_goes_into_every_patch():
+    known = {"top": twin.PositionState(2, 28.5, 40.0), "bottom": twin.PositionState(2, 20.0, 72.0)}
+    assert twin.envelope(known, "A1", 70) == "WARM"  # outside recommended both; temperature ranks first
+    known["bottom"] = twin.PositionState(3, 20.0, 5.0)
+    assert twin.envelope(known, "A1", 70) == "VERY DRY"  # outside allowable beats outside recommended
+    patch = twin.build_patch({"bottom": known["bottom"]}, known, None, ("A1", 70))
+    assert patch["features"]["environment"]["properties"]["envelope"] == "VERY DRY"
+    assert twin.build_patch({}, known, None)["features"]["environment"]["properties"] == {}

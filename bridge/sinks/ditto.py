@@ -376,7 +376,8 @@ class DittoUpdater:
                 known[position] = state
                 thing.devices[position] = state.device or thing.devices.get(position, "")
             attributes = twin.attributes_for(thing.location, thing.devices)
-            patch = twin.build_patch(fresh, known, None if attributes == thing.attributes_sent else attributes)
+            patch = twin.build_patch(fresh, known, None if attributes == thing.attributes_sent else attributes,
+                                     (self.settings.ashrae_class, self.settings.rh_cap))
             status = client.patch_thing(thing.tid, patch, twin.newer_than_condition(fresh))
             if status in (201, 204):
                 thing.known = known

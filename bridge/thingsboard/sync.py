@@ -47,6 +47,10 @@ class DevicePlacement:
     position_in_row: int | None
 
 
+BACKFILL_WINDOW_S = 6 * 3600  # one history request per device and window: 21,600 points per key at 1 Hz
+HISTORY_LIMIT = 100_000  # points per key per request; at this, ThingsBoard may have left some out
+
+
 @dataclass
 class SyncResult:
     devices: int = 0
@@ -190,7 +194,7 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
         keys = sorted(mapper.key_index)
         by_rack: dict[str, list[DevicePlacement]] = {}
         readings: dict[str, list[SensorReading]] = {}
-        history: list[SensorReading] = []
+        history_writer = _HistoryWriter(settings)  # per device, so memory does not grow with the fleet
         now_ms = int(time.time() * 1000)
         for done, device in enumerate(devices, 1):
             try:
@@ -204,8 +208,12 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
             latest = tb.latest_timeseries(placement.device_id, keys)
             readings[placement.device] = _map_groups(placed, placement, latest, now_ms, result)
             if hours > 0:
-                series = tb.timeseries(placement.device_id, keys, now_ms - int(hours * 3600_000), now_ms)
-                history += _map_groups(placed, placement, series, now_ms, result)
+                series = history_series(tb, placement.device_id, keys, now_ms - int(hours * 3600_000), now_ms)
+                try:
+                    history_writer.write(_map_groups(placed, placement, series, now_ms, result))
+                except Exception as exc:  # noqa: BLE001 - InfluxDB trouble must not stop the twins' sync
+                    result.errors.append(f"{placement.device}: history not written: {exc}")
+                    log.warning("backfill of %s into InfluxDB failed: %s", placement.device, exc)
             progress.update(done, len(devices))
         progress.finish()
         result.devices = len(result.placements)
@@ -230,9 +238,9 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
             except Exception as exc:  # noqa: BLE001 - one rack's failure must not stop the others
                 result.errors.append(f"{rack}: {exc}")
                 log.warning("sync of twin %s failed: %s", rack, exc)
-        if history:
-            result.backfilled_points = _write_history(settings, history)
+        result.backfilled_points = history_writer.points
     finally:
+        history_writer.close()
         ditto.close()
         if own:
             tb.close()
@@ -284,27 +292,60 @@ def _sync_thing(ditto: DittoClient, settings: Settings, rack: str, location: Rac
     fresh, _stale = twin.drop_stale(states, known)
     if fresh:
         merged = {**known, **fresh}
-        status = ditto.patch_thing(tid, twin.build_patch(fresh, merged, None), twin.newer_than_condition(fresh))
+        status = ditto.patch_thing(tid, twin.build_patch(fresh, merged, None, (settings.ashrae_class, settings.rh_cap)), twin.newer_than_condition(fresh))
         changed = changed or status in (201, 204)
     if changed and current is not None and "thingId" in current:
         result.things_updated += 1
 
 
-def _write_history(settings: Settings, readings: list[SensorReading]) -> int:
-    from influxdb_client import InfluxDBClient, WritePrecision
-    from influxdb_client.client.write_api import SYNCHRONOUS
+def history_series(tb: ThingsBoard, device_id: str, keys: list[str], start_ms: int,
+                   end_ms: int) -> dict[str, list[dict[str, Any]]]:
+    """A device's telemetry from start to end, asked for in windows of BACKFILL_WINDOW_S: ThingsBoard caps each
+    answer at HISTORY_LIMIT points per key, which a long window of frequent readings would exceed silently."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    window_ms = int(BACKFILL_WINDOW_S * 1000)
+    for lo in range(start_ms, end_ms + 1, window_ms):
+        hi = min(lo + window_ms - 1, end_ms)  # inclusive bounds: windows must not overlap
+        for key, points in tb.timeseries(device_id, keys, lo, hi, limit=HISTORY_LIMIT).items():
+            if len(points) >= HISTORY_LIMIT:
+                log.warning("device %s key %s: %d points in %.0f h, ThingsBoard's limit; older ones are missing",
+                            device_id, key, len(points), BACKFILL_WINDOW_S / 3600)
+            merged.setdefault(key, []).extend(points)
+    return merged
 
-    from ..sinks.influx import reading_line
 
-    lines = [line for line in (reading_line(r) for r in readings) if line]
-    token = settings.influx_token.get_secret_value() if settings.influx_token else ""
-    with InfluxDBClient(url=settings.influx_url, token=token, org=settings.influx_org,
-                        timeout=int(settings.influx_timeout_s * 1000)) as client:
-        api = client.write_api(write_options=SYNCHRONOUS)
-        for i in range(0, len(lines), settings.influx_batch_size):
-            api.write(bucket=settings.influx_bucket, org=settings.influx_org,
-                      record="\n".join(lines[i:i + settings.influx_batch_size]), write_precision=WritePrecision.MS)
-    return len(lines)
+class _HistoryWriter:
+    """Backfill points to InfluxDB as each device's history is read (one client, opened on first use)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.points = 0
+        self._client: Any = None
+        self._api: Any = None
+
+    def write(self, readings: list[SensorReading]) -> None:
+        from influxdb_client import InfluxDBClient, WritePrecision
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
+        from ..sinks.influx import reading_line
+
+        lines = [line for line in (reading_line(r) for r in readings) if line]
+        if not lines:
+            return
+        s = self.settings
+        if self._client is None:
+            token = s.influx_token.get_secret_value() if s.influx_token else ""
+            self._client = InfluxDBClient(url=s.influx_url, token=token, org=s.influx_org,
+                                          timeout=int(s.influx_timeout_s * 1000))
+            self._api = self._client.write_api(write_options=SYNCHRONOUS)
+        for i in range(0, len(lines), s.influx_batch_size):
+            self._api.write(bucket=s.influx_bucket, org=s.influx_org,
+                            record="\n".join(lines[i:i + s.influx_batch_size]), write_precision=WritePrecision.MS)
+        self.points += len(lines)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 class SyncWorker:
@@ -354,6 +395,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     settings = load_settings()
+    if args.backfill_hours is not None and args.backfill_hours * 3600 > settings.max_age_s:
+        print(f"racktwin sync: --backfill-hours {args.backfill_hours:g} reaches further back than "
+              f"RACKTWIN_MAX_AGE_S ({settings.max_age_s:.0f} s): the bridge would reject the older readings; "
+              "raise RACKTWIN_MAX_AGE_S or ask for fewer hours", file=sys.stderr)
+        return 2
     from ..logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_json)
