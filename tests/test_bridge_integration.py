@@ -267,3 +267,29 @@ def test_readiness_reports_influxdb_only_once_it_answered(bridge_env, monkeypatc
     there.start()
     wait_until(lambda: there.healthy, timeout=5, what="InfluxDB reached without any write")
     there.stop(timeout=2)
+
+
+def test_a_refused_message_costs_only_its_own_points(bridge_env, monkeypatch, influxd, influx_db):
+    """InfluxDB refuses a whole write for one bad line: the writer narrows the refusal down to that message,
+    writes and confirms the others of the batch, and counts only the bad message's points as refused."""
+    from bridge.metrics import Metrics
+    from bridge.sinks import influx as influx_sink
+
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    metrics = Metrics()
+    writer = influx_sink.InfluxWriter(load_settings(), metrics)  # not started: the five land in one batch
+    ts = int(time.time() * 1000) - 60_000
+    confirmed = []
+    for i in range(5):
+        line = (f"rack_environment,rack=r{i},position=top temperature=21.5 {ts}" if i != 3 else
+                f"rack_environment,rack=r{i},position=top temperature=\"hot\" {ts}")  # a string: type conflict
+        writer.submit([line], lambda i=i: confirmed.append(i))
+    writer.submit([f"rack_environment,rack=r9,position=top temperature=22.0 {ts}"], lambda: confirmed.append(9))
+    writer.start()
+    wait_until(lambda: len(confirmed) == 6, what="every message confirmed")
+    writer.stop(timeout=5)
+    rows = influxd.rows("SELECT temperature, rack FROM rack_environment", influx_db)
+    assert sorted(r["rack"] for r in rows) == ["r0", "r1", "r2", "r4", "r9"]
+    assert metrics.value("racktwin_influx_points_refused_total") == 1
+    assert metrics.value("racktwin_influx_points_written_total", {"kind": "reading"}) == 5

@@ -184,21 +184,40 @@ class InfluxWriter:
                 if not taken:
                     return  # stopping and drained
                 batch = taken
-            lines = [line for e in batch for line in e.lines]
-            outcome = self._write(lines, batch)
-            if outcome == "retry":
+            batch = self._deliver(batch)
+            if batch:  # not written yet: InfluxDB unreachable or overloaded
                 if self._stopping and self._abandon:
                     return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.2
-            for entry in batch:
-                if entry.on_written:
-                    entry.on_written()
-            batch = []
 
     _abandon = False
+
+    def _deliver(self, batch: list[_Entry]) -> list[_Entry]:
+        """Write a batch and confirm its messages; returns the entries still to write (retry later).
+
+        A batch InfluxDB refuses for good is split in halves until the refusal is pinned to single messages, so
+        one bad message costs only its own points, never other racks' readings in the same batch."""
+        outcome = self._write([line for e in batch for line in e.lines], batch)
+        if outcome == "retry":
+            return batch
+        if outcome == "refused":
+            if len(batch) > 1:
+                mid = len(batch) // 2
+                rest = self._deliver(batch[:mid])
+                return rest + batch[mid:] if rest else self._deliver(batch[mid:])
+            self.metrics.influx_dropped.inc(len(batch[0].lines))
+            self.metrics.influx_errors.labels("refused").inc()
+            log.error("InfluxDB refused %d points of one message for good: %s", len(batch[0].lines),
+                      self.last_refusal)
+        for entry in batch:
+            if entry.on_written:
+                entry.on_written()
+        return []
+
+    last_refusal = ""
 
     def _write(self, lines: list[str], batch: list[_Entry]) -> str:
         try:
@@ -212,9 +231,7 @@ class InfluxWriter:
             status = exc.status or 0
             if 400 <= status < 500 and status not in (401, 403, 404, 408, 429):
                 # The server refused these points for good (e.g. a field type conflict): retrying cannot help.
-                self.metrics.influx_dropped.inc(len(lines))
-                self.metrics.influx_errors.labels("refused").inc()
-                log.error("InfluxDB refused %d points (HTTP %s): %s", len(lines), status, _short(exc.body))
+                self.last_refusal = f"HTTP {status}: {_short(exc.body)}"
                 self.healthy = True
                 return "refused"
             return self._failed(f"HTTP {status}: {_short(exc.body)}", "http")
