@@ -497,9 +497,9 @@ def test_grants_apply_downwards_and_revoke_wins(ditto, admin, bridge, grafana):
 
     seen = grafana.get(url(ditto, f"/api/2/things/{RACK}")).json()
     assert seen["attributes"] == {"room": "r1"}
-    r = grafana.get(url(ditto, f"/api/2/search/things"), params={"filter": 'eq(attributes/secret,"s3cr3t")'})
+    r = grafana.get(url(ditto, "/api/2/search/things"), params={"filter": 'eq(attributes/secret,"s3cr3t")'})
     assert r.json() == {"items": []}
-    r = admin.get(url(ditto, f"/api/2/search/things"), params={"filter": 'eq(attributes/secret,"s3cr3t")', "fields": "thingId"})
+    r = admin.get(url(ditto, "/api/2/search/things"), params={"filter": 'eq(attributes/secret,"s3cr3t")', "fields": "thingId"})
     assert r.json() == {"items": [{"thingId": RACK}]}
 
 
