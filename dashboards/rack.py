@@ -6,8 +6,8 @@ from __future__ import annotations
 from grafanalib.core import Dashboard
 
 from .common import (DITTO, FORECAST_MEASUREMENT, INFLUX, MEASUREMENT, PROJECTION_MEASUREMENT, RACK_UID, WALL_PATH,
-                     column, constant_variable, field_defaults, infinity_target, influx_target, namespace_variable,
-                     render, tag_variable, templating, time_range)
+                     column, constant_variable, data_link, field_defaults, infinity_target, influx_target,
+                     namespace_variable, render, tag_variable, templating, time_range)
 from .panels import dashboard_link, grid, stat, timeseries
 from .thresholds import Thresholds
 from .wall import FORECAST_RANGE, minutes_steps, num
@@ -32,7 +32,12 @@ TWIN_COLUMNS = [
     column("features.environment.properties.deltaT", "deltaT"),
     column("features.environment.properties.tsTop", "tsTop", "timestamp"),
     column("features.environment.properties.tsBottom", "tsBottom", "timestamp"),
+    column("attributes.tbDeviceIds.top", "deviceIdTop", "string"),
+    column("attributes.tbDeviceIds.bottom", "deviceIdBottom", "string"),
 ]
+# Written by `racktwin sync` (it knows ThingsBoard's device ids); a twin only the live bridge wrote lacks them,
+# and the device links then fall back to ThingsBoard's device list.
+OPTIONAL_TWIN_SELECTORS = frozenset({"attributes.tbDeviceIds.top", "attributes.tbDeviceIds.bottom"})
 TWIN_PARAMS = [("fields", "thingId,attributes,features/environment/properties")]
 
 
@@ -73,11 +78,17 @@ DASHED = {"matcher": {"id": "byRegexp", "options": "/projected/"}, "properties":
     {"id": "custom.spanNulls", "value": 90_000}]}  # ms: bridge the 30 s publish grid, not a held-back forecast
 
 
-def twin_stat(title: str, pos, field: str, defaults: dict):
+def twin_stat(title: str, pos, field: str, defaults: dict, links: list | None = None):
+    # values=True: the twin's one row as it is, so data links can use its other fields (${__data.fields.x}).
     return stat(title, pos, [infinity_target("/api/2/things/${namespace}:${rack}", TWIN_PARAMS, TWIN_COLUMNS)],
-                defaults, datasource=DITTO,
-                options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{field}$/", "values": False},
+                defaults, datasource=DITTO, links=links,
+                options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{field}$/", "values": True},
                          "textMode": "value"})
+
+
+def device_link(position: str) -> dict:
+    return data_link(f"{position.capitalize()} sensor in ThingsBoard",
+                     "${thingsboard}/entities/devices/${__data.fields.deviceId" + position.capitalize() + "}")
 
 
 def forecast_stats(t: Thresholds, y: int) -> list:
@@ -112,9 +123,10 @@ def build(t: Thresholds) -> dict:
         twin_stat("Twin: top − bottom", grid(15, 0, 3, 4), "deltaT",
                   field_defaults("celsius", t.delta_t_steps())),
         twin_stat("Top last seen", grid(18, 0, 3, 4), "tsTop",
-                  field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None)),
+                  field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None), [device_link("top")]),
         twin_stat("Bottom last seen", grid(21, 0, 3, 4), "tsBottom",
-                  field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None)),
+                  field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None),
+                  [device_link("bottom")]),
         *forecast_stats(t, 4),
         timeseries("Inlet temperature: top vs bottom", grid(0, 7, 12, 9),
                    [influx_target(history("temperature"), alias="$tag_position"),

@@ -60,8 +60,10 @@ def test_sync_pages_through_devices_creates_twins_and_backfills_latest(tb_double
     assert len(pages) == 3  # 5 devices, 2 per page
     assert thing(ditto, "thermostat-1") is None
     t3 = thing(ditto, "rack-03")
+    rack03_id = tb_double.device_id("rack-03")
     assert t3["attributes"] == {"site": "fra1", "room": "hall-2", "row": "C", "rack": "rack-03", "positionInRow": 3,
-                                "tbDevices": {"bottom": "rack-03", "top": "rack-03"}}
+                                "tbDevices": {"bottom": "rack-03", "top": "rack-03"},
+                                "tbDeviceIds": {"bottom": rack03_id, "top": rack03_id}}
     props = t3["features"]["environment"]["properties"]
     assert props["tempTop"] == 27.0 and props["tempBottom"] == 21.0 and props["deltaT"] == 6.0
     assert props["humidityBottom"] == 47.5 and "dewPointTop" in props
@@ -98,6 +100,7 @@ def test_per_sensor_devices_are_placed_by_attributes(tb_double, ditto, settings_
     result = run_sync(settings)
     t7 = thing(ditto, "rack-07")
     assert t7["attributes"]["tbDevices"] == {"bottom": "sensor-bottom-7", "top": "sensor-top-7"}
+    assert t7["attributes"]["tbDeviceIds"] == {p: tb_double.device_id(f"sensor-{p}-7") for p in ("bottom", "top")}
     props = t7["features"]["environment"]["properties"]
     assert (props["tempTop"], props["tempBottom"], props["deltaT"]) == (26.0, 21.5, 4.5)
     assert any(s.startswith("sensor-nowhere") for s in result.skipped)

@@ -135,10 +135,14 @@ def merged_mapping(mapping: MappingConfig, racks: dict[str, RackMeta]) -> Mappin
     return mapping.model_copy(update={"racks": combined})
 
 
-def rack_attributes(location: RackLocation, devices: dict[Position, str], position_in_row: int | None) -> dict:
+def rack_attributes(location: RackLocation, devices: dict[Position, str], position_in_row: int | None,
+                    device_ids: dict[Position, str] | None = None) -> dict:
+    """The twin's attributes as ThingsBoard knows them; ``tbDeviceIds`` lets the rack detail link to each device."""
     attrs = twin.attributes_for(location, devices)
     if position_in_row is not None:
         attrs["positionInRow"] = position_in_row
+    if device_ids:
+        attrs["tbDeviceIds"] = dict(sorted(device_ids.items()))
     return attrs
 
 
@@ -225,15 +229,17 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
                                           position_in_row=position_in_row)
             rack_readings = [r for p in placements for r in readings.get(p.device, [])]
             devices_by_position: dict[Position, str] = {}
+            ids_by_position: dict[Position, str] = {}
             for p in placements:
                 for pos in [p.position] if p.position else POSITIONS:
                     devices_by_position[pos] = p.device
+                    ids_by_position[pos] = p.device_id
             try:
                 if not ditto_policy_ready:
                     ditto.ensure_policy(settings.policy_id, twin.policy_body(settings.ditto_policy_subjects))
                     ditto_policy_ready = True
                 _sync_thing(ditto, settings, rack, location,
-                            rack_attributes(location, devices_by_position, position_in_row),
+                            rack_attributes(location, devices_by_position, position_in_row, ids_by_position),
                             latest_states(rack_readings), result)
             except Exception as exc:  # noqa: BLE001 - one rack's failure must not stop the others
                 result.errors.append(f"{rack}: {exc}")
