@@ -76,14 +76,8 @@ class PositionState:
 
 def merge_reading(state: PositionState | None, reading: SensorReading) -> PositionState:
     """Fold a newer reading into a position; fields it lacks keep their value (as a merge-PATCH would)."""
-    if state is None:
-        return PositionState(reading.ts_ms, reading.temperature, reading.humidity, reading.device)
-    return PositionState(
-        ts_ms=reading.ts_ms,
-        temperature=reading.temperature if reading.temperature is not None else state.temperature,
-        humidity=reading.humidity if reading.humidity is not None else state.humidity,
-        device=reading.device,
-    )
+    fresh = PositionState(reading.ts_ms, reading.temperature, reading.humidity, reading.device)
+    return fresh if state is None else newest_of(fresh, state)
 
 
 def newest_of(a: PositionState, b: PositionState) -> PositionState:

@@ -41,6 +41,11 @@ def retryable(status: int | None) -> bool:
     return status is None or status >= 500 or status in RETRY_STATUSES
 
 
+def basic_auth(username: str, password: str) -> str:
+    """The Authorization header value nginx's basic auth expects."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 class DittoError(Exception):
     def __init__(self, status: int | None, text: str):
         super().__init__(f"HTTP {status}: {text[:200]}" if status is not None else text[:200])
@@ -61,8 +66,7 @@ class _KeptAliveConnection:
         self.port = parts.port or (443 if self.https else 80)
         self.prefix = parts.path.rstrip("/")
         self.timeout = timeout
-        token = base64.b64encode(f"{username}:{password}".encode()).decode()
-        self.auth = f"Basic {token}"
+        self.auth = basic_auth(username, password)
         self._conn: http.client.HTTPConnection | None = None
 
     def _connect(self) -> http.client.HTTPConnection:

@@ -10,7 +10,6 @@ resend safe) and the next command reconnects.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import logging
@@ -21,7 +20,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from .ditto import MERGE_PATCH, DittoError
+from .ditto import MERGE_PATCH, DittoError, basic_auth
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,7 @@ class DittoWebSocket:
     def __init__(self, url: str, username: str, password: str, timeout: float):
         self.url = url
         self.timeout = timeout
-        token = base64.b64encode(f"{username}:{password}".encode()).decode()
-        self._auth = f"Basic {token}"
+        self._auth = basic_auth(username, password)
         self._lock = threading.Lock()
         self._connection: ClientConnection | None = None
         self._calls: dict[str, _Call] = {}

@@ -1158,10 +1158,7 @@ class DittoDouble:
             return
         user = self._authenticate(ctx)
         if user is None:
-            resp = self._error_resp(DittoError(
-                401, "gateway:authentication.failed", "Unauthorized: basic authentication failed.",
-                "Send valid nginx basic-auth credentials.", [("WWW-Authenticate", 'Basic realm="Authentication required"')],
-            ))
+            resp = self._auth_failed()
             self._send(handler, ctx, resp, self._encode(resp))
             return
         handler.send_response(101, "Switching Protocols")
@@ -1269,10 +1266,7 @@ class DittoDouble:
             self._record(ctx, "; ".join(reasons), "request")
         user = self._authenticate(ctx)
         if ctx.raw_path.startswith("/api") and user is None:
-            resp = self._error_resp(DittoError(
-                401, "gateway:authentication.failed", "Unauthorized: basic authentication failed.",
-                "Send valid nginx basic-auth credentials.", [("WWW-Authenticate", 'Basic realm="Authentication required"')],
-            ))
+            resp = self._auth_failed()
         elif kind and kind != "security":
             resp = self._contract_error(ctx, kind, reasons)
         else:
@@ -1327,6 +1321,13 @@ class DittoDouble:
         else:
             resp = self._error_resp(DittoError(400, "contract:request.invalid", "The request does not match Ditto's OpenAPI contract.", text))
         return resp
+
+    def _auth_failed(self) -> _Resp:
+        """nginx's answer to a missing or wrong basic-auth login (as JSON, see the module docstring)."""
+        return self._error_resp(DittoError(
+            401, "gateway:authentication.failed", "Unauthorized: basic authentication failed.",
+            "Send valid nginx basic-auth credentials.", [("WWW-Authenticate", 'Basic realm="Authentication required"')],
+        ))
 
     def _error_resp(self, err: DittoError) -> _Resp:
         return _Resp(err.status, err.body(), list(err.headers))
