@@ -151,6 +151,52 @@ def test_broker_change_updates_our_chain_only(tb_double):
     assert tb_double.metadata_json(tb_double.root_id)["version"] == root_version
 
 
+def _profile(double: ThingsBoardDouble, name: str = "rack-sensor"):
+    return next(p for p in double.profiles.values() if p.name == name)
+
+
+def test_a_profile_racktwin_created_is_brought_up_to_date_keeping_what_the_user_added(tb_double):
+    settings = settings_for(tb_double)
+    install(settings)
+    profile = _profile(tb_double)
+    assert profile.description.startswith("RackTwin") and profile.version == 1
+    # Someone changed a field RackTwin sets, and gave the profile a queue and an image of their own.
+    profile.transport_type = "MQTT"
+    profile.default_queue_name = "HighPriority"
+    profile.image = "data:image/png;base64,iVBORw0KGgo="
+
+    dry = install(settings, dry_run=True)
+    assert any("update device profile 'rack-sensor': transportType" in c for c in dry.changes), dry.changes
+    assert _profile(tb_double).transport_type == "MQTT"
+
+    report = install(settings)
+    assert report.changes == ["update device profile 'rack-sensor': transportType"]
+    profile = _profile(tb_double)
+    assert profile.transport_type == "DEFAULT" and profile.version == 2
+    assert profile.default_queue_name == "HighPriority" and profile.image == "data:image/png;base64,iVBORw0KGgo="
+    assert not install(settings).changed
+
+
+def test_a_profile_the_user_made_is_left_exactly_as_it_is(tb_double):
+    pid = tb_double._add_profile("rack-sensor")
+    tb_double.profiles[pid].description = "Our racks, set up by facilities"
+    tb_double.profiles[pid].transport_type = "MQTT"
+    before = copy.deepcopy(tb_double.profiles[pid])
+    report = install(settings_for(tb_double))
+    assert not any("device profile" in c for c in report.changes), report.changes
+    assert ("POST", "/api/deviceProfile") not in tb_double.writes
+    assert tb_double.profiles[pid] == before
+
+
+def test_a_stale_profile_version_is_refused_like_thingsboard_does(tb_double):
+    tb = ThingsBoard(tb_double.url, tb_double.username, tb_double.password)
+    tb_double._add_profile("rack-sensor")
+    stale = tb.device_profile("rack-sensor")
+    tb.save_device_profile(copy.deepcopy(stale))
+    with pytest.raises(Exception, match="409"):
+        tb.save_device_profile(stale)
+
+
 def test_profile_with_its_own_rule_chain_is_wired_there(tb_double):
     own = tb_double._add_chain("Racks chain")
     tb_double._set_metadata(own, default_root_chain_metadata())

@@ -1,7 +1,9 @@
 """`racktwin thingsboard install`: device profile, forwarding rule chain and its wiring. Idempotent.
 
 Steps, each skipped when already in place:
-1. the rack device profile (created if missing; an existing one is left as the user set it up);
+1. the rack device profile: created if missing; if RackTwin created it (its description says so), the fields
+   RackTwin sets are brought up to date and the rest (alarm rules, default rule chain, queue, dashboard, all
+   that a user may have added) is kept; a profile the user made themselves is left exactly as it is;
 2. the forwarding rule chain (script + MQTT node, see rulechain.py), created or brought up to date;
 3. a rule-chain node after Save Timeseries in the chain the profile's devices go through: the profile's
    own default rule chain if it has one, otherwise the root chain.
@@ -11,6 +13,7 @@ Steps, each skipped when already in place:
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -48,11 +51,17 @@ def broker_target(settings: Settings) -> rulechain.BrokerTarget:
     )
 
 
+OWNED_MARK = "RackTwin"  # a profile whose description starts with this was created by RackTwin
+OWNED_FIELDS = ("description", "type", "transportType", "provisionType")
+OWNED_PROFILE_DATA = ("configuration", "transportConfiguration", "provisionConfiguration")
+
+
 def default_device_profile(name: str) -> dict:
     """A plain DEFAULT-transport profile (devices post JSON over MQTT/HTTP with access tokens)."""
     return {
         "name": name,
-        "description": "RackTwin rack environment sensors (tempTop, tempBottom, humidityTop, humidityBottom)",
+        "description": f"{OWNED_MARK} rack environment sensors (tempTop, tempBottom, humidityTop, humidityBottom); "
+                       "kept up to date by `racktwin thingsboard install`",
         "type": "DEFAULT",
         "transportType": "DEFAULT",
         "provisionType": "DISABLED",
@@ -63,6 +72,36 @@ def default_device_profile(name: str) -> dict:
             "provisionConfiguration": {"type": "DISABLED", "provisionDeviceSecret": None},
         },
     }
+
+
+def is_ours(profile: dict) -> bool:
+    return str(profile.get("description") or "").startswith(OWNED_MARK)
+
+
+def _covers(current: object, wanted: object) -> bool:
+    """``current`` has every non-null value of ``wanted`` (ThingsBoard may add or drop nulls and defaults)."""
+    if isinstance(wanted, dict):
+        return isinstance(current, dict) and all(v is None or _covers(current.get(k), v) for k, v in wanted.items())
+    return current == wanted
+
+
+def profile_changes(current: dict, wanted: dict) -> list[str]:
+    """The RackTwin-owned fields of ``current`` that differ from ``wanted``."""
+    changed = [f for f in OWNED_FIELDS if not _covers(current.get(f), wanted[f])]
+    data = current.get("profileData") or {}
+    changed += [f"profileData.{f}" for f in OWNED_PROFILE_DATA if not _covers(data.get(f), wanted["profileData"][f])]
+    return changed
+
+
+def updated_profile(current: dict, wanted: dict) -> dict:
+    """``current`` (id and version included, for ThingsBoard's optimistic locking) with the owned fields of
+    ``wanted``; everything else the profile carries is kept."""
+    out = copy.deepcopy(current)
+    for f in OWNED_FIELDS:
+        out[f] = wanted[f]
+    out["profileData"] = {**(out.get("profileData") or {}),
+                          **{f: copy.deepcopy(wanted["profileData"][f]) for f in OWNED_PROFILE_DATA}}
+    return out
 
 
 def install(settings: Settings, dry_run: bool = False, tb: ThingsBoard | None = None) -> InstallReport:
@@ -79,11 +118,18 @@ def _install(tb: ThingsBoard, settings: Settings, dry_run: bool) -> InstallRepor
     report = InstallReport(dry_run=dry_run)
     broker = broker_target(settings)
 
+    wanted = default_device_profile(settings.tb_device_profile)
     profile = tb.device_profile(settings.tb_device_profile)
     if profile is None:
         report.changes.append(f"create device profile {settings.tb_device_profile!r}")
         if not dry_run:
-            profile = tb.save_device_profile(default_device_profile(settings.tb_device_profile))
+            profile = tb.save_device_profile(wanted)
+    elif not is_ours(profile):
+        log.info("device profile %r was not created by RackTwin: left as it is", settings.tb_device_profile)
+    elif stale := profile_changes(profile, wanted):
+        report.changes.append(f"update device profile {settings.tb_device_profile!r}: {', '.join(stale)}")
+        if not dry_run:
+            profile = tb.save_device_profile(updated_profile(profile, wanted))
 
     chain = tb.rule_chain_by_name(settings.tb_rule_chain_name)
     if chain is None:

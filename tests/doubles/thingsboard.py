@@ -191,7 +191,7 @@ class ThingsBoardDouble:
         pid = str(uuid.uuid4())
         self.profiles[pid] = M.DeviceProfile(
             id=M.DeviceProfileId(id=pid, entity_type="DEVICE_PROFILE"), name=name, type="DEFAULT",
-            transport_type="DEFAULT", provision_type="DISABLED", default=default, created_time=_now(),
+            transport_type="DEFAULT", provision_type="DISABLED", default=default, created_time=_now(), version=1,
             profile_data=M.DeviceProfileData(configuration={"type": "DEFAULT"},
                                              transport_configuration={"type": "DEFAULT"}),
         )
@@ -392,8 +392,14 @@ class ThingsBoardDouble:
         pid = profile.id.id if profile.id else str(uuid.uuid4())
         if profile.id is None and any(p.name == profile.name for p in self.profiles.values()):
             raise BadRequest(400, "Device profile with such name already exists!")
+        stored = self.profiles.get(pid)
+        if profile.id is not None and stored is None:
+            raise BadRequest(404, "Requested item wasn't found!")
+        if stored is not None and profile.version is not None and profile.version != stored.version:
+            raise BadRequest(409, "Device profile was updated by another user (version mismatch)")
         profile.id = M.DeviceProfileId(id=pid, entity_type="DEVICE_PROFILE")
-        profile.created_time = profile.created_time or _now()
+        profile.created_time = stored.created_time if stored else _now()
+        profile.version = (stored.version or 0) + 1 if stored else 1
         self.profiles[pid] = profile
         return wire(profile)
 
