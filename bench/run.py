@@ -111,6 +111,29 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU seconds each named process spent between start() and stop(): who the run's work landed on."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.started: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.started = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) - self.started[name] for name, pid in self.pids.items()}
+
+
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -330,16 +353,20 @@ def run_ceiling(broker: Mosquitto, items: list[tuple[str, bytes]], workdir: Path
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"ceiling subscriber did not subscribe: {(workdir / 'ceiling.log').read_text()}")
+        cpu = CpuMeter({"subscriber": proc.pid, "mosquitto": broker.proc.pid})
         with paused(proc.pid):
             publish_rate = publish_burst(broker.port, "bench/ceiling", items)
             resumed = time.monotonic()
+            cpu.start()
         line = proc.stdout.readline().split()
         if not line or line[0] != "done":
             raise RuntimeError(f"ceiling subscriber failed: {(workdir / 'ceiling.log').read_text()}")
+        cpu_s = cpu.stop()  # the subscriber lingers 0.1 s after "done" for its last acks
         elapsed = float(line[1]) - resumed
         proc.wait(10)
         return {"messages": len(items), "drain_s": elapsed, "messages_per_s": len(items) / elapsed,
-                "publisher_messages_per_s": publish_rate}
+                "publisher_messages_per_s": publish_rate,
+                "cpu_ms_per_message": {name: 1000 * s / len(items) for name, s in cpu_s.items()}}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -347,18 +374,25 @@ def run_ceiling(broker: Mosquitto, items: list[tuple[str, bytes]], workdir: Path
 
 
 def run_bridge_burst(bridge: BridgeProcess, broker: Mosquitto, items: list[tuple[str, bytes]],
-                     ditto: ServerProcess, influx: ServerProcess, timeout: float) -> dict[str, Any]:
+                     ditto: ServerProcess, influx: ServerProcess, timeout: float,
+                     others: dict[str, int]) -> dict[str, Any]:
+    """``others``: pids of the processes besides the bridge whose CPU time the drain is charged with."""
     before = scrape(bridge)
     ditto.call("reset")
     influx.call("reset")
+    cpu = CpuMeter({"bridge": bridge.proc.pid, **others})
     with paused(bridge.proc.pid):
         publish_burst(broker.port, "bench/bridge", items)
         resumed = time.monotonic()
+        cpu.start()
     after = wait_delivered(bridge, delivered_count(before) + len(items), timeout)
     elapsed = time.monotonic() - resumed
+    cpu_s = cpu.stop()
     d, i = ditto.call("stats"), influx.call("stats")
     n = len(items)
     return {
+        "cpu_ms_per_message": {name: 1000 * s / n for name, s in cpu_s.items()},
+        "cpu_share": {name: s / elapsed for name, s in cpu_s.items()},
         "messages": n,
         "drain_s": elapsed,
         "messages_per_s": n / elapsed,
@@ -462,6 +496,20 @@ def figures(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                                " readings per rack", "")
     f["ditto_requests_per_msg_steady"] = figure(lat["ditto_requests_per_message"], "req/msg",
                                                 "Ditto requests per message, steady load", "")
+    # Where the CPU went: every process of a run shares the same cores, so a sink double that needs as much
+    # CPU per message as the bridge halves what the bridge can get, whatever its capacity alone.
+    f["ceiling_cpu_ms_per_msg"] = figure(ceil["cpu_ms_per_message"]["subscriber"], "ms/msg",
+                                         "CPU per message: ceiling subscriber", "")
+    cpu = warm["cpu_ms_per_message"]
+    f["cpu_ms_per_msg_bridge"] = figure(cpu["bridge"], "ms/msg", "CPU per message during the burst: bridge", "")
+    f["cpu_ms_per_msg_ditto_double"] = figure(cpu["ditto_double"], "ms/msg",
+                                              "CPU per message during the burst: Ditto double", "")
+    f["cpu_ms_per_msg_rest"] = figure(cpu["mosquitto"] + cpu["influxd"] + cpu["influx_adapter"], "ms/msg",
+                                      "CPU per message during the burst: Mosquitto + InfluxDB + adapter", "")
+    f["cpu_ms_per_msg_bridge_ws"] = figure(ws["bridge"]["cpu_ms_per_message"]["bridge"], "ms/msg",
+                                           "CPU per message during the burst: bridge, WebSocket transport", "")
+    f["cpu_ms_per_msg_ditto_double_ws"] = figure(ws["bridge"]["cpu_ms_per_message"]["ditto_double"], "ms/msg",
+                                                 "CPU per message during the burst: Ditto double, WebSocket", "")
     f["bridge_peak_rss_mb"] = figure(r["bridge_memory"]["peak_rss_mb"], "MB",
                                      f"Bridge peak RSS, {r['config']['racks']:,} racks", "bridge_peak_rss_mb")
     f["ditto_double_validated_req_per_s"] = figure(cap["ditto_validated"]["requests_per_s"], "req/s",
@@ -550,6 +598,8 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         capacity["influx"] = influx_capacity(influx.url, token, cfg["capacity_s"])
         result["capacity"] = capacity
 
+        others = {"ditto_double": ditto.proc.pid, "influx_adapter": influx.proc.pid, "mosquitto": broker.proc.pid,
+                  "influxd": influxd.proc.pid}
         stream = Stream(racks)
         burst = stream.burst(cfg["burst_rounds"])
         log(f"ceiling: {len(burst):,} messages through a minimal subscriber")
@@ -584,15 +634,16 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         bridge = start_bridge("http", "bench-bridge")
         try:
             log(f"bridge, first contact: {racks:,} messages, every twin created")
-            result["bridge_cold"] = run_bridge_burst(bridge, broker, stream.burst(1), ditto, influx, cfg["timeout_s"])
+            result["bridge_cold"] = run_bridge_burst(bridge, broker, stream.burst(1), ditto, influx,
+                                                     cfg["timeout_s"], others)
             log(f"bridge: the same {len(burst):,}-message stream as the ceiling")
             result["bridge"] = run_bridge_burst(bridge, broker, stream.burst(cfg["burst_rounds"]), ditto, influx,
-                                                cfg["timeout_s"])
+                                                cfg["timeout_s"], others)
             merge = Stream(cfg["merge_racks"], seed=7)
             merge.last_ts = stream.last_ts
             log(f"merging: {cfg['merge_racks']} racks x {cfg['merge_rounds']} readings each, queued at once")
             result["bridge_merge"] = run_bridge_burst(bridge, broker, merge.burst(cfg["merge_rounds"]), ditto, influx,
-                                                      cfg["timeout_s"])
+                                                      cfg["timeout_s"], others)
             stream.last_ts = merge.last_ts
             rate = racks / cfg["report_interval_s"]
             log(f"latency: {rate:,.0f} msg/s offered for {cfg['latency_s']:.0f} s")
@@ -609,9 +660,9 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         bridge = start_bridge("websocket", "bench-bridge-ws")
         try:
             log("WebSocket transport: first contact with the existing twins, then the stream and the latency run")
-            run_bridge_burst(bridge, broker, stream.burst(1), ditto, influx, cfg["timeout_s"])
+            run_bridge_burst(bridge, broker, stream.burst(1), ditto, influx, cfg["timeout_s"], others)
             ws: dict[str, Any] = {"bridge": run_bridge_burst(bridge, broker, stream.burst(cfg["burst_rounds"]), ditto,
-                                                             influx, cfg["timeout_s"])}
+                                                             influx, cfg["timeout_s"], others)}
             ws["latency"] = run_latency(bridge, broker, stream, rate, cfg["latency_s"], ditto, influx, cfg["timeout_s"])
             result["websocket"] = ws
         except Exception:

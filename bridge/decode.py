@@ -61,6 +61,9 @@ def parse_json(payload: bytes, max_bytes: int) -> Any:
 def _nesting_depth(payload: bytes) -> int:
     # A cheap upper bound that ignores brackets inside strings only loosely: enough to refuse
     # pathological nesting before json.loads recurses into it.
+    openers = payload.count(b"{") + payload.count(b"[")
+    if openers <= MAX_DEPTH:
+        return openers  # cannot nest deeper than it opens (the common case: skips the byte loop)
     depth = deepest = 0
     in_string = escaped = False
     for byte in payload:

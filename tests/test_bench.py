@@ -28,6 +28,8 @@ EXPECTED = [
     "ditto_double_validated_req_per_s", "ditto_double_req_per_s", "ditto_double_headroom",
     "influx_adapter_points_per_s", "influx_adapter_headroom",
     "forecast_us_per_reading", "forecast_to_decode_map_ratio",
+    "ceiling_cpu_ms_per_msg", "cpu_ms_per_msg_bridge", "cpu_ms_per_msg_ditto_double", "cpu_ms_per_msg_rest",
+    "cpu_ms_per_msg_bridge_ws", "cpu_ms_per_msg_ditto_double_ws",
 ]
 
 
@@ -58,7 +60,9 @@ def test_quick_bench_reports_every_figure(quick_result):
     figures = result["figures"]
     assert sorted(figures) == sorted(EXPECTED)
     for key, f in figures.items():
-        assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]) and f["value"] > 0, (key, f)
+        assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), (key, f)
+        # CPU time comes in clock ticks (10 ms): a light process may show none in the tiny run.
+        assert f["value"] >= 0 if "cpu_ms" in key else f["value"] > 0, (key, f)
         assert f["label"] in stdout, key  # every figure is in the printed table
         if key in TARGETS:
             assert f["target"] and isinstance(f["ok"], bool), key
@@ -83,6 +87,7 @@ def test_quick_bench_delivered_everything(quick_result):
         assert run["rejected"] == 0
         assert run["influx_points"] == 2 * run["messages"]  # two positions per rack envelope
         assert run["ditto_reading_patches"] >= 1
+    assert result["bridge"]["cpu_ms_per_message"]["bridge"] > 0  # 400 messages take the bridge far over a tick
     assert result["bridge_cold"]["ditto_requests_per_message"] >= 2  # GET 404 + PUT + PATCH per new twin
     latency = result["latency"]
     assert latency["influx_points"] == 2 * latency["messages"]
