@@ -55,13 +55,27 @@ def build_all(t: Thresholds) -> dict[str, str]:
 
 
 def write_all(out: Path, t: Thresholds) -> list[Path]:
+    files = build_all(t)
+    for stale in stale_files(out, files):
+        # A file an older version generated (renamed or dropped dashboard, rule file) would still be
+        # provisioned, e.g. as a second dashboard with the same uid.
+        log.info("removing %s: no longer generated", stale)
+        stale.unlink()
     written = []
-    for rel, text in build_all(t).items():
+    for rel, text in files.items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
     return written
+
+
+def stale_files(out: Path, files: dict[str, str]) -> list[Path]:
+    """Provisioning files (JSON, YAML) under ``out`` that ``files`` does not contain."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".yml")
+                  and p.relative_to(out).as_posix() not in files)
 
 
 def main(argv: list[str] | None = None) -> int:

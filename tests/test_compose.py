@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -308,7 +309,8 @@ def test_dependencies_wait_for_health_and_one_shots():
     model, _ = load_model("demo")
     services = model["services"]
     one_shots = {n for n, s in services.items() if s.get("restart") == "no"}
-    assert one_shots == {"secrets-init", "thingsboard-db-check", "thingsboard-install", "bootstrap"}
+    assert one_shots == {"secrets-init", "thingsboard-db-check", "thingsboard-install", "bootstrap",
+                         "grafana-provisioning"}
     depended_on = set()
     for name, svc in services.items():
         deps = svc.get("depends_on") or {}
@@ -379,6 +381,62 @@ def test_grafana_gets_what_provisioning_interpolates():
     assert sorted(referenced - env - {"GRAFANA_INFLUX_TOKEN"}) == []
     assert "GRAFANA_INFLUX_TOKEN" in (COMPOSE_DIR / "grafana" / "entrypoint.sh").read_text()
     assert grafana["environment"]["GF_PLUGINS_PREINSTALL_SYNC"] == "yesoreyeram-infinity-datasource@3.11.1"
+
+
+def _generated_provisioning(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """What grafana-provisioning's command writes with ``env``: relative path -> text."""
+    svc = load_model("demo")[0]["services"]["grafana-provisioning"]
+    out = tmp_path / "provisioning"
+    argv = [a.replace("/provisioning", str(out)) for a in svc["entrypoint"]]
+    assert argv[0] == "python"
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("RACKTWIN_")}
+    subprocess.run([sys.executable, *argv[1:]], cwd=REPO, env={**run_env, **env}, check=True, capture_output=True)
+    return {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()}
+
+
+def _silent_rule(files: dict[str, str]) -> dict:
+    rules = yaml.safe_load(files["alerting/rules.yaml"])
+    return next(r for g in rules["groups"] for r in g["rules"] if r["uid"] == "racktwin-sensor-silent")
+
+
+def test_grafana_provisioning_is_generated_in_the_stack_with_the_env_thresholds(tmp_path):
+    model, _ = load_model("demo")
+    services = model["services"]
+    gen, grafana = services["grafana-provisioning"], services["grafana"]
+    # Grafana reads what the one-shot wrote, after it wrote it.
+    assert "grafana-provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "grafana-provisioning:/provisioning" in gen["volumes"]
+    assert grafana["depends_on"]["grafana-provisioning"]["condition"] == "service_completed_successfully"
+    # The image carries the generator: dashboards/ copied in, grafanalib installed, /provisioning writable.
+    dockerfile = (COMPOSE_DIR / "bridge.Dockerfile").read_text()
+    assert "COPY dashboards ./dashboards" in dockerfile and re.search(r'pip install "\.\[[^]]*dashboards', dockerfile)
+    assert re.search(r"install -d -o 10001 .*/provisioning", dockerfile)
+    assert "!dashboards/" in (COMPOSE_DIR / "bridge.Dockerfile.dockerignore").read_text().splitlines()
+
+    # With .env.example's values the stack gets the same files as the committed ones, bar the reporting
+    # interval (the demo reports every 10 s; the committed rules assume 60 s).
+    stack = _generated_provisioning(tmp_path / "example", gen["environment"])
+    committed = {str(p.relative_to(REPO / "provisioning" / "grafana")): p.read_text()
+                 for p in (REPO / "provisioning" / "grafana").rglob("*") if p.is_file()}
+    assert sorted(stack) == sorted(committed)
+    interval = int(parse_env_file(ENV_EXAMPLE)[0]["READING_INTERVAL_S"])
+    assert gen["environment"]["RACKTWIN_READING_INTERVAL_S"] == str(interval)
+    assert f"no reading for {3 * interval} s" in _silent_rule(stack)["annotations"]["summary"]
+    assert services["simulator"]["environment"]["RACKTWIN_SIM_INTERVAL_S"] == str(interval)
+    same_interval = _generated_provisioning(tmp_path / "same", {**gen["environment"],
+                                                                "RACKTWIN_READING_INTERVAL_S": "60"})
+    assert same_interval == committed
+
+    # Another class in .env reaches the alert rules and the wall's colours.
+    a3 = _generated_provisioning(tmp_path / "a3", {**gen["environment"], "RACKTWIN_ASHRAE_CLASS": "A3"})
+    rules = yaml.safe_load(a3["alerting/rules.yaml"])
+    critical = next(r for g in rules["groups"] for r in g["rules"] if r["uid"] == "racktwin-inlet-allowable")
+    assert "40" in json.dumps(critical["data"]) and "A3" in critical["annotations"]["summary"]
+    assert a3["dashboards/json/racktwin-wall.json"] != stack["dashboards/json/racktwin-wall.json"]
+    # The bridge gets the same class and cap as the generator.
+    bridge = services["bridge"]["environment"]
+    for key in ("RACKTWIN_ASHRAE_CLASS", "RACKTWIN_RH_CAP"):
+        assert bridge[key] == gen["environment"][key]
 
 
 # --- init-env.sh --------------------------------------------------------------------------------------------

@@ -57,6 +57,17 @@ def test_regeneration_gives_the_committed_bytes():
         assert text.endswith("\n")
 
 
+def test_writing_removes_files_an_older_version_generated_and_nothing_else(tmp_path):
+    (tmp_path / "dashboards/json").mkdir(parents=True)
+    (tmp_path / "dashboards/json/racktwin-old-wall.json").write_text("{}")
+    (tmp_path / "alerting").mkdir()
+    (tmp_path / "alerting/old-rules.yaml").write_text("apiVersion: 1\n")
+    (tmp_path / "NOTES.txt").write_text("kept")
+    generate.write_all(tmp_path, Thresholds())
+    on_disk = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert on_disk == set(generate.build_all(Thresholds())) | {"NOTES.txt"}
+
+
 def test_generation_is_deterministic_and_thresholds_drive_colours_and_rules():
     default = generate.build_all(Thresholds())
     assert default == generate.build_all(Thresholds())
