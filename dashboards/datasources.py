@@ -27,9 +27,21 @@ def datasources_file() -> dict:
     ]}
 
 
+# The wall is for anyone in front of the NOC screen (anonymous Viewer); rack detail and bridge health are for
+# people who log in. Grafana grants per folder, so they live in two: the wall shares "RackTwin" with the alert
+# rules (by title, as rules.yaml names it), which the wall's alert count must be able to read; the other folder
+# has a fixed uid, so compose/grafana/entrypoint.sh can take the Viewer role off it.
+WALL_FOLDER = "RackTwin"
+OPERATIONS_FOLDER, OPERATIONS_FOLDER_UID = "RackTwin operations", "racktwin-operations"
+WALL_DIR, OPERATIONS_DIR = "dashboards/wall", "dashboards/operations"  # relative to the provisioning root
+
+
 def dashboard_provider_file() -> dict:
-    return {"apiVersion": 1, "providers": [{
-        "name": "racktwin", "orgId": 1, "folder": "RackTwin", "type": "file", "disableDeletion": True,
-        "allowUiUpdates": False, "updateIntervalSeconds": 60,
-        "options": {"path": "/etc/grafana/provisioning/dashboards/json", "foldersFromFilesStructure": False},
-    }]}
+    common = {"orgId": 1, "type": "file", "disableDeletion": True, "allowUiUpdates": False,
+              "updateIntervalSeconds": 60}
+    return {"apiVersion": 1, "providers": [
+        {"name": "racktwin-wall", "folder": WALL_FOLDER, **common,
+         "options": {"path": f"/etc/grafana/provisioning/{WALL_DIR}", "foldersFromFilesStructure": False}},
+        {"name": "racktwin-operations", "folder": OPERATIONS_FOLDER, "folderUid": OPERATIONS_FOLDER_UID, **common,
+         "options": {"path": f"/etc/grafana/provisioning/{OPERATIONS_DIR}", "foldersFromFilesStructure": False}},
+    ]}

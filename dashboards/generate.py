@@ -43,9 +43,9 @@ def dump_yaml(data: dict) -> str:
 def build_all(t: Thresholds) -> dict[str, str]:
     """Relative path -> file text, for every generated file."""
     return {
-        "dashboards/json/racktwin-wall.json": dump_json(wall.build(t)),
-        "dashboards/json/racktwin-rack.json": dump_json(rack.build(t)),
-        "dashboards/json/racktwin-bridge.json": dump_json(bridge_health.build(t)),
+        f"{datasources.WALL_DIR}/racktwin-wall.json": dump_json(wall.build(t)),
+        f"{datasources.OPERATIONS_DIR}/racktwin-rack.json": dump_json(rack.build(t)),
+        f"{datasources.OPERATIONS_DIR}/racktwin-bridge.json": dump_json(bridge_health.build(t)),
         "dashboards/racktwin.yaml": dump_yaml(datasources.dashboard_provider_file()),
         "datasources/racktwin.yaml": dump_yaml(datasources.datasources_file()),
         "alerting/rules.yaml": dump_yaml(alerts.rules_file(t)),

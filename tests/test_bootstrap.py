@@ -23,6 +23,7 @@ from bridge.bootstrap import (
 )
 from tests.conftest import DITTO_USERS
 from tests.doubles.influx_admin import InfluxAdminDouble
+from tests.harness.http import send_json
 
 ADMIN_TOKEN = "influx-admin-token-for-tests"
 
@@ -226,12 +227,7 @@ class TbAuthFake:
                 return self._send(404, {"message": "not found"})
 
             def _send(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body)
 
             def log_message(self, *args):
                 return

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.secrets import apr1, init_secrets
 from tests.doubles.contracts import find_contract
+from tests.harness.http import send_json
 from tests.harness.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -329,6 +331,30 @@ def test_dependencies_wait_for_health_and_one_shots():
             assert svc.get("healthcheck", {}).get("disable") is True, f"one-shot {name} inherits the image's healthcheck"
 
 
+@pytest.mark.parametrize("mode,profiles", [("demo", {"demo"}), ("external", set())])
+def test_every_one_shot_is_awaited_by_a_long_running_service(mode, profiles):
+    """`up --wait` counts a one-shot that exited 0 as done only when a running service depends on it with
+    service_completed_successfully (docker/compose#9572, #10596); otherwise `make up` fails on a healthy stack."""
+    active = active_services(load_model(mode)[0], profiles)
+    one_shots = {n for n, svc in active.items() if svc.get("restart") == "no"}
+    long_running = {n: svc for n, svc in active.items() if n not in one_shots}
+    awaited: dict[str, set[str]] = {n: set() for n in one_shots}
+
+    def adopt(name: str, seen: set[str]) -> None:
+        # A one-shot awaited by another one-shot that a running service awaits is awaited too.
+        for dep, spec in (active[name].get("depends_on") or {}).items():
+            if dep in one_shots and spec.get("condition") == "service_completed_successfully" and dep not in seen:
+                seen.add(dep)
+                adopt(dep, seen)
+
+    for name in long_running:
+        seen: set[str] = set()
+        adopt(name, seen)
+        for dep in seen:
+            awaited[dep].add(name)
+    assert one_shots and {n for n, by in awaited.items() if not by} == set()
+
+
 def test_every_service_has_a_memory_limit_and_the_sum_fits_the_readme():
     model, _ = load_model("demo")
     units = {"k": 2**10, "m": 2**20, "g": 2**30}
@@ -432,7 +458,7 @@ def test_grafana_provisioning_is_generated_in_the_stack_with_the_env_thresholds(
     rules = yaml.safe_load(a3["alerting/rules.yaml"])
     critical = next(r for g in rules["groups"] for r in g["rules"] if r["uid"] == "racktwin-inlet-allowable")
     assert "40" in json.dumps(critical["data"]) and "A3" in critical["annotations"]["summary"]
-    assert a3["dashboards/json/racktwin-wall.json"] != stack["dashboards/json/racktwin-wall.json"]
+    assert a3["dashboards/wall/racktwin-wall.json"] != stack["dashboards/wall/racktwin-wall.json"]
     # The bridge gets the same class and cap as the generator.
     bridge = services["bridge"]["environment"]
     for key in ("RACKTWIN_ASHRAE_CLASS", "RACKTWIN_RH_CAP"):
@@ -769,7 +795,8 @@ def test_grafana_entrypoint_fills_empty_receivers_and_wires_smtp(tmp_path):
     run = tmp_path / "run.sh"
     run.write_text("#!/bin/sh\nenv\n")
     run.chmod(0o755)
-    base = {"PATH": os.environ["PATH"], "GRAFANA_RUN": str(run), "GRAFANA_INFLUX_TOKEN": "t"}
+    base = {"PATH": os.environ["PATH"], "GRAFANA_RUN": str(run), "GRAFANA_INFLUX_TOKEN": "t",
+            "GRAFANA_PERMISSIONS_TRIES": "0"}
 
     def start(**env: str) -> tuple[dict[str, str], str]:
         proc = subprocess.run(["sh", str(COMPOSE_DIR / "grafana" / "entrypoint.sh")], env={**base, **env},
@@ -784,3 +811,96 @@ def test_grafana_entrypoint_fills_empty_receivers_and_wires_smtp(tmp_path):
     assert (got["ALERT_WEBHOOK_URL"], got["ALERT_EMAIL_TO"]) == ("https://hooks.example/x", "noc@example.org")
     assert (got["GF_SMTP_ENABLED"], got["GF_SMTP_HOST"], got["GF_SMTP_PASSWORD"]) == ("true", "smtp.example.org:587", "p")
     assert log == ""
+
+
+class _FolderPermissionsDouble(ThreadingHTTPServer):
+    """Grafana's legacy folder permissions API as documented (POST /api/folders/:uid/permissions: ``items``,
+    each for one role, user or team; roles Viewer/Editor, Admins cannot be set; levels 1/2/4; the items
+    replace the folder's permissions). Folders exist once "provisioned"; basic auth is the admin's."""
+
+    def __init__(self, folders: set[str], user: str, password: str, missing_first: int):
+        self.folders, self.missing_first = folders, missing_first
+        self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.permissions: dict[str, list[dict]] = {}
+        self.problems: list[str] = []
+        self.calls = 0
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                double.calls += 1
+                send_json(self, *double.answer(self))
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    def answer(self, req: BaseHTTPRequestHandler) -> tuple[int, dict]:
+        m = re.fullmatch(r"/api/folders/([^/]+)/permissions", req.path)
+        raw = req.rfile.read(int(req.headers.get("Content-Length") or 0))
+        if req.headers.get("Authorization") != self.auth:
+            return 401, {"message": "Unauthorized"}
+        if m is None:
+            self.problems.append(f"no such route {req.path}")
+            return 404, {"message": "Not found"}
+        if self.calls <= self.missing_first or m.group(1) not in self.folders:
+            return 404, {"message": "Folder not found"}
+        if (req.headers.get("Content-Type") or "").split(";")[0] != "application/json":
+            self.problems.append(f"Content-Type {req.headers.get('Content-Type')}")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            self.problems.append(f"body is not JSON: {raw[:80]!r}")
+            return 400, {"message": "bad request data"}
+        items = body.get("items") if isinstance(body, dict) else None
+        if set(body) != {"items"} or not isinstance(items, list):
+            self.problems.append(f"body is not {{items: [...]}}: {body}")
+            return 400, {"message": "bad request data"}
+        for item in items:
+            who = [k for k in ("role", "userId", "teamId") if k in item]
+            if len(who) != 1 or set(item) - {"role", "userId", "teamId", "permission"}:
+                self.problems.append(f"item {item}")
+            elif "role" in item and item["role"] not in ("Viewer", "Editor"):
+                self.problems.append(f"role {item['role']} (Admins cannot be set)")
+            if item.get("permission") not in (1, 2, 4):
+                self.problems.append(f"permission {item.get('permission')}")
+        self.permissions[m.group(1)] = items
+        return 200, {"message": "Folder permissions updated", "id": 7, "title": "RackTwin operations"}
+
+
+@pytest.mark.parametrize("client", ["curl", "wget"])
+def test_grafana_entrypoint_takes_the_viewer_role_off_the_operations_folder(tmp_path, client):
+    """Anonymous visitors are Viewers: once Grafana has provisioned the operations folder, the entrypoint's
+    background job leaves it to Editors (and Admins), with whichever of curl / wget the image has."""
+    provider = yaml.safe_load((REPO / "provisioning/grafana/dashboards/racktwin.yaml").read_text())["providers"]
+    folder_uids = {p["folderUid"] for p in provider if "folderUid" in p}
+    double = _FolderPermissionsDouble(folder_uids, "admin", "s3cret:pw", missing_first=2)
+    threading.Thread(target=double.serve_forever, daemon=True).start()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "cat", "base64", "tr", "sleep", client):
+        found = shutil.which(tool)
+        if found is None:
+            pytest.skip(f"{tool} not installed")
+        (bin_dir / tool).symlink_to(found)
+    run = tmp_path / "run.sh"
+    run.write_text("#!/bin/sh\nexec sleep 30\n")  # stands in for Grafana, which keeps running
+    run.chmod(0o755)
+    env = {"PATH": str(bin_dir), "GRAFANA_RUN": str(run), "GRAFANA_INFLUX_TOKEN": "t",
+           "GF_SECURITY_ADMIN_USER": "admin", "GF_SECURITY_ADMIN_PASSWORD": "s3cret:pw",
+           "GRAFANA_API_URL": f"http://127.0.0.1:{double.server_address[1]}", "GRAFANA_PERMISSIONS_RETRY_S": "0.2",
+           "ALERT_WEBHOOK_URL": "https://hooks.example/x", "ALERT_EMAIL_TO": "noc@example.org"}
+    proc = subprocess.Popen(["sh", str(COMPOSE_DIR / "grafana" / "entrypoint.sh")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not double.permissions and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+        double.shutdown()
+    assert double.problems == []
+    assert double.permissions == {"racktwin-operations": [{"role": "Editor", "permission": 1}]}
+    assert double.calls == 3  # two 404s while Grafana has not provisioned the folder yet, then done

@@ -18,7 +18,7 @@ from tests.dashboard_data import PROVISIONING, RACKS, RISING_FAST, RISING_SLOW, 
 from tests.grafana_sim import (Variable, calculate_interval_ms, expand_macros, gjson_get, interpolate,
                                parse_duration_ms, unresolved_variables)
 
-DASHBOARDS = {p.stem: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards/json").glob("*.json"))}
+DASHBOARDS = {p.stem: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards").rglob("*.json"))}
 DATASOURCES = {d["uid"]: d for d in yaml.safe_load((PROVISIONING / "datasources/racktwin.yaml").read_text())["datasources"]}
 DS_MIN_INTERVAL = DATASOURCES["influxdb"]["jsonData"]["timeInterval"]
 RULES = [r for g in yaml.safe_load((PROVISIONING / "alerting/rules.yaml").read_text())["groups"] for r in g["rules"]]

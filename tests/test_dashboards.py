@@ -26,7 +26,7 @@ def load(rel: str):
     return json.loads(text) if rel.endswith(".json") else yaml.safe_load(text)
 
 
-DASHBOARDS = {p.name: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards/json").glob("*.json"))}
+DASHBOARDS = {p.name: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards").rglob("*.json"))}
 DATASOURCE_UIDS = {d["uid"] for d in load("datasources/racktwin.yaml")["datasources"]}
 RULE_GROUPS = load("alerting/rules.yaml")["groups"]
 RULES = [r for g in RULE_GROUPS for r in g["rules"]]
@@ -77,7 +77,7 @@ def test_generation_is_deterministic_and_thresholds_drive_colours_and_rules():
     assert params["racktwin-inlet-allowable"] == [10.0, 35.0]
     assert params["racktwin-humidity-recommended"] == [50.0]
     assert params["racktwin-dewpoint-allowable"] == [21.0]
-    wall = json.loads(other["dashboards/json/racktwin-wall.json"])
+    wall = json.loads(other["dashboards/wall/racktwin-wall.json"])
     steps = [s["value"] for s in wall["panels"][0]["fieldConfig"]["defaults"]["thresholds"]["steps"]]
     assert steps == [None, 10.0, 18.0, 27.0, 35.0]
     with pytest.raises(ValueError):
@@ -207,7 +207,7 @@ def test_forecast_panels_use_the_class_limits_and_the_horizon():
     from bridge.forecast.tracker import MEASUREMENT as FORECAST_MEASUREMENT
 
     files = generate.build_all(from_env({"RACKTWIN_ASHRAE_CLASS": "A3", "RACKTWIN_FORECAST_HORIZON_MIN": "20"}))
-    wall = json.loads(files["dashboards/json/racktwin-wall.json"])
+    wall = json.loads(files["dashboards/wall/racktwin-wall.json"])
     table = next(p for p in wall["panels"] if p["title"] == "Heading for trouble")
     query = table["targets"][0]["query"]
     assert f'FROM "{FORECAST_MEASUREMENT}"' in query
@@ -224,7 +224,7 @@ def test_forecast_panels_use_the_class_limits_and_the_horizon():
     assert forecast["data"][2]["model"]["conditions"][0]["evaluator"] == {"type": "lt", "params": [20.0]}
     assert f'FROM "{FORECAST_MEASUREMENT}"' in forecast["data"][0]["model"]["query"]
     assert forecast["noDataState"] == "OK" and forecast["labels"] == {"severity": "warning", "kind": "forecast"}
-    rack = json.loads(files["dashboards/json/racktwin-rack.json"])
+    rack = json.loads(files["dashboards/operations/racktwin-rack.json"])
     inlet = next(p for p in rack["panels"] if p["title"].startswith("Inlet temperature"))
     assert [s["value"] for s in inlet["fieldConfig"]["defaults"]["thresholds"]["steps"]][-2:] == [27.0, 40.0]
     from bridge.forecast.tracker import PROJECTION_MEASUREMENT
@@ -275,9 +275,31 @@ def test_no_secret_in_provisioning_files_only_documented_env_vars():
     assert influx["secureJsonData"]["httpHeaderValue1"] == "Token ${GRAFANA_INFLUX_TOKEN}"
 
 
-def test_dashboard_provider():
-    provider = load("dashboards/racktwin.yaml")["providers"][0]
-    assert provider["type"] == "file" and provider["options"]["path"].endswith("/dashboards/json")
+def test_dashboard_providers_split_the_wall_from_what_needs_a_login():
+    providers = load("dashboards/racktwin.yaml")["providers"]
+    by_dir = {}
+    for provider in providers:
+        assert provider["type"] == "file" and provider["allowUiUpdates"] is False
+        path = provider["options"]["path"]
+        assert path.startswith("/etc/grafana/provisioning/")
+        rel = path.removeprefix("/etc/grafana/provisioning/")
+        by_dir[rel] = provider
+    # Grafana's file provider walks its path recursively: no provider's directory may contain another's.
+    for a in by_dir:
+        for b in by_dir:
+            assert a == b or not b.startswith(a + "/"), (a, b)
+    uids = {rel: {json.loads((PROVISIONING / p).read_text())["uid"] for p in
+                  (PROVISIONING / rel).glob("*.json")} for rel in by_dir}
+    assert uids == {"dashboards/wall": {"racktwin-wall"}, "dashboards/operations": {"racktwin-rack", "racktwin-bridge"}}
+    # The wall's folder is the alert rules' folder (the wall counts firing alerts, which needs read access);
+    # the other folder has the fixed uid the Grafana entrypoint restricts.
+    assert by_dir["dashboards/wall"]["folder"] == RULE_GROUPS[0]["folder"]
+    assert {g["folder"] for g in RULE_GROUPS} == {by_dir["dashboards/wall"]["folder"]}
+    operations = by_dir["dashboards/operations"]
+    assert operations["folder"] != RULE_GROUPS[0]["folder"]
+    entrypoint = (PROVISIONING.parent.parent / "compose" / "grafana" / "entrypoint.sh").read_text()
+    assert f"GRAFANA_OPERATIONS_FOLDER_UID:-{operations['folderUid']}}}" in entrypoint
+    assert "/api/folders/$operations_folder/permissions" in entrypoint
 
 
 # ------------------------------------------------------------------------------------ alerting files

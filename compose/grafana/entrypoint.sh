@@ -37,4 +37,41 @@ if [ -n "${SMTP_HOST:-}" ]; then
     export GF_SMTP_ENABLED GF_SMTP_HOST GF_SMTP_USER GF_SMTP_PASSWORD GF_SMTP_FROM_ADDRESS
 fi
 
+# - Wall only for anonymous visitors: they get the Viewer role (the NOC screen needs no login), and Grafana
+#   cannot provision folder permissions from files. So once Grafana answers, a background job replaces the
+#   permissions of the "RackTwin operations" folder (rack detail, bridge health) with "Editors may view":
+#   the Viewer role, and with it every anonymous visitor, loses it; Admins always keep access. The wall's
+#   folder keeps Grafana's defaults. The request replaces rather than adds, so every start applies it again.
+operations_folder=${GRAFANA_OPERATIONS_FOLDER_UID:-racktwin-operations}
+
+http_post() {  # url json-body basic-credentials; succeeds on a 2xx answer (Alpine images: busybox wget)
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS -o /dev/null -X POST -H "Authorization: Basic $3" -H "Content-Type: application/json" \
+            --data "$2" "$1" 2>/dev/null
+    else
+        wget -q -O /dev/null --header "Authorization: Basic $3" --header "Content-Type: application/json" \
+            --post-data "$2" "$1" 2>/dev/null
+    fi
+}
+
+restrict_operations_folder() {
+    url="${GRAFANA_API_URL:-http://127.0.0.1:3000}/api/folders/$operations_folder/permissions"
+    credentials=$(printf '%s:%s' "${GF_SECURITY_ADMIN_USER:-admin}" "${GF_SECURITY_ADMIN_PASSWORD:-}" | base64 | tr -d '\n')
+    body='{"items":[{"role":"Editor","permission":1}]}'
+    tries=0
+    # Grafana needs a while to start and to provision the folder (404 until then).
+    while [ "$tries" -lt "${GRAFANA_PERMISSIONS_TRIES:-120}" ]; do
+        tries=$((tries + 1))
+        if http_post "$url" "$body" "$credentials"; then
+            echo "grafana: folder $operations_folder (rack detail, bridge health) is for logged-in Editors and Admins; anonymous visitors see the wall"
+            return 0
+        fi
+        sleep "${GRAFANA_PERMISSIONS_RETRY_S:-5}"
+    done
+    echo "grafana: could not restrict folder $operations_folder (was the admin password changed in Grafana? it must match GRAFANA_ADMIN_PASSWORD): anonymous visitors can open rack detail and bridge health" >&2
+}
+if [ "${GRAFANA_PERMISSIONS_TRIES:-120}" -gt 0 ]; then  # 0: leave folder permissions alone
+    restrict_operations_folder &
+fi
+
 exec "${GRAFANA_RUN:-/run.sh}" "$@"
