@@ -135,3 +135,21 @@ def test_telemetry_reaches_ditto_and_influxdb(stack):
         return r.ok and "temperature" in r.text and r.text
 
     _poll("rack in InfluxDB", in_influx)
+
+
+def test_grafana_shows_anonymous_visitors_the_wall_only_and_uses_the_env_thresholds(stack):
+    env = stack
+    grafana = f"http://127.0.0.1:{env['GRAFANA_HTTP_PORT']}"
+    admin = (env["GRAFANA_ADMIN_USER"], env["GRAFANA_ADMIN_PASSWORD"])
+
+    def wall_only():
+        wall = requests.get(f"{grafana}/api/dashboards/uid/racktwin-wall", timeout=10)
+        rack = requests.get(f"{grafana}/api/dashboards/uid/racktwin-rack", timeout=10)
+        return wall.status_code == 200 and rack.status_code in (401, 403, 404) and (wall.status_code, rack.status_code)
+
+    _poll("anonymous access to the wall but not to rack detail", wall_only)
+    assert requests.get(f"{grafana}/api/dashboards/uid/racktwin-rack", auth=admin, timeout=10).status_code == 200
+    # grafana-provisioning generated the rules with .env's reporting interval (3 x READING_INTERVAL_S).
+    rule = requests.get(f"{grafana}/api/v1/provisioning/alert-rules/racktwin-sensor-silent", auth=admin, timeout=10)
+    assert rule.ok, rule.text
+    assert f"no reading for {3 * int(env['READING_INTERVAL_S'])} s" in rule.json()["annotations"]["summary"]
