@@ -6,7 +6,8 @@ Waits for each product's health, then
   and stores each in the shared secrets directory (InfluxDB chooses token values itself and 2.9 keeps
   only hashes, so the file is the one place the value lives; the authorization id is stored beside it);
 - ThingsBoard (demo): rotates the demo accounts' default passwords to the generated ones, then hands
-  over to ``bridge.thingsboard`` for the device profile, demo racks and the forwarding rule chain.
+  over to ``bridge.thingsboard`` for the device profile and the forwarding rule chain, and creates the demo
+  racks (``SIM_RACKS``) as devices with their attributes.
 
 Every step compares what exists with what should exist and writes only the difference, so a second
 run reports no changes. Configuration comes from the environment (names as in compose/.env).
@@ -80,6 +81,7 @@ class BootstrapConfig:
     tb_mqtt_host: str = "mosquitto"
     tb_mqtt_port: int = 1883
     mqtt_tb_password: str = ""
+    sim_racks: int = 40  # demo: the simulated hall's racks, created as ThingsBoard devices here
     ditto_admin_user: str = "ditto"
     ditto_policy_subjects: dict[str, list[str]] = field(
         default_factory=lambda: Settings.model_fields["ditto_policy_subjects"].get_default(call_default_factory=True)
@@ -131,7 +133,19 @@ def config_from_env(env: Mapping[str, str] | None = None) -> BootstrapConfig:
         tb_mqtt_host=env.get("TB_MQTT_BROKER_HOST") or "mosquitto",
         tb_mqtt_port=int(env.get("TB_MQTT_BROKER_PORT") or 1883),
         mqtt_tb_password=need("MQTT_TB_PASSWORD") if tb_needed else "",
+        sim_racks=_positive_int(env, "SIM_RACKS", 40),
     )
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name) or str(default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BootstrapError(f"{name} must be a whole number of at least 1, not {text!r}")
+    return value
 
 
 # --- waiting -----------------------------------------------------------------------------------------
@@ -362,17 +376,24 @@ def thingsboard_settings(cfg: BootstrapConfig) -> Settings:
         tb_broker_port=cfg.tb_mqtt_port,
         tb_broker_username=MQTT_TB_USER,
         tb_broker_password=cfg.mqtt_tb_password,
+        sim_racks=cfg.sim_racks,
     )
 
 
 def install_thingsboard_side(cfg: BootstrapConfig, tb: Any = None) -> list[str]:
     """Device profile, forwarding rule chain (script + MQTT node to our Mosquitto) and its wiring after
-    Save Timeseries: `racktwin thingsboard install`, which is idempotent itself. The demo racks are
-    created by the simulator (RACKTWIN_SIM_PROVISION) when it starts."""
+    Save Timeseries: `racktwin thingsboard install`, which is idempotent itself. In demo mode also the
+    simulated hall's rack devices with their site/room/row attributes (the simulator checks them again when
+    it starts), so the twins and the wall have their racks before the first reading."""
     from .thingsboard.install import install
 
-    report = install(thingsboard_settings(cfg), tb=tb)
-    return [f"thingsboard: {change}" for change in report.changes]
+    settings = thingsboard_settings(cfg)
+    changes = install(settings, tb=tb).changes
+    if cfg.tb_mode == "demo":
+        from .simulator.run import hall_of, provision
+
+        provision(settings, hall_of(settings), want_tokens=False, changes=changes)
+    return [f"thingsboard: {change}" for change in changes]
 
 
 # --- the whole run -----------------------------------------------------------------------------------

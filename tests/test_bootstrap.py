@@ -275,6 +275,42 @@ def test_unknown_tb_password_stops_with_advice(tb_auth, tmp_path):
         rotate_tb_demo_passwords(tb_cfg(tb_auth.url, tmp_path), requests.Session())
 
 
+def test_demo_bootstrap_creates_the_simulated_racks_once(tmp_path):
+    from bridge.simulator.hall import build_hall
+    from tests.doubles.thingsboard import ThingsBoardDouble
+
+    double = ThingsBoardDouble().start()
+    try:
+        cfg = BootstrapConfig(
+            secrets_dir=tmp_path, wait_timeout_s=1, ditto_url="http://unused", ditto_admin_password="x",
+            ditto_namespace="dc.x", influx_url="http://unused", influx_admin_token="x", influx_org="o",
+            influx_bucket="b", tb_mode="demo", tb_url=double.url, tb_tenant_username=double.username,
+            tb_tenant_password=double.password, mqtt_tb_password="tb-mqtt-secret", sim_racks=12,
+        )
+        first = install_thingsboard_side(cfg)
+        hall = build_hall(12)
+        assert sum(c.startswith("thingsboard: create device '") for c in first) == 12, first
+        racks = {d.name: d for d in double.devices.values() if d.type == "rack-sensor"}
+        assert set(racks) == {r.name for r in hall.racks}
+        one = hall.racks[5]
+        attrs = {k: v for k, (_, v) in double.attributes[racks[one.name].id.id].items()}
+        assert (attrs["site"], attrs["room"], attrs["row"], attrs["positionInRow"]) == (
+            hall.site, one.room, one.row, one.position_in_row)
+        assert install_thingsboard_side(cfg) == []
+    finally:
+        double.stop()
+    double.assert_no_violations()
+
+
+def test_sim_racks_must_be_a_positive_number():
+    env = {"DITTO_URL": "http://d", "DITTO_ADMIN_PASSWORD": "x", "INFLUX_URL": "http://i", "INFLUX_ADMIN_TOKEN": "t",
+           "INFLUX_ORG": "o", "INFLUX_BUCKET": "b", "TB_MODE": "off"}
+    assert config_from_env(env).sim_racks == 40
+    assert config_from_env({**env, "SIM_RACKS": "7"}).sim_racks == 7
+    with pytest.raises(BootstrapError, match="SIM_RACKS"):
+        config_from_env({**env, "SIM_RACKS": "forty"})
+
+
 def test_thingsboard_side_is_installed_once(tmp_path):
     from tests.doubles.thingsboard import ThingsBoardDouble
 

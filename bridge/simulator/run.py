@@ -103,10 +103,19 @@ def control_server(board: ScenarioBoard, host: str, port: int) -> ThreadingHTTPS
     return server
 
 
-def provision(settings: Settings, hall: model.Hall, want_tokens: bool) -> dict[str, str]:
-    """Create missing devices, set their server attributes; return device tokens if asked."""
+def hall_of(settings: Settings) -> model.Hall:
+    """The simulated hall the settings describe (the same racks for the simulator and the stack's bootstrap)."""
+    return model.build_hall(settings.sim_racks, settings.sim_rooms, settings.sim_rows, settings.sim_seed,
+                            settings.mapping.default_site)
+
+
+def provision(settings: Settings, hall: model.Hall, want_tokens: bool,
+              changes: list[str] | None = None) -> dict[str, str]:
+    """Create missing devices, set their server attributes; return device tokens if asked. What it
+    changed is appended to ``changes`` (nothing on a second run)."""
     from ..thingsboard.rest import ThingsBoard
 
+    changes = [] if changes is None else changes
     tb = ThingsBoard.from_settings(settings)
     tokens: dict[str, str] = {}
     try:
@@ -115,11 +124,13 @@ def provision(settings: Settings, hall: model.Hall, want_tokens: bool) -> dict[s
             if device is None:
                 device = tb.save_device({"name": rack.name, "type": settings.tb_device_profile})
                 log.info("created ThingsBoard device %s", rack.name)
+                changes.append(f"create device {rack.name!r}")
             attrs = {"site": hall.site, "room": rack.room, "row": rack.row, "positionInRow": rack.position_in_row}
             did = device["id"]["id"]
             current = tb.server_attributes(did)
             if any(current.get(k) != v for k, v in attrs.items()):
                 tb.save_server_attributes(did, attrs)
+                changes.append(f"set attributes of {rack.name!r}")
             if want_tokens:
                 token = tb.device_token(did)
                 if token:
@@ -172,8 +183,7 @@ def make_publisher(settings: Settings, hall: model.Hall):
 
 def run(settings: Settings, scenarios: list[str], ticks: int | None = None,
         stop: threading.Event | None = None) -> int:
-    hall = model.build_hall(settings.sim_racks, settings.sim_rooms, settings.sim_rows, settings.sim_seed,
-                            settings.mapping.default_site)
+    hall = hall_of(settings)
     board = ScenarioBoard(hall)
     for spec in [*settings.sim_scenarios, *scenarios]:
         board.add(spec)
