@@ -275,18 +275,23 @@ def test_unknown_tb_password_stops_with_advice(tb_auth, tmp_path):
         rotate_tb_demo_passwords(tb_cfg(tb_auth.url, tmp_path), requests.Session())
 
 
+def tb_only_config(tmp_path, double, **tb) -> BootstrapConfig:
+    """A bootstrap config for the ThingsBoard side alone (Ditto and InfluxDB are not called)."""
+    return BootstrapConfig(
+        secrets_dir=tmp_path, wait_timeout_s=1, ditto_url="http://unused", ditto_admin_password="x",
+        ditto_namespace="dc.x", influx_url="http://unused", influx_admin_token="x", influx_org="o", influx_bucket="b",
+        tb_url=double.url, tb_tenant_username=double.username, tb_tenant_password=double.password,
+        mqtt_tb_password="tb-mqtt-secret", **tb,
+    )
+
+
 def test_demo_bootstrap_creates_the_simulated_racks_once(tmp_path):
     from bridge.simulator.hall import build_hall
     from tests.doubles.thingsboard import ThingsBoardDouble
 
     double = ThingsBoardDouble().start()
     try:
-        cfg = BootstrapConfig(
-            secrets_dir=tmp_path, wait_timeout_s=1, ditto_url="http://unused", ditto_admin_password="x",
-            ditto_namespace="dc.x", influx_url="http://unused", influx_admin_token="x", influx_org="o",
-            influx_bucket="b", tb_mode="demo", tb_url=double.url, tb_tenant_username=double.username,
-            tb_tenant_password=double.password, mqtt_tb_password="tb-mqtt-secret", sim_racks=12,
-        )
+        cfg = tb_only_config(tmp_path, double, tb_mode="demo", sim_racks=12)
         first = install_thingsboard_side(cfg)
         hall = build_hall(12)
         assert sum(c.startswith("thingsboard: create device '") for c in first) == 12, first
@@ -316,13 +321,7 @@ def test_thingsboard_side_is_installed_once(tmp_path):
 
     double = ThingsBoardDouble().start()
     try:
-        cfg = BootstrapConfig(
-            secrets_dir=tmp_path, wait_timeout_s=1, ditto_url="http://unused", ditto_admin_password="x",
-            ditto_namespace="dc.x", influx_url="http://unused", influx_admin_token="x", influx_org="o",
-            influx_bucket="b", tb_mode="external", tb_url=double.url, tb_tenant_username=double.username,
-            tb_tenant_password=double.password, tb_mqtt_host="broker.example", tb_mqtt_port=1884,
-            mqtt_tb_password="tb-mqtt-secret",
-        )
+        cfg = tb_only_config(tmp_path, double, tb_mode="external", tb_mqtt_host="broker.example", tb_mqtt_port=1884)
         first = install_thingsboard_side(cfg)
         assert any("create rule chain" in c for c in first), first
         chain = next(c for c in double.chains.values() if not getattr(c, "root", False))
