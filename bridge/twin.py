@@ -13,6 +13,7 @@ Thing ``<namespace>:<rack>``::
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -41,8 +42,9 @@ def dew_point(temperature: float, humidity: float) -> float | None:
 
 def iso_ms(ts_ms: int) -> str:
     """Fixed-width ISO 8601 UTC, so Ditto's string comparison orders timestamps correctly."""
-    dt = datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+    secs, ms = divmod(ts_ms, 1000)
+    t = time.gmtime(secs)  # half the cost of datetime + strftime, on every twin update twice
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec, ms)
 
 
 def parse_iso_ms(text: str) -> int | None:

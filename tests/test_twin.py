@@ -121,3 +121,16 @@ def test_rack_envelope_is_the_worse_position_and_goes_into_every_patch():
     patch = twin.build_patch({"bottom": known["bottom"]}, known, None, ("A1", 70))
     assert patch["features"]["environment"]["properties"]["envelope"] == "VERY DRY"
     assert twin.build_patch({}, known, None)["features"]["environment"]["properties"] == {}
+
+
+def test_iso_ms_is_fixed_width_utc_with_milliseconds():
+    from datetime import datetime, timezone
+
+    from bridge.twin import iso_ms
+
+    assert iso_ms(0) == "1970-01-01T00:00:00.000Z"
+    assert iso_ms(1764547200123) == "2025-12-01T00:00:00.123Z"
+    assert iso_ms(1764547199999) == "2025-11-30T23:59:59.999Z"
+    for ts in range(951_782_400_000, 4_102_444_800_000, 7_777_777_777):  # 2000-02-29 onwards, leap days included
+        expected = datetime.fromtimestamp(ts / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+        assert iso_ms(ts) == expected.replace("+00:00", "Z"), ts
