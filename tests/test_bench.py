@@ -94,3 +94,22 @@ def test_quick_bench_delivered_everything(quick_result):
     assert 0 < latency["ditto_values"] <= 2 * latency["messages"]
     machine = result["machine"]
     assert machine["nproc"] >= 1 and machine["python"].startswith("3.")
+
+
+@pytest.mark.parametrize("block", [
+    b"Host: 127.0.0.1:8080\r\nAuthorization: Basic eDp5\r\nContent-Type: application/merge-patch+json\r\n"
+    b"Content-Length: 42\r\nX-Empty:\r\nX-Spaces:   padded value  \r\n\r\n",
+    b"Accept: a\r\nAccept: b\r\nkeep-case: MiXeD\n\n",
+    b"X-Folded: first\r\n second line\r\nHost: h\r\n\r\n",  # folded: the stdlib parser takes over
+    b"Bad Name: x\r\nHost: h\r\n\r\n",
+    b"\r\n",
+])
+def test_the_bench_servers_header_parser_gives_what_the_stdlib_gives(block):
+    import io
+    import http.client
+
+    from bench.servers import fast_parse_headers
+
+    fast, slow = fast_parse_headers(io.BytesIO(block + b"BODY")), http.client.parse_headers(io.BytesIO(block + b"BODY"))
+    assert fast.items() == slow.items()
+    assert type(fast) is type(slow)
