@@ -1,4 +1,5 @@
-"""Every simulator scenario fires its matching alert rule, and a healthy hall fires none.
+"""Every simulator scenario fires its matching alert rule and changes the wall's summary stats; a healthy hall
+fires none.
 
 The simulator's readings (bridge.simulator.hall, seeded) go through the bridge's own decode, mapping and
 line-protocol functions into the real InfluxDB; then each provisioned rule's query -> reduce -> threshold
@@ -78,3 +79,55 @@ def test_each_scenario_fires_its_rule(spec, influxd, influx_db):
     related = set(CASES[spec]) | {"racktwin-inlet-allowable", "racktwin-rate-of-change", "racktwin-recirculation",
                                   "racktwin-dewpoint-allowable", "racktwin-humidity-allowable"}
     assert {uid for uid, racks in result.items() if racks} <= related, result
+
+
+# scenario -> wall stat panels whose value must rise above the healthy hall's
+WALL_CHANGES = {
+    "cooling_failure:hall1@-7200": {"Hottest inlet now", "Racks outside recommended"},
+    f"hotspot:{HOT}@-5400": {"Hottest inlet now", "Largest top − bottom"},
+    "humidity_excursion:hall1@-3600": {"Racks outside recommended"},
+    f"silent:{QUIET}@-900": {"Sensors silent"},
+    f"stuck:{FROZEN}/bottom@-1800": {"Sensors stuck"},
+}
+
+
+def wall_stats(influxd, db: str, now_s: float) -> dict[str, float]:
+    """The wall's InfluxDB stat panels as Grafana would query them (all rooms and rows), at ``now_s``."""
+    from tests.grafana_sim import calculate_interval_ms, expand_macros, interpolate
+    from tests.test_dashboard_queries import (
+        DASHBOARDS,
+        DS_MIN_INTERVAL,
+        panel_range,
+        run_influxql,
+        series_of,
+        variables_for,
+    )
+
+    wall = DASHBOARDS["racktwin-wall"]
+    options = {"room": sorted({r.room for r in HALL.racks}), "row": sorted({r.row for r in HALL.racks})}
+    variables = variables_for(wall, {}, "dc.test", options)
+    out = {}
+    for panel in wall["panels"]:
+        if panel["type"] != "stat" or panel["targets"][0].get("datasource", {}).get("uid") != "influxdb":
+            continue
+        frm, to = panel_range(wall, panel, int(now_s * 1000))
+        interval = calculate_interval_ms(frm, to, panel["maxDataPoints"], panel.get("interval") or DS_MIN_INTERVAL)
+        query = expand_macros(interpolate(panel["targets"][0]["query"], variables), frm, to, interval)
+        values = [row[1] for s in series_of(run_influxql(influxd, db, query)) for row in s["values"]
+                  if row[1] is not None]
+        out[panel["title"]] = values[-1] if values else 0.0  # a count over nothing shows 0 on the stat
+    return out
+
+
+def test_each_scenario_changes_the_wall(influxd, influx_db):
+    write_history(influxd, influx_db, [], NOW)
+    healthy = wall_stats(influxd, influx_db, NOW)
+    assert set(healthy) >= {t for titles in WALL_CHANGES.values() for t in titles}
+    assert healthy["Sensors silent"] == healthy["Sensors stuck"] == healthy["Racks outside recommended"] == 0
+    for i, (spec, titles) in enumerate(WALL_CHANGES.items()):
+        db = f"{influx_db}_s{i}"  # each scenario on its own hall
+        influxd.create_db(db)
+        write_history(influxd, db, [spec], NOW)
+        shown = wall_stats(influxd, db, NOW)
+        for title in titles:
+            assert shown[title] > healthy[title], f"{spec}: {title} shows {shown[title]}, healthy {healthy[title]}"
