@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="provisioning directory to write into")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    t = from_env()
+    try:
+        t = from_env()
+    except ValueError as exc:  # a threshold from the environment (compose/.env in the stack) is not usable
+        log.error("python -m dashboards.generate: %s", exc)
+        return 2
     for path in write_all(args.out, t):
         log.info("wrote %s", path)
     log.info("thresholds: ASHRAE %s, recommended RH cap %g %%", t.ashrae_class, t.rh_cap)
