@@ -128,12 +128,20 @@ def band_steps(allowable: tuple[float, float], recommended: tuple[float, float])
 def from_env(env: dict[str, str] | None = None) -> Thresholds:
     """Thresholds chosen at generation time (RACKTWIN_ASHRAE_CLASS, RACKTWIN_RH_CAP, RACKTWIN_DELTA_T_LIMIT...)."""
     env = os.environ if env is None else env
+
+    def number(name: str, default: str, kind: type = float):  # noqa: ANN202
+        text = env.get(name, default)
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, not {text!r}") from None
+
     return Thresholds(
         ashrae_class=check_class(env.get("RACKTWIN_ASHRAE_CLASS", DEFAULT_CLASS)),
-        rh_cap=check_rh_cap(float(env.get("RACKTWIN_RH_CAP", str(DEFAULT_RH_CAP)))),
-        delta_t_limit_c=float(env.get("RACKTWIN_DELTA_T_LIMIT", "5")),
-        rate_limit_c_per_h=float(env.get("RACKTWIN_RATE_LIMIT_C_PER_H", "20")),
-        reading_interval_s=int(env.get("RACKTWIN_READING_INTERVAL_S", "60")),
-        bridge_lag_limit_s=float(env.get("RACKTWIN_BRIDGE_LAG_LIMIT_S", "30")),
-        forecast_horizon_min=float(env.get("RACKTWIN_FORECAST_HORIZON_MIN", str(FORECAST_HORIZON_MIN))),
+        rh_cap=check_rh_cap(number("RACKTWIN_RH_CAP", str(DEFAULT_RH_CAP))),
+        delta_t_limit_c=number("RACKTWIN_DELTA_T_LIMIT", "5"),
+        rate_limit_c_per_h=number("RACKTWIN_RATE_LIMIT_C_PER_H", "20"),
+        reading_interval_s=number("RACKTWIN_READING_INTERVAL_S", "60", int),
+        bridge_lag_limit_s=number("RACKTWIN_BRIDGE_LAG_LIMIT_S", "30"),
+        forecast_horizon_min=number("RACKTWIN_FORECAST_HORIZON_MIN", str(FORECAST_HORIZON_MIN)),
     )
