@@ -64,11 +64,16 @@ def delta_per_rack(where: str, group_by: str = '"rack"') -> str:
 
 def silent_sensors_per_series(t: Thresholds, where: str = ROOM_ROW_FILTER,
                               group_by: str = '"rack", "position"') -> str:
-    """Per sensor position: readings in the last 4 reporting intervals (current one partial), averaged.
-    0 means nothing arrived for at least 3 whole intervals; fill(0) keeps series that went quiet."""
-    inner = (f'SELECT moving_average(count("temperature"), 4) AS "recent" FROM "{MEASUREMENT}" '
-             f'WHERE $timeFilter{and_(where)} GROUP BY time({t.reading_interval_s}s), {group_by} fill(0)')
-    return f'SELECT last("recent") AS "recent" FROM ({inner}) GROUP BY {group_by}'
+    """Per sensor position seen in the range: readings in the last 3 reporting intervals (0 = silent).
+
+    Two subqueries, one row per sensor each: the readings counted since ``now() - 3 intervals``, and every sensor
+    of the range with 0, so that one gone quiet still has a row. (Counting per interval over the whole range
+    with fill(0) said the same, but took 6.9 s instead of 11 ms for 40 racks over 24 h on InfluxDB 1.6.7.)"""
+    recent = (f'SELECT count("temperature") AS "n" FROM "{MEASUREMENT}" '
+              f'WHERE time > now() - {t.silent_after_s}s{and_(where)} GROUP BY {group_by}')
+    known = (f'SELECT count("temperature") * 0 AS "n" FROM "{MEASUREMENT}" '
+             f'WHERE $timeFilter{and_(where)} GROUP BY {group_by}')
+    return f'SELECT sum("n") AS "recent" FROM ({recent}), ({known}) GROUP BY {group_by}'
 
 
 # A real sensor's readings wander by at least its noise; identical values for 15 min mean a stuck one.

@@ -42,6 +42,8 @@ def make_runner(influxd, db: str, now_ms: int):
         # Alerting queries carry intervalMs (1 s by default); the macros are expanded as for a panel.
         query = expand_macros(model["query"], now_ms - rel["from"] * 1000, now_ms - rel["to"] * 1000,
                               model.get("intervalMs", 1000))
+        # InfluxDB's now() is the moment of evaluation: the rule evaluated at now_ms sees now_ms there.
+        query = query.replace("now()", f"{now_ms}ms")
         resp = requests.post(influxd.url + "/query", params={"q": query, "db": db, "epoch": "ms"}, timeout=30)
         resp.raise_for_status()
         return influx_frames(resp.json())
