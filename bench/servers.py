@@ -18,8 +18,8 @@ import argparse
 import email.parser
 import http.client
 import json
-import re
 import os
+import re
 import sys
 import threading
 import time

@@ -48,7 +48,7 @@ def latest(field_name: str) -> str:
 
 # How far back the silent-sensor rule looks for sensors that used to report. A sensor silent for longer drops
 # out of the result and its alert resolves, so this is a day, not an hour: the engineer paged at 3 a.m. must not
-# see it "resolve" at 4 while the sensor is still dead. (Cost: one bucket per reading interval per sensor.)
+# see it "resolve" at 4 while the sensor is still dead. (Cost: one count per sensor over the lookback.)
 SILENT_LOOKBACK_S = 24 * 3600
 
 

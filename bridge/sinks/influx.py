@@ -209,7 +209,7 @@ class InfluxWriter:
 
         A batch InfluxDB refuses for good is split in halves until the refusal is pinned to single messages, so
         one bad message costs only its own points, never other racks' readings in the same batch."""
-        outcome = self._write([line for e in batch for line in e.lines], batch)
+        outcome = self._write(batch)
         if outcome == "retry":
             return batch
         if outcome == "refused":
@@ -228,12 +228,12 @@ class InfluxWriter:
 
     last_refusal = ""
 
-    def _write(self, lines: list[str], batch: list[_Entry]) -> str:
+    def _write(self, batch: list[_Entry]) -> str:
         try:
             self.write_api.write(
                 bucket=self.settings.influx_bucket,
                 org=self.settings.influx_org,
-                record="\n".join(lines),
+                record="\n".join(line for e in batch for line in e.lines),
                 write_precision=WritePrecision.MS,
             )
         except ApiException as exc:
