@@ -57,6 +57,11 @@ def format_interval(ms: int) -> str:
     return f"{ms}ms"
 
 
+def at_time(query: str, now_ms: int) -> str:
+    """The query as InfluxDB would run it at ``now_ms``: its now() is the moment of evaluation."""
+    return query.replace("now()", f"{now_ms}ms")
+
+
 def expand_macros(query: str, from_ms: int, to_ms: int, interval_ms: int) -> str:
     """models.Query.Build for a raw query, in the same replacement order."""
     text = format_interval(interval_ms)

@@ -11,7 +11,7 @@ from bridge.config import Settings
 from dashboards.thresholds import Thresholds
 from dashboards import alerts
 from tests.dashboard_data import FLAT, FORECAST_POSITIONS, PROVISIONING, RISING_FAST, RISING_SLOW, feed_through_bridge
-from tests.grafana_sim import evaluate_rule, expand_macros, influx_frames
+from tests.grafana_sim import at_time, evaluate_rule, expand_macros, influx_frames
 
 RULES = {r["uid"]: r for g in yaml.safe_load((PROVISIONING / "alerting/rules.yaml").read_text())["groups"]
          for r in g["rules"]}
@@ -42,8 +42,7 @@ def make_runner(influxd, db: str, now_ms: int):
         # Alerting queries carry intervalMs (1 s by default); the macros are expanded as for a panel.
         query = expand_macros(model["query"], now_ms - rel["from"] * 1000, now_ms - rel["to"] * 1000,
                               model.get("intervalMs", 1000))
-        # InfluxDB's now() is the moment of evaluation: the rule evaluated at now_ms sees now_ms there.
-        query = query.replace("now()", f"{now_ms}ms")
+        query = at_time(query, now_ms)
         resp = requests.post(influxd.url + "/query", params={"q": query, "db": db, "epoch": "ms"}, timeout=30)
         resp.raise_for_status()
         return influx_frames(resp.json())

@@ -8,8 +8,6 @@ chain is evaluated as Grafana would (tests/grafana_sim.py).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import requests
 
@@ -18,8 +16,10 @@ from bridge.decode import decode
 from bridge.mapping import Mapper
 from bridge.simulator.hall import build_hall, parse_scenario, sample
 from bridge.sinks.influx import reading_line
-from tests.grafana_sim import evaluate_rule
+from tests.grafana_sim import at_time, calculate_interval_ms, evaluate_rule, expand_macros, interpolate
 from tests.test_alert_rules import RULES, firing_set, make_runner
+from tests.test_dashboard_queries import (DASHBOARDS, DS_MIN_INTERVAL, panel_range, run_influxql, series_of,
+                                          variables_for)
 
 PATTERN = r"(?P<rack>(?P<room>hall[0-9]+)-(?P<row>[a-z])[0-9]{2,})"
 HISTORY_S = 2 * 3600
@@ -27,7 +27,7 @@ STEP_S = 60  # the reporting interval the generated rules assume
 
 HALL = build_hall(racks=8, rooms=1, rows=2, seed=3)
 # A fixed afternoon (2026-09-21 14:13 UTC): the simulated load drifts over the day, so "now" would make the
-# margins depend on when the tests run. The history is simulated up to NOW and written as if NOW were now.
+# margins depend on when the tests run. InfluxDB takes the old timestamps; the rules are evaluated at NOW.
 NOW = 1_790_000_000.0
 HOT, QUIET, FROZEN = "hall1-a02", "hall1-b03", "hall1-b01"
 
@@ -43,26 +43,20 @@ CASES = {
 RACK_RULES = [uid for uid, rule in RULES.items() if "rack_environment" in str(rule["data"][0]["model"]["query"])]
 
 
-def write_history(influxd, db: str, specs: list[str], now_s: float) -> float:
-    """The hall's last HISTORY_S as simulated up to ``now_s``, written as if that were now (the silent rule asks
-    InfluxDB's now()); returns the real time the history ends at, to evaluate the rules at."""
+def write_history(influxd, db: str, specs: list[str], now_s: float) -> None:
     settings = Settings(mapping=MappingConfig(device_pattern=PATTERN))
     mapper = Mapper(settings)
     scenarios = [parse_scenario(spec, HALL, now_s) for spec in specs]
-    real_now = time.time()
-    shift_ms = int((real_now - now_s) * 1000)
     lines = []
     for k in range(HISTORY_S // STEP_S, -1, -1):
         ts = now_s - k * STEP_S
         for device, values in sample(HALL, ts, scenarios).items():
-            ts_ms = int(ts * 1000) + shift_ms
-            payload = ('{"ts": %d, "values": %s}' % (ts_ms, str(values).replace("'", '"'))).encode()
-            for group in decode(f"racktwin/telemetry/{device}", payload, int(real_now * 1000), 65536):
-                lines += [line for r in mapper.map_group(group, int(real_now * 1000)) if (line := reading_line(r))]
+            payload = ('{"ts": %d, "values": %s}' % (int(ts * 1000), str(values).replace("'", '"'))).encode()
+            for group in decode(f"racktwin/telemetry/{device}", payload, int(now_s * 1000), 65536):
+                lines += [line for r in mapper.map_group(group, int(now_s * 1000)) if (line := reading_line(r))]
     resp = requests.post(f"{influxd.url}/write", params={"db": db, "precision": "ms"}, data="\n".join(lines),
                          timeout=30)
     assert resp.status_code == 204, resp.text
-    return real_now
 
 
 def fired(influxd, db: str, now_s: float) -> dict[str, set]:
@@ -71,13 +65,15 @@ def fired(influxd, db: str, now_s: float) -> dict[str, set]:
 
 
 def test_a_healthy_hall_fires_no_rack_rule(influxd, influx_db):
-    now = write_history(influxd, influx_db, [], NOW)
+    now = NOW
+    write_history(influxd, influx_db, [], now)
     assert {uid: racks for uid, racks in fired(influxd, influx_db, now).items() if racks} == {}
 
 
 @pytest.mark.parametrize("spec", sorted(CASES))
 def test_each_scenario_fires_its_rule(spec, influxd, influx_db):
-    now = write_history(influxd, influx_db, [spec], NOW)
+    now = NOW
+    write_history(influxd, influx_db, [spec], now)
     result = fired(influxd, influx_db, now)
     for uid, must in CASES[spec].items():
         assert must <= result[uid], f"{spec}: {uid} fired for {sorted(map(str, result[uid]))}"
@@ -99,16 +95,6 @@ WALL_CHANGES = {
 
 def wall_stats(influxd, db: str, now_s: float) -> dict[str, float]:
     """The wall's InfluxDB stat panels as Grafana would query them (all rooms and rows), at ``now_s``."""
-    from tests.grafana_sim import calculate_interval_ms, expand_macros, interpolate
-    from tests.test_dashboard_queries import (
-        DASHBOARDS,
-        DS_MIN_INTERVAL,
-        panel_range,
-        run_influxql,
-        series_of,
-        variables_for,
-    )
-
     wall = DASHBOARDS["racktwin-wall"]
     options = {"room": sorted({r.room for r in HALL.racks}), "row": sorted({r.row for r in HALL.racks})}
     variables = variables_for(wall, {}, "dc.test", options)
@@ -118,7 +104,8 @@ def wall_stats(influxd, db: str, now_s: float) -> dict[str, float]:
             continue
         frm, to = panel_range(wall, panel, int(now_s * 1000))
         interval = calculate_interval_ms(frm, to, panel["maxDataPoints"], panel.get("interval") or DS_MIN_INTERVAL)
-        query = expand_macros(interpolate(panel["targets"][0]["query"], variables), frm, to, interval)
+        query = at_time(expand_macros(interpolate(panel["targets"][0]["query"], variables), frm, to, interval),
+                        int(now_s * 1000))
         values = [row[1] for s in series_of(run_influxql(influxd, db, query)) for row in s["values"]
                   if row[1] is not None]
         out[panel["title"]] = values[-1] if values else 0.0  # a count over nothing shows 0 on the stat
@@ -126,12 +113,14 @@ def wall_stats(influxd, db: str, now_s: float) -> dict[str, float]:
 
 
 def test_each_scenario_changes_the_wall(influxd, influx_db):
-    healthy = wall_stats(influxd, influx_db, write_history(influxd, influx_db, [], NOW))
+    write_history(influxd, influx_db, [], NOW)
+    healthy = wall_stats(influxd, influx_db, NOW)
     assert set(healthy) >= {t for titles in WALL_CHANGES.values() for t in titles}
     assert healthy["Sensors silent"] == healthy["Sensors stuck"] == healthy["Racks outside recommended"] == 0
     for i, (spec, titles) in enumerate(WALL_CHANGES.items()):
         db = f"{influx_db}_s{i}"  # each scenario on its own hall
         influxd.create_db(db)
-        shown = wall_stats(influxd, db, write_history(influxd, db, [spec], NOW))
+        write_history(influxd, db, [spec], NOW)
+        shown = wall_stats(influxd, db, NOW)
         for title in titles:
             assert shown[title] > healthy[title], f"{spec}: {title} shows {shown[title]}, healthy {healthy[title]}"
