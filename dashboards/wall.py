@@ -115,12 +115,15 @@ def envelope_mappings() -> list[dict]:
         state: {"text": state, "color": COLORS[ENVELOPE_COLORS[state]], "index": i}
         for i, state in enumerate(ENVELOPE_STATES)}}]
 
+# Ditto's search pages at most 200 things (ditto.md: size(n) max 200); Infinity cannot follow Ditto's cursor, which
+# goes inside the option parameter, so the tiles show one page: the first 200 racks by room, row and rack.
+TILE_LIMIT = 200
 SEARCH_PARAMS = [
     ("namespaces", "${namespace}"),
     ("fields", "thingId,attributes,features/environment/properties"),
     # Grafana's doublequote format renders a multi-value/All selection as "a","b": RQL in(...) takes it as is.
     ("filter", "and(in(attributes/room,${room:doublequote}),in(attributes/row,${row:doublequote}))"),
-    ("option", "size(200),sort(+attributes/room,+attributes/row,+attributes/rack)"),
+    ("option", f"size({TILE_LIMIT}),sort(+attributes/room,+attributes/row,+attributes/rack)"),
 ]
 
 
@@ -223,13 +226,14 @@ def build(t: Thresholds) -> dict:
                            noValue="no twin", mappings=envelope_mappings()),
             datasource=DITTO, max_data_points=500,
             options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "/^envelope$/", "values": True,
-                                       "limit": 200},
+                                       "limit": TILE_LIMIT},
                      "textMode": "value_and_name", "text": {"titleSize": 16, "valueSize": 28}},
             links=[data_link("Rack detail", RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}")],
             description="One tile per rack from Ditto's current twin state (one search request): title = rack, "
                         "top/bottom °C, top/bottom RH; value and colour = the worst ASHRAE band of temperature, "
                         "humidity and dew point at either position (OK, WARM/COOL/HUMID/DRY outside the recommended "
-                        f"envelope, HOT/COLD/VERY HUMID/VERY DRY outside {t.ashrae_class}). Click for detail."),
+                        f"envelope, HOT/COLD/VERY HUMID/VERY DRY outside {t.ashrae_class}). Click for detail. "
+                        f"At most {TILE_LIMIT} racks (one page of Ditto's search): on a larger site pick a room."),
     ]
     for x, position in ((0, "top"), (8, "bottom")):
         panels.append(state_timeline(

@@ -197,6 +197,11 @@ def test_wall_reads_ditto_with_one_search_request():
 
     tiles = next(p for p in wall["panels"] if p.get("targets") and p["targets"][0] is t)
     assert tiles["options"]["reduceOptions"]["fields"] == "/^envelope$/"
+    # One page of Ditto's search (200 at most) and as many tiles, sorted so a room's racks stay together;
+    # the panel says so, for the site with more racks than that.
+    assert tiles["options"]["reduceOptions"]["limit"] == 200
+    assert params["option"].startswith("size(200),sort(+attributes/room,")
+    assert "At most 200 racks" in tiles["description"]
     assert {c["text"] for c in t["columns"]} >= {"envelope", "rack"}
     mapped = tiles["fieldConfig"]["defaults"]["mappings"][0]["options"]
     assert set(mapped) == set(ENVELOPE_STATES) and mapped["OK"]["color"] == "green"
