@@ -92,6 +92,10 @@ dashboards: venv ## regenerate dashboard JSON and alert YAML into provisioning/g
 bench: venv deps-system ## run the benchmarks (loopback, prints a table, writes bench/results/latest.json)
 	$(PY) -m bench.run
 
+.PHONY: bench-queries
+bench-queries: venv deps-system ## time every dashboard and alert-rule query on 1,000 racks x 24 h (bench/results/queries.json)
+	$(PY) -m bench.queries
+
 # --- forecast evaluation --------------------------------------------------------------------------
 
 .PHONY: evaluate

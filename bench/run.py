@@ -684,11 +684,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL, quick=args.quick)
     result = run(cfg, lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"wrote {args.output}")
+    report(result, args.output, table)
     return 0
+
+
+def report(result: dict[str, Any], output: Path, render: Callable[[dict[str, Any]], str]) -> None:
+    """Write the result as JSON and print its table."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(render(result))
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,61 @@ def unresolved_variables(text: str) -> set[str]:
     return {m.group(1) or m.group(3) for m in _VAR.finditer(text)}
 
 
+# --------------------------------------------------------------------------- a dashboard's queries
+
+def variables_for(dashboard: dict, selection: dict[str, list[str]], namespace: str,
+                  options: dict[str, list[str]]) -> dict[str, Variable]:
+    """The dashboard's template variables with ``selection`` picked: for an include-all variable an empty
+    pick means "All" (``options`` are its values); constants keep their value, ``namespace`` excepted."""
+    out = {}
+    for var in dashboard["templating"]["list"]:
+        name = var["name"]
+        if var["type"] == "constant":
+            out[name] = Variable(name, [namespace if name == "namespace" else var["query"]])
+        elif var.get("includeAll"):
+            chosen = selection.get(name, [])
+            out[name] = Variable(name, chosen, multi=True, include_all=True, all_values=options[name],
+                                 all_selected=not chosen)
+        else:
+            out[name] = Variable(name, selection[name])
+    return out
+
+
+def panel_range(dash: dict, panel: dict, now_ms: int) -> tuple[int, int]:
+    """The absolute range Grafana queries: a panel's relative time (timeFrom) is now-X..now, else the
+    dashboard's from..to, where "to" may lie ahead of now (now+30m on the rack detail, for the projection)."""
+    if panel.get("timeFrom"):
+        return now_ms - parse_duration_ms(panel["timeFrom"]), now_ms
+    to = dash["time"]["to"]
+    end = now_ms + (parse_duration_ms(to.removeprefix("now+")) if to.startswith("now+") else 0)
+    return now_ms - parse_duration_ms(dash["time"]["from"].removeprefix("now-")), end
+
+
+def influx_panel_queries(dash: dict, variables: dict[str, Variable], now_ms: int,
+                         min_interval: str) -> list[tuple[dict, str]]:
+    """(panel, InfluxQL) for every InfluxDB target of the dashboard, as Grafana sends it at ``now_ms``."""
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            if target.get("datasource", {}).get("uid") != "influxdb":
+                continue
+            frm, to = panel_range(dash, panel, now_ms)
+            interval = calculate_interval_ms(frm, to, panel["maxDataPoints"], panel.get("interval") or min_interval)
+            out.append((panel, expand_macros(interpolate(target["query"], variables), frm, to, interval)))
+    return out
+
+
+def influx_rule_queries(rule: dict, now_ms: int) -> list[str]:
+    """The InfluxQL of an alert rule's InfluxDB queries, as the rule evaluates them at ``now_ms``."""
+    out = []
+    for item in rule["data"]:
+        if item["datasourceUid"] == "influxdb":
+            rel = item["relativeTimeRange"]
+            out.append(expand_macros(item["model"]["query"], now_ms - rel["from"] * 1000, now_ms - rel["to"] * 1000,
+                                     item["model"].get("intervalMs", 1000)))
+    return out
+
+
 # --------------------------------------------------------------------------- InfluxQL result -> frames
 
 @dataclass

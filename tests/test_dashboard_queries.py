@@ -15,8 +15,8 @@ import yaml
 from dashboards.rack import OPTIONAL_TWIN_SELECTORS
 from tests.conftest import DITTO_USERS
 from tests.dashboard_data import PROVISIONING, RACKS, RISING_FAST, RISING_SLOW, feed_through_bridge
-from tests.grafana_sim import (Variable, calculate_interval_ms, expand_macros, gjson_get, interpolate,
-                               parse_duration_ms, unresolved_variables)
+from tests.grafana_sim import (Variable, calculate_interval_ms, expand_macros, gjson_get, influx_rule_queries,
+                               interpolate, panel_range, parse_duration_ms, unresolved_variables, variables_for)
 
 DASHBOARDS = {p.stem: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards").rglob("*.json"))}
 DATASOURCES = {d["uid"]: d for d in yaml.safe_load((PROVISIONING / "datasources/racktwin.yaml").read_text())["datasources"]}
@@ -94,22 +94,6 @@ def test_expected_shape_parser():
 
 # ------------------------------------------------------------------------------- helpers
 
-def variables_for(dashboard: dict, selection: dict[str, list[str]], namespace: str, options: dict) -> dict:
-    out = {}
-    for var in dashboard["templating"]["list"]:
-        name = var["name"]
-        if var["type"] == "constant":
-            value = namespace if name == "namespace" else var["query"]
-            out[name] = Variable(name, [value])
-        elif var.get("includeAll"):
-            chosen = selection.get(name, [])
-            out[name] = Variable(name, chosen, multi=True, include_all=True, all_values=options[name],
-                                 all_selected=not chosen)
-        else:
-            out[name] = Variable(name, selection[name])
-    return out
-
-
 def run_influxql(influxd, db: str, query: str) -> dict:
     resp = requests.post(influxd.url + "/query", params={"q": query, "db": db, "epoch": "ms"}, timeout=30)
     resp.raise_for_status()
@@ -137,16 +121,6 @@ def infinity_panel_targets():
             for target in panel.get("targets", []):
                 if target.get("datasource", {}).get("uid") == "ditto":
                     yield uid, dash, panel, target
-
-
-def panel_range(dash: dict, panel: dict, now_ms: int) -> tuple[int, int]:
-    """The absolute range Grafana queries: a panel's relative time (timeFrom) is now-X..now, else the
-    dashboard's from..to, where "to" may lie ahead of now (now+30m on the rack detail, for the projection)."""
-    if panel.get("timeFrom"):
-        return now_ms - parse_duration_ms(panel["timeFrom"]), now_ms
-    to = dash["time"]["to"]
-    end = now_ms + (parse_duration_ms(to.removeprefix("now+")) if to.startswith("now+") else 0)
-    return now_ms - parse_duration_ms(dash["time"]["from"].removeprefix("now-")), end
 
 
 # ------------------------------------------------------------------------------- the test
@@ -228,16 +202,12 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
             assert all(s.get("tags", {}).get("rack", rack) == rack for s in series)
 
     for rule in RULES:
-        for item in rule["data"]:
-            if item["datasourceUid"] == "influxdb":
-                rel = item["relativeTimeRange"]
-                query = expand_macros(item["model"]["query"], now_ms - rel["from"] * 1000, now_ms - rel["to"] * 1000,
-                                      item["model"]["intervalMs"])
-                body = run_influxql(influxd, influx_db, query)
-                columns, tags = expected_shape(query)
-                for s in series_of(body):
-                    assert s["columns"] == ["time", *columns] and set(s.get("tags") or {}) == tags, rule["uid"]
-                checked_influx += 1
+        for query in influx_rule_queries(rule, now_ms):
+            body = run_influxql(influxd, influx_db, query)
+            columns, tags = expected_shape(query)
+            for s in series_of(body):
+                assert s["columns"] == ["time", *columns] and set(s.get("tags") or {}) == tags, rule["uid"]
+            checked_influx += 1
 
     # Infinity: URL + params as the plugin sends them, to the double, as the read-only user.
     auth = ("grafana", DITTO_USERS["grafana"])

@@ -24,5 +24,5 @@ def test_quick_start_gives_the_two_commands_and_ci_runs_the_test_one():
 
 def test_every_make_target_readme_names_exists():
     makefile = (REPO / "Makefile").read_text()
-    for target in ("up", "down", "clean", "logs", "ps", "test", "dashboards", "bench", "evaluate", "contracts"):
+    for target in ("up", "down", "clean", "logs", "ps", "test", "dashboards", "bench", "bench-queries", "evaluate", "contracts"):
         assert f"\n{target}:" in makefile, target

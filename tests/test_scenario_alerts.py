@@ -16,10 +16,9 @@ from bridge.decode import decode
 from bridge.mapping import Mapper
 from bridge.simulator.hall import build_hall, parse_scenario, sample
 from bridge.sinks.influx import reading_line
-from tests.grafana_sim import at_time, calculate_interval_ms, evaluate_rule, expand_macros, interpolate
+from tests.grafana_sim import at_time, evaluate_rule, influx_panel_queries, variables_for
 from tests.test_alert_rules import RULES, firing_set, make_runner
-from tests.test_dashboard_queries import (DASHBOARDS, DS_MIN_INTERVAL, panel_range, run_influxql, series_of,
-                                          variables_for)
+from tests.test_dashboard_queries import DASHBOARDS, DS_MIN_INTERVAL, run_influxql, series_of
 
 PATTERN = r"(?P<rack>(?P<room>hall[0-9]+)-(?P<row>[a-z])[0-9]{2,})"
 HISTORY_S = 2 * 3600
@@ -99,15 +98,11 @@ def wall_stats(influxd, db: str, now_s: float) -> dict[str, float]:
     options = {"room": sorted({r.room for r in HALL.racks}), "row": sorted({r.row for r in HALL.racks})}
     variables = variables_for(wall, {}, "dc.test", options)
     out = {}
-    for panel in wall["panels"]:
-        if panel["type"] != "stat" or panel["targets"][0].get("datasource", {}).get("uid") != "influxdb":
+    for panel, query in influx_panel_queries(wall, variables, int(now_s * 1000), DS_MIN_INTERVAL):
+        if panel["type"] != "stat":
             continue
-        frm, to = panel_range(wall, panel, int(now_s * 1000))
-        interval = calculate_interval_ms(frm, to, panel["maxDataPoints"], panel.get("interval") or DS_MIN_INTERVAL)
-        query = at_time(expand_macros(interpolate(panel["targets"][0]["query"], variables), frm, to, interval),
-                        int(now_s * 1000))
-        values = [row[1] for s in series_of(run_influxql(influxd, db, query)) for row in s["values"]
-                  if row[1] is not None]
+        values = [row[1] for s in series_of(run_influxql(influxd, db, at_time(query, int(now_s * 1000))))
+                  for row in s["values"] if row[1] is not None]
         out[panel["title"]] = values[-1] if values else 0.0  # a count over nothing shows 0 on the stat
     return out
 
