@@ -25,7 +25,8 @@ def grid(x: int, y: int, w: int, h: int) -> GridPos:
 
 def stat(title: str, pos: GridPos, targets: list, defaults: dict, *, datasource: dict, options: dict | None = None,
          transformations: list | None = None, links: list | None = None, description: str = "",
-         time_from: str | None = None, max_data_points: int = 100, interval: str | None = None) -> Stat:
+         time_from: str | None = None, max_data_points: int = 100, interval: str | None = None,
+         overrides: list | None = None) -> Stat:
     opts = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
             "colorMode": "background", "graphMode": "none", "justifyMode": "center", "orientation": "auto",
             "textMode": "value", "wideLayout": True, "showPercentChange": False}
@@ -34,7 +35,7 @@ def stat(title: str, pos: GridPos, targets: list, defaults: dict, *, datasource:
                 timeFrom=time_from, maxDataPoints=max_data_points, interval=interval,
                 transformations=transformations or [],
                 extraJson={"options": opts, "fieldConfig": {"defaults": dict(defaults, links=links or []),
-                                                            "overrides": []}})
+                                                            "overrides": overrides or []}})
 
 
 def timeseries(title: str, pos: GridPos, targets: list, defaults: dict, *, datasource: dict, custom: dict | None = None,

@@ -17,7 +17,7 @@ from .thresholds import COLORS, ENVELOPE_COLORS, Thresholds
 
 # Newest forecasts only: three 30 s publish intervals, the range the forecast alert rule looks at too.
 FORECAST_RANGE = f"{FORECAST_ALERT_QUERY_RANGE_S}s"
-HEADING_ROWS = 8  # rows that fit the table's 11 grid units without scrolling; the soonest first
+HEADING_ROWS = 7  # rows of about 36 px (cell height sm) that fit under the header in 9 grid rows; soonest first
 RACK_LINK = RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}"
 
 
@@ -107,7 +107,15 @@ TILE_COLUMNS = [
 ]
 # Title: rack, ▲top/▼bottom °C and RH top/bottom; the tile value is the rack's envelope state (worst of
 # temperature, humidity and dew point over both positions, computed by the bridge), coloured by band.
+# ${__cell_N} is column N's display text, so the decimals below apply to the title too.
 TILE_TITLE = "${__cell_0}  ▲${__cell_3}° ▼${__cell_4}°  ${__cell_5}/${__cell_6} %RH"
+TILE_DECIMALS = {"tempTop": 1, "tempBottom": 1, "humidityTop": 0, "humidityBottom": 0}
+# Fixed text sizes (Grafana's automatic ones follow the longest title): at 1080p, 40 tiles in 14 columns of about
+# 108 px text width, the title wraps into rack / temperatures / humidity and the state word takes up to two lines
+# (VERY HUMID); tests/test_wall_layout.py checks that it all fits on 1080p and 4K screens.
+TILE_TEXT = {"titleSize": 14, "valueSize": 24}
+TILES_Y, TILES_H = 4, 14
+HISTORY_H = 9  # the heat grids and the forecast table below the tiles: 27 grid rows in all fit 1080p
 
 
 def envelope_mappings() -> list[dict]:
@@ -220,14 +228,16 @@ def build(t: Thresholds) -> dict:
             description=f"Largest top minus bottom inlet difference; above {num(t.delta_t_limit_c)} °C "
                         "suggests recirculation."),
         alert_count("Alerts firing", grid(20, 0, 4, 4)),
-        stat("Racks (current twin state)", grid(0, 4, 24, 11), [infinity_target(
+        stat("Racks (current twin state)", grid(0, TILES_Y, 24, TILES_H), [infinity_target(
             "/api/2/search/things", SEARCH_PARAMS, TILE_COLUMNS, root_selector="items")],
             field_defaults("none", [{"color": COLORS["unknown"], "value": None}], None, displayName=TILE_TITLE,
                            noValue="no twin", mappings=envelope_mappings()),
             datasource=DITTO, max_data_points=500,
             options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "/^envelope$/", "values": True,
                                        "limit": TILE_LIMIT},
-                     "textMode": "value_and_name", "text": {"titleSize": 16, "valueSize": 28}},
+                     "textMode": "value_and_name", "text": TILE_TEXT},
+            overrides=[{"matcher": {"id": "byName", "options": name}, "properties": [{"id": "decimals", "value": d}]}
+                       for name, d in TILE_DECIMALS.items()],
             links=[data_link("Rack detail", RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}")],
             description="One tile per rack from Ditto's current twin state (one search request): title = rack, "
                         "top/bottom °C, top/bottom RH; value and colour = the worst ASHRAE band of temperature, "
@@ -237,13 +247,13 @@ def build(t: Thresholds) -> dict:
     ]
     for x, position in ((0, "top"), (8, "bottom")):
         panels.append(state_timeline(
-            f"{position.capitalize()} inlet °C per rack", grid(x, 15, 8, 11), [influx_target(
+            f"{position.capitalize()} inlet °C per rack", grid(x, TILES_Y + TILES_H, 8, HISTORY_H), [influx_target(
                 f'SELECT mean("temperature") FROM "{MEASUREMENT}" WHERE $timeFilter AND "position" = \'{position}\' '
                 f'AND {ROOM_ROW_FILTER} GROUP BY time($__interval), "rack" fill(none)', alias="$tag_rack")],
             field_defaults("celsius", t.temperature_steps()), datasource=INFLUX,
             description=f"{position.capitalize()} inlet temperature history per rack, coloured by ASHRAE band. "
                         "Top warmer than bottom along a row points at recirculation."))
-    panels.append(heading_table(t, grid(16, 15, 8, 11)))
+    panels.append(heading_table(t, grid(16, TILES_Y + TILES_H, 8, HISTORY_H)))
     dashboard = Dashboard(
         title="Data hall wall", uid=WALL_UID, tags=["racktwin"], timezone="browser", refresh="30s",
         time=time_range("now-6h"), editable=False, panels=panels,
