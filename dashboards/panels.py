@@ -53,8 +53,16 @@ def timeseries(title: str, pos: GridPos, targets: list, defaults: dict, *, datas
                    "fieldConfig": {"defaults": dict(defaults, custom=custom_cfg), "overrides": overrides or []}})
 
 
+# Grafana draws every state-timeline row's name at 12 px whatever the row's height: with more rows than fit at
+# that size the names overlap into a smear, so such panels hide them (hover still names the row).
+ROW_NAME_PX = 12
+
+
 def state_timeline(title: str, pos: GridPos, targets: list, defaults: dict, *, datasource: dict,
-                   description: str = "", max_data_points: int = 120) -> StateTimeline:
+                   description: str = "", max_data_points: int = 120, hide_row_names: bool = False) -> StateTimeline:
+    # On the value fields only: in defaults it would hide the time axis too (it reads the time field's setting).
+    overrides = [{"matcher": {"id": "byType", "options": "number"},
+                  "properties": [{"id": "custom.axisPlacement", "value": "hidden"}]}] if hide_row_names else []
     return StateTimeline(
         title=title, gridPos=pos, dataSource=datasource, targets=targets, description=description,
         maxDataPoints=max_data_points,
@@ -62,7 +70,7 @@ def state_timeline(title: str, pos: GridPos, targets: list, defaults: dict, *, d
                                "legend": {"showLegend": False, "displayMode": "list", "placement": "bottom"},
                                "tooltip": {"mode": "single", "sort": "none"}},
                    "fieldConfig": {"defaults": dict(defaults, custom={"fillOpacity": 90, "lineWidth": 0}),
-                                   "overrides": []}})
+                                   "overrides": overrides}})
 
 
 def alert_count(title: str, pos: GridPos, description: str = "") -> RawPanel:

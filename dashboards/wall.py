@@ -250,9 +250,10 @@ def build(t: Thresholds) -> dict:
             f"{position.capitalize()} inlet °C per rack", grid(x, TILES_Y + TILES_H, 8, HISTORY_H), [influx_target(
                 f'SELECT mean("temperature") FROM "{MEASUREMENT}" WHERE $timeFilter AND "position" = \'{position}\' '
                 f'AND {ROOM_ROW_FILTER} GROUP BY time($__interval), "rack" fill(none)', alias="$tag_rack")],
-            field_defaults("celsius", t.temperature_steps()), datasource=INFLUX,
-            description=f"{position.capitalize()} inlet temperature history per rack, coloured by ASHRAE band. "
-                        "Top warmer than bottom along a row points at recirculation."))
+            field_defaults("celsius", t.temperature_steps()), datasource=INFLUX, hide_row_names=True,
+            description=f"{position.capitalize()} inlet temperature history per rack, coloured by ASHRAE band, "
+                        "one row per rack in name order (hover a row for its rack; a hall's 40 rows are too thin "
+                        "for names). Top warmer than bottom along a row points at recirculation."))
     panels.append(heading_table(t, grid(16, TILES_Y + TILES_H, 8, HISTORY_H)))
     dashboard = Dashboard(
         title="Data hall wall", uid=WALL_UID, tags=["racktwin"], timezone="browser", refresh="30s",

@@ -17,8 +17,9 @@ import pytest
 from bridge.config import Settings
 from bridge.simulator.run import hall_of
 from tests.dashboard_data import PROVISIONING
-from tests.grafana_layout import (FontMissing, Screen, cap_height_px, dashboard_height_px, fit_tile, text_width,
-                                  tile_grid, stat_content_px)
+from dashboards.panels import ROW_NAME_PX
+from tests.grafana_layout import (FontMissing, Screen, cap_height_px, dashboard_height_px, fit_tile, panel_px,
+                                  stat_content_px, text_width, tile_grid)
 
 WALL = json.loads((PROVISIONING / "dashboards" / "wall" / "racktwin-wall.json").read_text())
 TILES = next(p for p in WALL["panels"] if p["title"] == "Racks (current twin state)")
@@ -111,3 +112,19 @@ def test_the_state_word_is_legible_across_a_room_and_the_numbers_at_a_desk():
     state_m = cap_height_px(text["valueSize"]) * mm_per_px / 1000 / math.tan(MIN_ARC)
     title_m = cap_height_px(text["titleSize"]) * mm_per_px / 1000 / math.tan(MIN_ARC)
     assert state_m >= 2.3 and title_m >= 1.3, (state_m, title_m)
+
+
+@pytest.mark.parametrize("screen", SCREENS, ids=lambda s: s.name)
+def test_heat_grid_rows_too_thin_for_names_hide_them(screen):
+    """Grafana writes every state-timeline row's name at 12 px, however thin the row (no thinning, no minimum):
+    where even the whole panel height split into one row per rack gives less, the names must be hidden."""
+    grids = [p for p in WALL["panels"] if p["type"] == "state-timeline"]
+    assert len(grids) == 2
+    for panel in grids:
+        _, height = panel_px(panel["gridPos"], screen)
+        hidden = any(o["matcher"] == {"id": "byType", "options": "number"}
+                     and {"id": "custom.axisPlacement", "value": "hidden"} in o["properties"]
+                     for o in panel["fieldConfig"]["overrides"])
+        assert hidden == (height / RACKS < ROW_NAME_PX), (screen.name, panel["title"], height / RACKS)
+        assert "axisPlacement" not in panel["fieldConfig"]["defaults"].get("custom", {})  # the time axis stays
+        assert panel["options"]["showValue"] == "never"  # in-cell text would spill over rows just as well
