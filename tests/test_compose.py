@@ -407,6 +407,9 @@ def test_grafana_gets_what_provisioning_interpolates():
     assert sorted(referenced - env - {"GRAFANA_INFLUX_TOKEN"}) == []
     assert "GRAFANA_INFLUX_TOKEN" in (COMPOSE_DIR / "grafana" / "entrypoint.sh").read_text()
     assert grafana["environment"]["GF_PLUGINS_PREINSTALL_SYNC"] == "yesoreyeram-infinity-datasource@3.11.1"
+    # The wall is dark for everyone, anonymous wall screens included, and the printed wall URL asks for it too.
+    assert grafana["environment"]["GF_USERS_DEFAULT_THEME"] == "dark"
+    assert "&kiosk&theme=dark" in (COMPOSE_DIR / "scripts" / "print-urls.sh").read_text()
 
 
 def _generated_provisioning(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:

@@ -28,7 +28,7 @@ cat <<TEXT
 
 RackTwin is up ($mode mode).
 
-  Grafana NOC wall (kiosk)  $grafana/d/$wall_uid?orgId=1&kiosk&refresh=30s
+  Grafana NOC wall (kiosk)  $grafana/d/$wall_uid?orgId=1&kiosk&theme=dark&refresh=30s
   Grafana (admin)           $grafana/login          user $(get GRAFANA_ADMIN_USER admin), password GRAFANA_ADMIN_PASSWORD
 TEXT
 if [ "$mode" = demo ]; then
