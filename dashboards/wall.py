@@ -108,7 +108,7 @@ TILE_COLUMNS = [
 # Title: rack, ▲top/▼bottom °C and RH top/bottom; the tile value is the rack's envelope state (worst of
 # temperature, humidity and dew point over both positions, computed by the bridge), coloured by band.
 # ${__cell_N} is column N's display text, so the decimals below apply to the title too.
-TILE_TITLE = "${__cell_0}  ▲${__cell_3}° ▼${__cell_4}°  ${__cell_5}/${__cell_6} %RH"
+TILE_TITLE = "${__cell_0}  ▲${__cell_3}° ▼${__cell_4}°  ${__cell_5}/${__cell_6}\u00a0%RH"  # no break before %RH
 TILE_DECIMALS = {"tempTop": 1, "tempBottom": 1, "humidityTop": 0, "humidityBottom": 0}
 # Fixed text sizes (Grafana's automatic ones follow the longest title): at 1080p, 40 tiles in 14 columns of about
 # 108 px text width, the title wraps into rack / temperatures / humidity and the state word takes up to two lines

@@ -10,8 +10,9 @@ Sources (grafana/grafana and the @grafana/ui, @grafana/data npm releases 11.0.0,
 - StatPanel -> VizRepeater with autoGrid, itemSpacing 3, orientation auto -> the grid of
   utils/squares.ts calculateGridDimensions; fieldDisplay.ts shows at most reduceOptions.limit values (25 unset).
 - BigValueLayout: padding 12 px (8 px for tiles up to 100 px tall); explicit text.titleSize/valueSize are used
-  as they are, line height 1.2, no ellipsis and no shrinking: text wraps at spaces and what does not fit spills
-  over the neighbouring tiles. Stacked layout (title above value) unless width/height > 2.5.
+  as they are, line height 1.2, no ellipsis and no shrinking: text wraps at spaces (not at no-break spaces) and
+  what does not fit spills over the neighbouring tiles. Stacked layout (title above value) unless width/height
+  > 2.5; with justifyMode "center" a gap of 0.75ch separates title and value (taken at the 14 px body size).
 - Fonts: Inter, title 400, value 500; measured with the real Inter (Debian's fonts-inter) advance widths.
 """
 
@@ -29,6 +30,7 @@ STAT_ITEM_SPACING_PX = 3
 DEFAULT_VALUES_LIMIT = 25
 LINE_HEIGHT = 1.2
 LETTER_SPACING_PX = 0.15  # body letter-spacing 0.01071em of 14 px, inherited as a length
+BODY_FONT_PX = 14
 INTER_DIR = Path("/usr/share/fonts/opentype/inter")
 
 
@@ -115,7 +117,7 @@ def wrap(text: str, size: float, width: float, weight: str = "Regular") -> list[
     """Greedy line breaking at spaces, as a browser does with white-space: normal (runs of spaces collapse);
     None when a single word is wider than ``width`` (it would spill sideways)."""
     lines: list[str] = []
-    for word in text.split():
+    for word in (w for w in text.split(" ") if w):  # U+00A0 does not break: it stays inside its word
         if text_width(word, size, weight) > width:
             return None
         candidate = f"{lines[-1]} {word}" if lines else word
@@ -153,4 +155,6 @@ def fit_tile(panel: dict, screen: Screen, header_px: int, tiles: int, title: str
     title_lines = wrap(title, text["titleSize"], avail_w)
     value_lines = wrap(value, text["valueSize"], avail_w, weight="Medium")
     needed = LINE_HEIGHT * (text["titleSize"] * len(title_lines or []) + text["valueSize"] * len(value_lines or []))
+    if panel["options"].get("justifyMode") == "center":
+        needed += 0.75 * text_width("0", BODY_FONT_PX)
     return TileFit(grid, padding, title_lines, value_lines, needed, avail_w, avail_h)
