@@ -17,7 +17,7 @@ from .thresholds import COLORS, ENVELOPE_COLORS, Thresholds
 
 # Newest forecasts only: three 30 s publish intervals, the range the forecast alert rule looks at too.
 FORECAST_RANGE = f"{FORECAST_ALERT_QUERY_RANGE_S}s"
-HEADING_ROWS = 7  # rows of about 36 px (cell height sm) that fit under the header in 9 grid rows; soonest first
+HEADING_ROWS = 6  # rows of about 36 px (cell height sm) under the header fit 9 grid rows with room to spare
 RACK_LINK = RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}"
 
 
