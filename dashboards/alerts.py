@@ -35,7 +35,10 @@ class RuleSpec:
     severity: str
     summary: str
     for_: str = "0s"
-    no_data: str = "NoData"
+    # No series at all: for a rule on readings that means no reading in its window, which is what the
+    # silent-sensor rule (per sensor, 24 h back) and bridge-down report; a NoData alert from each of a dozen
+    # rules on top of those would page twelve times for one cause, and fire on a fresh stack before data.
+    no_data: str = "OK"
     labels: dict[str, str] = field(default_factory=dict)
     group: str = "rack-environment"
     dashboard_uid: str = RACK_UID
@@ -72,7 +75,7 @@ def forecast_rule(t: Thresholds) -> RuleSpec:
         f"WHERE $timeFilter GROUP BY {SENSOR_TAGS}",
         FORECAST_ALERT_QUERY_RANGE_S, "last", "lt", (t.forecast_horizon_min,), "warning",
         f"{WHERE_SENSOR} forecast to pass {num(limit)} °C in {MINUTES} min",
-        for_=duration(FORECAST_ALERT_FOR_S), no_data="OK", labels={"kind": "forecast"})
+        for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"})
 
 
 def rule_specs(t: Thresholds) -> list[RuleSpec]:
@@ -122,11 +125,11 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
         RuleSpec("racktwin-sensor-silent", "Sensor stopped reporting",
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
                  f"{WHERE_SENSOR} sent no reading for {t.silent_after_s} s (3 intervals of "
-                 f"{t.reading_interval_s} s)"),
+                 f"{t.reading_interval_s} s)", no_data="NoData"),  # no sensor reported all day: say so
         RuleSpec("racktwin-sensor-stuck", "Sensor stuck (reports the same values)",
                  stuck_sensors_per_series(), STUCK_WINDOW_S, "last", "lt", (0.001,), "warning",
                  f"{WHERE_SENSOR} reported identical temperature and humidity for {STUCK_WINDOW_S // 60} min "
-                 f"(spread {VALUE}, at least {STUCK_MIN_READINGS} readings)", no_data="OK"),
+                 f"(spread {VALUE}, at least {STUCK_MIN_READINGS} readings)"),
         forecast_rule(t),
         RuleSpec("racktwin-bridge-down", "Bridge down or not ready",
                  'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',

@@ -10,7 +10,8 @@ import yaml
 from bridge.config import Settings
 from dashboards.thresholds import Thresholds
 from dashboards import alerts
-from tests.dashboard_data import FLAT, FORECAST_POSITIONS, PROVISIONING, RISING_FAST, RISING_SLOW, feed_through_bridge
+from tests.dashboard_data import (FLAT, FORECAST_POSITIONS, PROVISIONING, RACKS, RISING_FAST, RISING_SLOW,
+                                 feed_through_bridge)
 from tests.grafana_sim import at_time, evaluate_rule, expand_macros, influx_frames
 
 RULES = {r["uid"]: r for g in yaml.safe_load((PROVISIONING / "alerting/rules.yaml").read_text())["groups"]
@@ -124,6 +125,24 @@ def test_bridge_rules(fed, influxd, influx_db):
     # Ten minutes later with no stats (the bridge is stopped): no data, which this rule treats as firing.
     later = evaluate_rule(RULES["racktwin-bridge-down"], make_runner(influxd, influx_db, fed.now_ms + 600_000))
     assert later.state == "NoData" and RULES["racktwin-bridge-down"]["noDataState"] == "Alerting"
+
+
+def test_when_all_telemetry_stops_the_silent_sensors_and_the_bridge_page_and_nothing_else(fed, influxd, influx_db):
+    """Half an hour after the last reading and the last bridge stats: every rule on readings finds no series,
+    which Grafana turns into a DatasourceNoData alert unless the rule says OK. The absence is one cause, told by
+    the silent-sensor rule (each sensor, by name) and bridge-down; a dozen NoData pages beside them are noise."""
+    run = make_runner(influxd, influx_db, fed.now_ms + 30 * 60_000)
+    paging = {}
+    for uid, rule in RULES.items():
+        result = evaluate_rule(rule, run)
+        if result.firing:
+            paging[uid] = firing_set(result)
+        elif result.state == "NoData" and rule["noDataState"] in ("Alerting", "NoData"):
+            paging[uid] = "no data"
+    assert set(paging) == {"racktwin-sensor-silent", "racktwin-bridge-down"}, paging
+    assert paging["racktwin-sensor-silent"] == {(rack, pos) for rack in RACKS for pos in ("top", "bottom")}
+    # A day without any reading at all leaves the silent rule nothing to name: then it says "no data".
+    assert RULES["racktwin-sensor-silent"]["noDataState"] == "NoData"
 
 
 def test_wall_tile_states_agree_with_the_envelope_rules(fed, ditto):
