@@ -39,6 +39,9 @@ class RuleSpec:
     # silent-sensor rule (per sensor, 24 h back) and bridge-down report; a NoData alert from each of a dozen
     # rules on top of those would page twelve times for one cause, and fire on a fresh stack before data.
     no_data: str = "OK"
+    # A query error (InfluxDB unreachable) says nothing about the racks: keep each instance's last state rather
+    # than resolve or fire it; the bridge-down rule alone reports the error, so a blind wall pages once.
+    exec_err: str = "KeepLast"
     labels: dict[str, str] = field(default_factory=dict)
     group: str = "rack-environment"
     dashboard_uid: str = RACK_UID
@@ -135,7 +138,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',
                  120, "last", "lt", (1,), "critical",
                  "Bridge {{ $labels.instance }} is not ready (no stats for 2 min means it is down)",
-                 for_="1m", no_data="Alerting", labels={"component": "bridge"}, group="bridge",
+                 for_="1m", no_data="Alerting", exec_err="Error", labels={"component": "bridge"}, group="bridge",
                  dashboard_uid=BRIDGE_UID),
         RuleSpec("racktwin-bridge-lagging", "Bridge lagging",
                  'SELECT max("lag") AS "lag" FROM '
@@ -173,7 +176,7 @@ def rule(spec: RuleSpec) -> dict:
         ],
         "dashboardUid": spec.dashboard_uid,
         "noDataState": spec.no_data,
-        "execErrState": "Error",
+        "execErrState": spec.exec_err,
         "for": spec.for_,
         "isPaused": False,
         "labels": {"severity": spec.severity, **spec.labels},

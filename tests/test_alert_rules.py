@@ -145,6 +145,15 @@ def test_when_all_telemetry_stops_the_silent_sensors_and_the_bridge_page_and_not
     assert RULES["racktwin-sensor-silent"]["noDataState"] == "NoData"
 
 
+def test_when_influxdb_cannot_be_queried_one_rule_reports_it():
+    """Query errors say nothing about the racks: every rule keeps its instances' last state, and bridge-down
+    (which reads InfluxDB too) alone turns the error into an alert, so the NOC hears once that it is blind."""
+    errors = {uid: rule["execErrState"] for uid, rule in RULES.items()}
+    assert {uid for uid, state in errors.items() if state != "KeepLast"} == {"racktwin-bridge-down"}
+    assert errors["racktwin-bridge-down"] == "Error"
+    assert RULES["racktwin-bridge-down"]["labels"]["severity"] == "critical"
+
+
 def test_wall_tile_states_agree_with_the_envelope_rules(fed, ditto):
     """The bridge's envelope state on each twin (the wall tiles' value and colour) and the Grafana rules judge
     the same readings alike: critical where an allowable-class rule fires, a warning state where only
