@@ -51,6 +51,7 @@ DEFAULT_OUTPUT = REPO / "bench" / "results" / "latest.json"
 BUCKET = "bench"
 ORG = "racktwin"
 RECEIVE_MAXIMUM = 1000  # the bridge's default; the ceiling subscriber gets the same window
+SLOW_DITTO_S = 0.05  # the Ditto round trip of the "slow Ditto" merging run
 
 FULL = {"racks": 10_000, "burst_rounds": 2, "merge_racks": 200, "merge_rounds": 20, "report_interval_s": 10.0,
         "latency_s": 20.0, "capacity_s": 2.0, "forecast_racks": 10_000, "forecast_fill_min": 30,
@@ -494,6 +495,9 @@ def figures(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     f["ditto_requests_per_msg_merge"] = figure(r["bridge_merge"]["ditto_requests_per_message"], "req/msg",
                                                f"Ditto requests per message, backlog of {r['config']['merge_rounds']}"
                                                " readings per rack", "")
+    f["ditto_requests_per_msg_merge_slow"] = figure(
+        r["bridge_merge_slow_ditto"]["ditto_requests_per_message"], "req/msg",
+        f"Ditto requests per message, the same backlog, Ditto answering in {SLOW_DITTO_S * 1000:.0f} ms", "")
     f["ditto_requests_per_msg_steady"] = figure(lat["ditto_requests_per_message"], "req/msg",
                                                 "Ditto requests per message, steady load", "")
     # Where the CPU went: every process of a run shares the same cores, so a sink double that needs as much
@@ -644,7 +648,18 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
             log(f"merging: {cfg['merge_racks']} racks x {cfg['merge_rounds']} readings each, queued at once")
             result["bridge_merge"] = run_bridge_burst(bridge, broker, merge.burst(cfg["merge_rounds"]), ditto, influx,
                                                       cfg["timeout_s"], others)
-            stream.last_ts = merge.last_ts
+            # The same backlog against a Ditto that answers in 50 ms (a remote or busy one): there the round trip,
+            # not local CPU, is the limit, and merging is what keeps the twins current.
+            slow = Stream(cfg["merge_racks"], seed=8)
+            slow.last_ts = merge.last_ts
+            log(f"merging, Ditto answering in {SLOW_DITTO_S * 1000:.0f} ms: the same backlog")
+            ditto.call(f"delay {SLOW_DITTO_S}")
+            try:
+                result["bridge_merge_slow_ditto"] = run_bridge_burst(bridge, broker, slow.burst(cfg["merge_rounds"]),
+                                                                     ditto, influx, cfg["timeout_s"], others)
+            finally:
+                ditto.call("delay 0")
+            stream.last_ts = slow.last_ts
             rate = racks / cfg["report_interval_s"]
             log(f"latency: {rate:,.0f} msg/s offered for {cfg['latency_s']:.0f} s")
             result["latency"] = run_latency(bridge, broker, stream, rate, cfg["latency_s"], ditto, influx,

@@ -9,7 +9,8 @@ Both record, at the moment they confirm a write, how old the written readings ar
 latency from the reading's source timestamp to sink confirmation, measured at the sink itself.
 Protocol: the first stdout line is ``{"url": ...}``; then one command per stdin line, one JSON line back:
 ``stats`` (counters and latencies since the last reset), ``reset``, ``seed <n>`` (ditto: a policy and n
-things for the capacity run). EOF on stdin stops the server.
+things for the capacity run), ``delay <seconds>`` (ditto: answer every twin request that much later, as a
+remote or busy Ditto would; 0 answers at once again). EOF on stdin stops the server.
 """
 
 from __future__ import annotations
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             reply = {"ok": True}
         elif command == "seed" and args.kind == "ditto":
             server.seed(int(arg))
+            reply = {"ok": True}
+        elif command == "delay" and args.kind == "ditto":
+            server.clear_faults()
+            if float(arg) > 0:
+                server.inject(delay=float(arg))
             reply = {"ok": True}
         else:
             reply = {"error": f"unknown command {line.strip()!r}"}

@@ -24,7 +24,8 @@ EXPECTED = [
     "latency_influx_p50_s", "latency_influx_p95_s", "latency_influx_p99_s",
     "latency_ditto_p50_s", "latency_ditto_p95_s", "latency_ditto_p99_s",
     "bridge_ws_msgs_per_s", "bridge_ws_to_ceiling_ratio", "latency_ws_influx_p99_s", "latency_ws_ditto_p99_s",
-    "ditto_requests_per_msg_burst", "ditto_requests_per_msg_merge", "ditto_requests_per_msg_steady", "bridge_peak_rss_mb",
+    "ditto_requests_per_msg_burst", "ditto_requests_per_msg_merge", "ditto_requests_per_msg_merge_slow",
+    "ditto_requests_per_msg_steady", "bridge_peak_rss_mb",
     "ditto_double_validated_req_per_s", "ditto_double_req_per_s", "ditto_double_headroom",
     "influx_adapter_points_per_s", "influx_adapter_headroom",
     "forecast_us_per_reading", "forecast_to_decode_map_ratio",
@@ -89,6 +90,11 @@ def test_quick_bench_delivered_everything(quick_result):
         assert run["ditto_reading_patches"] >= 1
     assert result["bridge"]["cpu_ms_per_message"]["bridge"] > 0  # 400 messages take the bridge far over a tick
     assert result["bridge_cold"]["ditto_requests_per_message"] >= 2  # GET 404 + PUT + PATCH per new twin
+    # Against a Ditto answering in 50 ms, a rack's queued readings go out together: fewer requests than readings.
+    slow = result["bridge_merge_slow_ditto"]
+    assert slow["messages"] == result["config"]["merge_racks"] * result["config"]["merge_rounds"]
+    assert slow["influx_points"] == 2 * slow["messages"] and slow["rejected"] == 0
+    assert slow["ditto_reading_patches"] < slow["messages"] and slow["coalesced_readings"] > 0
     latency = result["latency"]
     assert latency["influx_points"] == 2 * latency["messages"]
     assert 0 < latency["ditto_values"] <= 2 * latency["messages"]
