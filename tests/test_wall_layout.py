@@ -16,10 +16,10 @@ import pytest
 
 from bridge.config import Settings
 from bridge.simulator.run import hall_of
-from tests.dashboard_data import PROVISIONING
 from dashboards.panels import ROW_NAME_PX
-from tests.grafana_layout import (DEFAULT_VALUES_LIMIT, FontMissing, Screen, cap_height_px, dashboard_height_px, fit_tile, panel_px,
-                                  stat_content_px, text_width, tile_grid)
+from tests.dashboard_data import PROVISIONING
+from tests.grafana_layout import (DEFAULT_VALUES_LIMIT, FontMissing, Screen, cap_height_px, dashboard_height_px,
+                                  fit_tile, panel_px, stat_content_px, text_width, tile_grid)
 
 WALL = json.loads((PROVISIONING / "dashboards" / "wall" / "racktwin-wall.json").read_text())
 TILES = next(p for p in WALL["panels"] if p["title"] == "Racks (current twin state)")
