@@ -122,6 +122,8 @@ class _ChunkedUpstream(BaseHTTPRequestHandler):
 
     def do_PATCH(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        # Counted before answering: once the last chunk is out, the client may look before this thread goes on.
+        _ChunkedUpstream.answered += 1
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -129,7 +131,6 @@ class _ChunkedUpstream(BaseHTTPRequestHandler):
         for part in (b'{"thingId":', b'"dc:r1"}'):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
         self.wfile.write(b"0\r\n\r\n")
-        _ChunkedUpstream.answered += 1
 
     def log_message(self, *args) -> None:
         pass
