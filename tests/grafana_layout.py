@@ -13,6 +13,8 @@ Sources (grafana/grafana and the @grafana/ui, @grafana/data npm releases 11.0.0,
   as they are, line height 1.2, no ellipsis and no shrinking: text wraps at spaces (not at no-break spaces) and
   what does not fit spills over the neighbouring tiles. Stacked layout (title above value) unless width/height
   > 2.5; with justifyMode "center" a gap of 0.75ch separates title and value (taken at the 14 px body size).
+- Automatic value size (no text.valueSize): measureText.ts calculateFontSize, min(height / 1.2, width / (width of
+  the text at 14 px + 2) * 14), the unit's suffix included; with one value and no title the value gets the tile.
 - Fonts: Inter, title 400, value 500; measured with the real Inter (Debian's fonts-inter) advance widths.
 """
 
@@ -102,10 +104,25 @@ def _font(weight: str):
     return font.getBestCmap(), font["hmtx"], font["head"].unitsPerEm, font["OS/2"].sCapHeight
 
 
-def text_width(text: str, size: float, weight: str = "Regular") -> float:
+def text_width(text: str, size: float, weight: str = "Regular", letter_spacing: float = LETTER_SPACING_PX) -> float:
     cmap, hmtx, upm, _ = _font(weight)
     units = sum(hmtx[cmap[ord(ch)]][0] for ch in text)  # KeyError: a glyph Inter lacks (the browser would fall back)
-    return units * size / upm + LETTER_SPACING_PX * len(text)
+    return units * size / upm + letter_spacing * len(text)
+
+
+def auto_font_px(text: str, width: float, height: float, weight: str) -> float:
+    """measureText.ts calculateFontSize: the text measured on a canvas at 14 px (no letter-spacing), scaled to
+    the width, capped by the height over the line height."""
+    measured = text_width(text, 14, weight, letter_spacing=0.0)
+    return min(height / LINE_HEIGHT, width / (measured + 2) * 14)
+
+
+def single_stat_value_px(panel: dict, screen: Screen, header_px: int, value_text: str) -> float:
+    """The automatic value font of a stat panel showing one value and no title inside (BigValueLayout:
+    WideNoChart or StackedWithNoChart; the unit's suffix is part of the measured text)."""
+    width, height = stat_content_px(panel, screen, header_px)
+    padding = 12 if height > 100 else 8
+    return auto_font_px(value_text, width - 2 * padding, height - 2 * padding, "Medium")
 
 
 def cap_height_px(size: float) -> float:

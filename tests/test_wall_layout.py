@@ -19,7 +19,7 @@ from bridge.simulator.run import hall_of
 from dashboards.panels import ROW_NAME_PX
 from tests.dashboard_data import PROVISIONING
 from tests.grafana_layout import (DEFAULT_VALUES_LIMIT, FontMissing, Screen, cap_height_px, dashboard_height_px,
-                                  fit_tile, panel_px, stat_content_px, text_width, tile_grid)
+                                  fit_tile, panel_px, single_stat_value_px, stat_content_px, text_width, tile_grid)
 
 WALL = json.loads((PROVISIONING / "dashboards" / "wall" / "racktwin-wall.json").read_text())
 TILES = next(p for p in WALL["panels"] if p["title"] == "Racks (current twin state)")
@@ -107,10 +107,8 @@ def test_the_layout_model_finds_an_overflow():
 def test_the_state_word_is_legible_across_a_room_and_the_numbers_at_a_desk():
     """On a 55-inch screen at 1080p (or 4K at 200 %): the state word and its colour from about 2.5 m, the tile's
     numbers from about 1.5 m (16 minutes of arc); the README states these distances."""
-    mm_per_px = SCREENS[0].mm_per_css_px
     text = TILES["options"]["text"]
-    state_m = cap_height_px(text["valueSize"]) * mm_per_px / 1000 / math.tan(MIN_ARC)
-    title_m = cap_height_px(text["titleSize"]) * mm_per_px / 1000 / math.tan(MIN_ARC)
+    state_m, title_m = (legible_from_m(text[k], SCREENS[0]) for k in ("valueSize", "titleSize"))
     assert state_m >= 2.3 and title_m >= 1.3, (state_m, title_m)
 
 
@@ -128,3 +126,21 @@ def test_heat_grid_rows_too_thin_for_names_hide_them(screen):
         assert hidden == (height / RACKS < ROW_NAME_PX), (screen.name, panel["title"], height / RACKS)
         assert "axisPlacement" not in panel["fieldConfig"]["defaults"].get("custom", {})  # the time axis stays
         assert panel["options"]["showValue"] == "never"  # in-cell text would spill over rows just as well
+
+
+def legible_from_m(font_px: float, screen: Screen) -> float:
+    return cap_height_px(font_px) * screen.mm_per_css_px / 1000 / math.tan(MIN_ARC)
+
+
+@pytest.mark.parametrize("header", HEADERS_PX)
+def test_the_summary_numbers_are_legible_from_across_the_room(header):
+    """The top row (hottest inlet, racks outside the envelope, silent and stuck sensors, largest top - bottom):
+    Grafana sizes each value to its panel; on a 55-inch 1080p screen they must read from 5 m and more."""
+    summary = [p for p in WALL["panels"] if p["type"] == "stat" and p["gridPos"]["y"] == 0]
+    assert len(summary) == 6
+    for panel in summary:
+        defaults = panel["fieldConfig"]["defaults"]
+        assert panel["options"]["textMode"] == "value" and "valueSize" not in panel["options"].get("text", {})
+        text = "33.0 °C" if defaults["unit"] == "celsius" else "12"  # a hot inlet, or a two-digit count
+        distance = legible_from_m(single_stat_value_px(panel, SCREENS[0], header, text), SCREENS[0])
+        assert distance >= 5.0, (panel["title"], distance)
