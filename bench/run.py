@@ -66,6 +66,7 @@ TARGETS = {  # figure -> (comparison, bound), from issue 6
     "latency_ditto_p99_s": ("<=", 1.0),
     "bridge_peak_rss_mb": ("<=", 200.0),
     "ditto_double_headroom": (">=", 1.0),
+    "ditto_double_ws_headroom": (">=", 1.0),
     "influx_adapter_headroom": (">=", 1.0),
 }
 
@@ -264,6 +265,37 @@ def ditto_capacity(url: str, auth: str, seconds: float, threads: int = 8) -> dic
 
     elapsed = _timed_workers(worker, threads)
     return {"requests_per_s": sum(counts) / elapsed, "errors": sum(errors), "threads": threads}
+
+
+def ditto_ws_capacity(url: str, user: str, password: str, seconds: float, threads: int = 8) -> dict[str, Any]:
+    """The same conditional merges as Ditto Protocol commands over one WebSocket, through the bridge's own
+    client (bridge/sinks/ditto_ws.py), one thing per thread: commands/s."""
+    from bridge.sinks.ditto_ws import DittoWebSocket
+    from bridge.twin import iso_ms
+
+    channel = DittoWebSocket(url.replace("http://", "ws://", 1) + "/ws/2", user, password, timeout=10.0)
+    counts, errors = [0] * threads, [0] * threads
+    prop = "features/environment/properties/tsTop"
+    start_ms = int(time.time() * 1000)
+    deadline = time.monotonic() + seconds
+
+    def worker(i: int) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            ts = iso_ms(start_ms + n)
+            status, _ = channel.merge(f"bench:cap-{i}", {"features": {"environment": {"properties": {
+                "tempTop": 20 + n % 50 / 10, "tsTop": ts}}}}, f'or(not(exists({prop})),lt({prop},"{ts}"))')
+            if status in (201, 204):
+                counts[i] += 1
+            else:
+                errors[i] += 1
+            n += 1
+
+    try:
+        elapsed = _timed_workers(worker, threads)
+    finally:
+        channel.close()
+    return {"commands_per_s": sum(counts) / elapsed, "errors": sum(errors), "threads": threads}
 
 
 def _timed_workers(worker: Callable[[int], None], threads: int) -> float:
@@ -522,6 +554,12 @@ def figures(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                          "Ditto double capacity, unvalidated (used)", "")
     f["ditto_double_headroom"] = figure(cap["ditto_unvalidated"]["requests_per_s"] / max(warm["ditto_requests_per_s"], 1e-9),
                                         "x", "Ditto double capacity / bridge's request rate", "ditto_double_headroom")
+    f["ditto_double_ws_commands_per_s"] = figure(cap["ditto_websocket"]["commands_per_s"], "cmd/s",
+                                                 "Ditto double capacity over WebSocket (one connection)", "")
+    ws_rate = ws["bridge"]["ditto_websocket_commands"] / ws["bridge"]["drain_s"]
+    f["ditto_double_ws_headroom"] = figure(cap["ditto_websocket"]["commands_per_s"] / max(ws_rate, 1e-9), "x",
+                                           "Ditto double WebSocket capacity / bridge's command rate",
+                                           "ditto_double_ws_headroom")
     f["influx_adapter_points_per_s"] = figure(cap["influx"]["points_per_s"], "points/s",
                                               "InfluxDB adapter capacity (1000-point batches)", "")
     f["influx_adapter_headroom"] = figure(cap["influx"]["points_per_s"] / max(warm["influx_points_per_s"], 1e-9),
@@ -599,6 +637,7 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
             validated.stop()
         ditto.call("seed 8")
         capacity["ditto_unvalidated"] = ditto_capacity(ditto.url, auth, cfg["capacity_s"])
+        capacity["ditto_websocket"] = ditto_ws_capacity(ditto.url, "bridge", users["bridge"], cfg["capacity_s"])
         capacity["influx"] = influx_capacity(influx.url, token, cfg["capacity_s"])
         result["capacity"] = capacity
 

@@ -27,6 +27,7 @@ EXPECTED = [
     "ditto_requests_per_msg_burst", "ditto_requests_per_msg_merge", "ditto_requests_per_msg_merge_slow",
     "ditto_requests_per_msg_steady", "bridge_peak_rss_mb",
     "ditto_double_validated_req_per_s", "ditto_double_req_per_s", "ditto_double_headroom",
+    "ditto_double_ws_commands_per_s", "ditto_double_ws_headroom",
     "influx_adapter_points_per_s", "influx_adapter_headroom",
     "forecast_us_per_reading", "forecast_to_decode_map_ratio",
     "ceiling_cpu_ms_per_msg", "cpu_ms_per_msg_bridge", "cpu_ms_per_msg_ditto_double", "cpu_ms_per_msg_rest",
@@ -98,6 +99,8 @@ def test_quick_bench_delivered_everything(quick_result):
     latency = result["latency"]
     assert latency["influx_points"] == 2 * latency["messages"]
     assert 0 < latency["ditto_values"] <= 2 * latency["messages"]
+    for run in ("ditto_validated", "ditto_unvalidated", "ditto_websocket"):
+        assert result["capacity"][run]["errors"] == 0, run  # every capacity request a real, accepted update
     machine = result["machine"]
     assert machine["nproc"] >= 1 and machine["python"].startswith("3.")
 
