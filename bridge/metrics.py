@@ -23,6 +23,8 @@ LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
 
 # What the bridge writes to InfluxDB: readings first (the history); forecasts and its own stats beside them.
 POINT_KINDS = ("reading", "forecast", "stats")
+# The result label of racktwin_ditto_updates_total.
+DITTO_OUTCOMES = ("ok", "created", "stale", "retry", "error")
 
 
 class Metrics:

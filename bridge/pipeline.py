@@ -45,6 +45,7 @@ class Pipeline:
         self.influx = influx
         self.ditto = ditto
         self.metrics = metrics
+        self._influx_lag = metrics.lag.labels("influx")
         self.in_flight = InFlight()
         self.hooks = hooks or []
         self._last_reject_log: dict[str, float] = {}
@@ -85,7 +86,7 @@ class Pipeline:
         oldest_ts = min(r.ts_ms for r in readings)
 
         def influx_written() -> None:
-            self.metrics.lag.labels("influx").observe(max(0.0, time.time() - oldest_ts / 1000))
+            self._influx_lag.observe(max(0.0, time.time() - oldest_ts / 1000))
             ticket.confirm()
 
         self.influx.submit(lines, influx_written)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge import twin
 from bridge.mapping import RackLocation, SensorReading
@@ -134,3 +136,22 @@ def test_iso_ms_is_fixed_width_utc_with_milliseconds():
     for ts in range(951_782_400_000, 4_102_444_800_000, 7_777_777_777):  # 2000-02-29 onwards, leap days included
         expected = datetime.fromtimestamp(ts / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
         assert iso_ms(ts) == expected.replace("+00:00", "Z"), ts
+
+
+@given(st.text(max_size=80) | st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+def test_the_condition_quoting_is_urllibs(text):
+    from urllib.parse import quote
+
+    from bridge.sinks.ditto import quote_component
+
+    assert quote_component(text) == quote(text, safe="")
+
+
+def test_a_real_condition_quotes_like_urllib():
+    from urllib.parse import quote
+
+    from bridge.sinks.ditto import quote_component
+
+    condition = twin.newer_than_condition({"top": twin.PositionState(1_790_000_000_123, 24.1, 40.0, "dev"),
+                                           "bottom": twin.PositionState(1_790_000_000_456)})
+    assert quote_component(condition) == quote(condition, safe="") and "%22" in quote_component(condition)

@@ -25,7 +25,7 @@ from .. import twin
 from . import http11
 from ..config import Settings
 from ..mapping import Position, RackLocation, SensorReading
-from ..metrics import Metrics
+from ..metrics import DITTO_OUTCOMES, Metrics
 
 if TYPE_CHECKING:
     from .ditto_ws import DittoWebSocket
@@ -44,6 +44,20 @@ def retryable(status: int | None) -> bool:
 def basic_auth(username: str, password: str) -> str:
     """The Authorization header value nginx's basic auth expects."""
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+# urllib's quote(text, safe="") keeps letters, digits and "_.-~" and percent-encodes every other byte. A twin
+# update's condition is ASCII (property paths, ISO timestamps): a lookup per byte does the same for it in less
+# than half the time (6 against 13 µs for a two-position condition); anything else goes through quote.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_QUOTED_ASCII = [chr(c) if chr(c) in _UNRESERVED else f"%{c:02X}" for c in range(128)]
+
+
+def quote_component(text: str) -> str:
+    """``urllib.parse.quote(text, safe="")``, fast for ASCII text."""
+    if text.isascii():
+        return "".join([_QUOTED_ASCII[b] for b in text.encode()])
+    return quote(text, safe="")
 
 
 class DittoError(Exception):
@@ -160,7 +174,7 @@ class DittoClient:
             if status in (201, 204, 412):
                 return status
             raise DittoError(status, json.dumps(value)[:300])
-        path = twin.thing_path(tid) + "?condition=" + quote(condition, safe="")
+        path = twin.thing_path(tid) + "?condition=" + quote_component(condition)
         body = json.dumps(patch, separators=(",", ":")).encode()
         status, data = self.fast.request("PATCH", path, body, {"Content-Type": MERGE_PATCH})
         if status in (201, 204, 412):
@@ -199,6 +213,10 @@ class DittoUpdater:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
+        # Labelled children looked up once: .labels() per update was a few per cent of the bridge's CPU.
+        self._lag = metrics.lag.labels("ditto")
+        self._outcomes = {outcome: metrics.ditto_updates.labels(outcome) for outcome in DITTO_OUTCOMES}
+        self._coalesced = 0  # counted under the lock, added to the metric by the worker that sends the update
         self._things: dict[str, _Thing] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -260,6 +278,9 @@ class DittoUpdater:
         if self.channel is not None:
             self.channel.close()
 
+    def _count(self, outcome: str) -> None:
+        (self._outcomes.get(outcome) or self.metrics.ditto_updates.labels(outcome)).inc()
+
     def _pending_work(self) -> bool:
         return self._ready_head < len(self._ready) or bool(self._delayed)
 
@@ -274,7 +295,7 @@ class DittoUpdater:
             thing.location = reading.location
             current = thing.pending.get(reading.position)
             if thing.pending:
-                self.metrics.coalesced.inc()
+                self._coalesced += 1
             if current is None or reading.ts_ms > current.ts_ms:
                 thing.pending[reading.position] = twin.merge_reading(current, reading)
             thing.waiters.append(_Waiter(reading.ts_ms, on_confirmed))
@@ -324,16 +345,19 @@ class DittoUpdater:
             thing = self._things[tid]
             pending, waiters = thing.pending, thing.waiters
             thing.pending, thing.waiters = {}, []
+            coalesced, self._coalesced = self._coalesced, 0
+        if coalesced:
+            self.metrics.coalesced.inc(coalesced)
         try:
             outcome = self._send(client, thing, pending)
         except (requests.RequestException, DittoError) as exc:
             self._retry_later(thing, pending, waiters, exc)
             return
         self._mark_healthy()
-        self.metrics.ditto_updates.labels(outcome).inc()
+        self._count(outcome)
         now = time.time()
         for waiter in waiters:
-            self.metrics.lag.labels("ditto").observe(max(0.0, now - waiter.ts_ms / 1000))
+            self._lag.observe(max(0.0, now - waiter.ts_ms / 1000))
             if waiter.on_confirmed:
                 waiter.on_confirmed()
         with self._cond:
@@ -402,7 +426,7 @@ class DittoUpdater:
         status = getattr(exc, "status", None)
         if not retryable(status) and status != 412:
             # A request Ditto will never accept (bad id, body too large): it cannot succeed by waiting.
-            self.metrics.ditto_updates.labels("error").inc()
+            self._count("error")
             log.error("Ditto refused update of %s for good: %s", thing.tid, exc)
             for waiter in waiters:
                 if waiter.on_confirmed:
@@ -413,7 +437,7 @@ class DittoUpdater:
                 else:
                     thing.scheduled = False
             return
-        self.metrics.ditto_updates.labels("retry").inc()
+        self._count("retry")
         error = str(exc)
         if self.healthy or error != self.last_error:
             log.warning("Ditto update of %s failed, will retry: %s", thing.tid, error[:200])

@@ -113,6 +113,8 @@ class InfluxWriter:
         self.write_api = self.client.write_api(write_options=SYNCHRONOUS)
         self._queue: deque[_Entry] = deque()
         self._side_points = 0  # queued lines of entries that are not readings
+        self._queued_points = 0  # all queued lines: the batch-filling wait checks it on every submit
+        self._points_written = {kind: metrics.influx_points.labels(kind) for kind in POINT_KINDS}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="influx-writer", daemon=True)
@@ -125,6 +127,7 @@ class InfluxWriter:
     def submit(self, lines: list[str], on_written: Callable[[], None] | None, kind: str = READING) -> None:
         with self._cond:
             self._queue.append(_Entry(lines, on_written, kind))
+            self._queued_points += len(lines)
             if kind != READING:
                 self._side_points += len(lines)
                 if self._side_points > MAX_QUEUED_SIDE_POINTS:
@@ -137,6 +140,7 @@ class InfluxWriter:
         for entry in self._queue:
             if entry.kind != READING and self._side_points > MAX_QUEUED_SIDE_POINTS:
                 self._side_points -= len(entry.lines)
+                self._queued_points -= len(entry.lines)
                 self.metrics.influx_shed.labels(entry.kind).inc(len(entry.lines))
             else:
                 kept.append(entry)
@@ -154,7 +158,7 @@ class InfluxWriter:
             # Give a young batch a moment to fill, without holding the oldest point longer than the interval.
             deadline = self._queue[0].enqueued + s.influx_flush_interval_s
             while (
-                sum(len(e.lines) for e in self._queue) < s.influx_batch_size
+                self._queued_points < s.influx_batch_size
                 and not self._stopping
                 and time.monotonic() < deadline
             ):
@@ -166,6 +170,7 @@ class InfluxWriter:
                     self._side_points -= len(entry.lines)
                 batch.append(entry)
                 points += len(entry.lines)
+            self._queued_points -= points
             return batch
 
     def _probe(self) -> None:
@@ -246,8 +251,11 @@ class InfluxWriter:
             return self._failed(f"HTTP {status}: {_short(exc.body)}", "http")
         except Exception as exc:  # noqa: BLE001 - network errors, timeouts: all retried
             return self._failed(f"{type(exc).__name__}: {exc}", "network")
+        written: dict[str, int] = {}
         for entry in batch:
-            self.metrics.influx_points.labels(entry.kind).inc(len(entry.lines))
+            written[entry.kind] = written.get(entry.kind, 0) + len(entry.lines)
+        for kind, n in written.items():
+            (self._points_written.get(kind) or self.metrics.influx_points.labels(kind)).inc(n)
         if not self.healthy:
             log.info("InfluxDB writes recovered")
         self.healthy = True
