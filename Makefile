@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
-APT_PACKAGES := mosquitto influxdb nginx fonts-inter
+APT_PACKAGES := mosquitto influxdb nginx fonts-inter chromium
 
 .PHONY: help venv test deps-system contracts readme
 
@@ -21,12 +21,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create the virtualenv with the project and its test dependencies
 
-deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font (and Python's venv if missing) for the tests (apt on Debian/Ubuntu)
+deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font, Chromium (and Python's venv if missing) for the tests (apt on Debian/Ubuntu)
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	[ -e /usr/share/fonts/opentype/inter/Inter-Regular.otf ] || missing="$$missing fonts-inter"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	[ -e $(VENV)/.installed ] || $(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
@@ -36,7 +37,7 @@ deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font (and Python's
 	      && for svc in mosquitto influxdb nginx; do $$SUDO service $$svc stop >/dev/null 2>&1 || true; done; \
 	  else \
 	    echo "The tests need these programs:$$missing (Debian package names: $(APT_PACKAGES) python3-venv)."; \
-	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd), nginx, the Inter font (Inter-Regular.otf, Inter-Medium.otf in /usr/share/fonts/opentype/inter) and Python's venv module with your package manager, then re-run make test."; \
+	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd), nginx, the Inter font (Inter-Regular.otf, Inter-Medium.otf in /usr/share/fonts/opentype/inter), Chromium and Python's venv module with your package manager, then re-run make test."; \
 	    exit 1; \
 	  fi; \
 	fi
