@@ -19,7 +19,8 @@ import subprocess
 import pytest
 
 from tests.grafana_layout import LETTER_SPACING_PX, LINE_HEIGHT, fit_tile
-from tests.test_wall_layout import HEADERS_PX, RACKS, SCREENS, TILES, inter_font, state_texts, worst_titles  # noqa: F401
+from tests.test_wall_layout import HEADERS_PX, RACKS, SCREENS, TILES, state_texts, worst_titles
+from tests.test_wall_layout import inter_font  # noqa: F401 - the autouse fixture: skip without the Inter font
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium missing (make deps-system installs it)")
