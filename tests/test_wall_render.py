@@ -63,8 +63,8 @@ def render(tmp_path, cases: list[dict]) -> list[dict]:
     path = tmp_path / "tiles.html"
     path.write_text(page(cases), encoding="utf-8")
     proc = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", path.as_uri()],
         capture_output=True, text=True, timeout=120)
     found = re.search(r'<pre id="out">([^<]*)</pre>', proc.stdout)
