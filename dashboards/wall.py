@@ -238,7 +238,7 @@ def build(t: Thresholds) -> dict:
                      "textMode": "value_and_name", "text": TILE_TEXT},
             overrides=[{"matcher": {"id": "byName", "options": name}, "properties": [{"id": "decimals", "value": d}]}
                        for name, d in TILE_DECIMALS.items()],
-            links=[data_link("Rack detail", RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}")],
+            links=[data_link("Rack detail", RACK_LINK)],
             description="One tile per rack from Ditto's current twin state (one search request): title = rack, "
                         "top/bottom °C, top/bottom RH; value and colour = the worst ASHRAE band of temperature, "
                         "humidity and dew point at either position (OK, WARM/COOL/HUMID/DRY outside the recommended "
