@@ -234,68 +234,74 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def ditto_capacity(url: str, auth: str, seconds: float, threads: int = 8) -> dict[str, Any]:
-    """Conditional merge-PATCHes like the bridge's, one thing per thread, keep-alive: requests/s."""
+# A sender for one capacity thread: (thing id, merge patch, condition) -> status, and how to close it.
+Sender = tuple[Callable[[str, dict[str, Any], str], int], Callable[[], None]]
+
+
+def _conditional_merges(seconds: float, threads: int, open_sender: Callable[[int], Sender]) -> tuple[float, int]:
+    """Conditional merges like the bridge's, one thing per thread, for ``seconds``: (merges/s, errors)."""
     from bridge.twin import iso_ms
 
-    target = urllib.parse.urlsplit(url)
     counts, errors = [0] * threads, [0] * threads
     prop = "features/environment/properties/tsTop"
     start_ms = int(time.time() * 1000)
     deadline = time.monotonic() + seconds
 
     def worker(i: int) -> None:
+        send, close = open_sender(i)
+        try:
+            n = 0
+            while time.monotonic() < deadline:
+                ts = iso_ms(start_ms + n)
+                status = send(f"bench:cap-{i}", {"features": {"environment": {"properties": {
+                    "tempTop": 20 + n % 50 / 10, "tsTop": ts}}}}, f'or(not(exists({prop})),lt({prop},"{ts}"))')
+                if status in (201, 204):
+                    counts[i] += 1
+                else:
+                    errors[i] += 1
+                n += 1
+        finally:
+            close()
+
+    elapsed = _timed_workers(worker, threads)
+    return sum(counts) / elapsed, sum(errors)
+
+
+def ditto_capacity(url: str, auth: str, seconds: float, threads: int = 8) -> dict[str, Any]:
+    """Conditional merge-PATCHes like the bridge's, one thing per thread, keep-alive: requests/s."""
+    target = urllib.parse.urlsplit(url)
+
+    def open_sender(_: int) -> Sender:
         conn = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
-        n = 0
-        while time.monotonic() < deadline:
-            ts = iso_ms(start_ms + n)
-            cond = urllib.parse.quote(f'or(not(exists({prop})),lt({prop},"{ts}"))')
-            body = json.dumps({"features": {"environment": {"properties": {"tempTop": 20 + n % 50 / 10,
-                                                                           "tsTop": ts}}}})
-            conn.request("PATCH", f"/api/2/things/bench:cap-{i}?condition={cond}", body,
+
+        def send(tid: str, patch: dict[str, Any], condition: str) -> int:
+            conn.request("PATCH", f"/api/2/things/{tid}?condition={urllib.parse.quote(condition)}", json.dumps(patch),
                          {"Content-Type": "application/merge-patch+json", "Authorization": auth})
             resp = conn.getresponse()
             resp.read()
-            if resp.status in (201, 204):
-                counts[i] += 1
-            else:
-                errors[i] += 1
-            n += 1
-        conn.close()
+            return resp.status
 
-    elapsed = _timed_workers(worker, threads)
-    return {"requests_per_s": sum(counts) / elapsed, "errors": sum(errors), "threads": threads}
+        return send, conn.close
+
+    rate, errors = _conditional_merges(seconds, threads, open_sender)
+    return {"requests_per_s": rate, "errors": errors, "threads": threads}
 
 
 def ditto_ws_capacity(url: str, user: str, password: str, seconds: float, threads: int = 8) -> dict[str, Any]:
     """The same conditional merges as Ditto Protocol commands over one WebSocket, through the bridge's own
     client (bridge/sinks/ditto_ws.py), one thing per thread: commands/s."""
     from bridge.sinks.ditto_ws import DittoWebSocket
-    from bridge.twin import iso_ms
 
     channel = DittoWebSocket(url.replace("http://", "ws://", 1) + "/ws/2", user, password, timeout=10.0)
-    counts, errors = [0] * threads, [0] * threads
-    prop = "features/environment/properties/tsTop"
-    start_ms = int(time.time() * 1000)
-    deadline = time.monotonic() + seconds
 
-    def worker(i: int) -> None:
-        n = 0
-        while time.monotonic() < deadline:
-            ts = iso_ms(start_ms + n)
-            status, _ = channel.merge(f"bench:cap-{i}", {"features": {"environment": {"properties": {
-                "tempTop": 20 + n % 50 / 10, "tsTop": ts}}}}, f'or(not(exists({prop})),lt({prop},"{ts}"))')
-            if status in (201, 204):
-                counts[i] += 1
-            else:
-                errors[i] += 1
-            n += 1
+    def open_sender(_: int) -> Sender:
+        return (lambda tid, patch, condition: channel.merge(tid, patch, condition)[0]), (lambda: None)
 
     try:
-        elapsed = _timed_workers(worker, threads)
+        rate, errors = _conditional_merges(seconds, threads, open_sender)
     finally:
         channel.close()
-    return {"commands_per_s": sum(counts) / elapsed, "errors": sum(errors), "threads": threads}
+    return {"commands_per_s": rate, "errors": errors, "threads": threads}
 
 
 def _timed_workers(worker: Callable[[int], None], threads: int) -> float:
