@@ -14,7 +14,6 @@ Timings are of InfluxDB 1.6.7 on this machine; InfluxDB 2.x runs InfluxQL throug
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import requests
-import yaml
 
 from bench.run import machine, report
 from bridge.forecast.tracker import Forecast, forecast_line, projection_line
@@ -33,11 +31,11 @@ from bridge.mapping import RackLocation, SensorReading
 from bridge.metrics import Metrics
 from bridge.sinks.influx import reading_line
 from bridge.stats import stats_lines
+from tests.dashboard_data import DASHBOARDS, DS_MIN_INTERVAL, RULE_GROUPS
 from tests.grafana_sim import Variable, at_time, influx_panel_queries, influx_rule_queries, interpolate, variables_for
 from tests.harness.services import InfluxD
 
 REPO = Path(__file__).resolve().parent.parent
-PROVISIONING = REPO / "provisioning" / "grafana"
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "queries.json"
 DB = "racktwin"
 RACKS_PER_ROOM, RACKS_PER_ROW = 40, 10
@@ -114,15 +112,9 @@ def write(influxd: InfluxD, lines: list[str], chunk: int = 20_000) -> None:
 def run_query(influxd: InfluxD, query: str) -> tuple[float, int]:
     """Seconds the query took and the series it returned; an InfluxQL error is a bench failure."""
     started = time.perf_counter()
-    resp = requests.post(f"{influxd.url}/query", params={"q": query, "db": DB, "epoch": "ms"}, timeout=300)
+    body = influxd.query(query, DB, timeout=300)
     elapsed = time.perf_counter() - started
-    resp.raise_for_status()
-    series = 0
-    for result in resp.json().get("results", []):
-        if "error" in result:
-            raise RuntimeError(f"InfluxQL error {result['error']!r} for {query}")
-        series += len(result.get("series") or [])
-    return elapsed, series
+    return elapsed, sum(len(result.get("series") or []) for result in body.get("results", []))
 
 
 def timed(influxd: InfluxD, query: str, runs: int) -> dict[str, Any]:
@@ -134,10 +126,6 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     started = time.monotonic()
     result: dict[str, Any] = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "machine": machine(), "config": cfg}
-    dashboards = {p.stem: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards").rglob("*.json"))}
-    datasources = yaml.safe_load((PROVISIONING / "datasources" / "racktwin.yaml").read_text())["datasources"]
-    min_interval = next(d for d in datasources if d["uid"] == "influxdb")["jsonData"]["timeInterval"]
-    groups = yaml.safe_load((PROVISIONING / "alerting" / "rules.yaml").read_text())["groups"]
     layout = site_layout(cfg["racks"])
     rng = random.Random(1)
     now_ms = int(time.time() * 1000) // 60_000 * 60_000
@@ -159,7 +147,7 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
 
             # "All" expands to the values the template variable queries return, as in Grafana.
             options: dict[str, list[str]] = {}
-            for dash in dashboards.values():
+            for dash in DASHBOARDS.values():
                 for var in dash["templating"]["list"]:
                     if var["type"] == "query":  # in order: a later one may filter on an earlier one ("All")
                         query = interpolate(var["query"], {n: Variable(n, [], True, True, v, True)
@@ -169,17 +157,17 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
             one_room = layout[0].room
             room_options = dict(options, room=[one_room], row=sorted({r.row for r in layout if r.room == one_room}))
             rows = []
-            for uid, dash in dashboards.items():
+            for uid, dash in DASHBOARDS.items():
                 has_room = any(v["name"] == "room" for v in dash["templating"]["list"])
                 for label, picked, opts in (("all", {}, options), ("one room", {"room": [one_room]}, room_options)):
                     if label == "one room" and not has_room:
                         continue
                     variables = variables_for(dash, dict(picked, rack=[layout[0].rack]), "dc.bench", opts)
-                    for panel, query in influx_panel_queries(dash, variables, now_ms, min_interval):
+                    for panel, query in influx_panel_queries(dash, variables, now_ms, DS_MIN_INTERVAL):
                         rows.append({"where": f"{uid} / {panel['title']}", "selection": label,
                                      "refresh": dash.get("refresh"), "query": query,
                                      **timed(influxd, at_time(query, now_ms), cfg["runs"])})
-            for group in groups:
+            for group in RULE_GROUPS:
                 for rule in group["rules"]:
                     for query in influx_rule_queries(rule, now_ms):
                         rows.append({"where": f"rule / {rule['title']}", "selection": "-",

@@ -1,5 +1,5 @@
-"""Crafted rack readings fed through the real bridge (MQTT -> bridge -> InfluxDB + Ditto double), shared by
-the dashboard-query and alert-rule tests. The bridge's forecast (bridge/forecast) turns them into
+"""The provisioned Grafana files, and crafted rack readings fed through the real bridge (MQTT -> bridge ->
+InfluxDB + Ditto double), shared by the dashboard-query and alert-rule tests and the query bench. The bridge's forecast (bridge/forecast) turns them into
 ``rack_forecast`` points, published once after the history is in."""
 
 from __future__ import annotations
@@ -9,11 +9,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from bridge.config import load_settings
 from bridge.service import Bridge
 from tests.harness.mqtt import Publisher, wait_until
 
 PROVISIONING = Path(__file__).resolve().parent.parent / "provisioning" / "grafana"
+# What Grafana is given: dashboards by file stem (their uid), datasources by uid, the alert rule groups.
+DASHBOARDS = {p.stem: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards").rglob("*.json"))}
+DATASOURCES = {d["uid"]: d for d in yaml.safe_load((PROVISIONING / "datasources/racktwin.yaml").read_text())["datasources"]}
+DS_MIN_INTERVAL = DATASOURCES["influxdb"]["jsonData"]["timeInterval"]
+RULE_GROUPS = yaml.safe_load((PROVISIONING / "alerting/rules.yaml").read_text())["groups"]
 STEP_MS = 60_000  # one reading per rack per minute, the reporting interval the thresholds assume
 HISTORY = 20      # minutes of history per rack
 

@@ -172,29 +172,33 @@ def panel_range(dash: dict, panel: dict, now_ms: int) -> tuple[int, int]:
     return now_ms - parse_duration_ms(dash["time"]["from"].removeprefix("now-")), end
 
 
+def target_query(dash: dict, panel: dict, target: dict, variables: dict[str, Variable], now_ms: int,
+                 min_interval: str) -> str:
+    """One InfluxDB target's query as Grafana sends it at ``now_ms``: variables, then the panel's macros."""
+    frm, to = panel_range(dash, panel, now_ms)
+    interval = calculate_interval_ms(frm, to, panel["maxDataPoints"], panel.get("interval") or min_interval)
+    return expand_macros(interpolate(target["query"], variables), frm, to, interval)
+
+
 def influx_panel_queries(dash: dict, variables: dict[str, Variable], now_ms: int,
                          min_interval: str) -> list[tuple[dict, str]]:
     """(panel, InfluxQL) for every InfluxDB target of the dashboard, as Grafana sends it at ``now_ms``."""
-    out = []
-    for panel in dash["panels"]:
-        for target in panel.get("targets", []):
-            if target.get("datasource", {}).get("uid") != "influxdb":
-                continue
-            frm, to = panel_range(dash, panel, now_ms)
-            interval = calculate_interval_ms(frm, to, panel["maxDataPoints"], panel.get("interval") or min_interval)
-            out.append((panel, expand_macros(interpolate(target["query"], variables), frm, to, interval)))
-    return out
+    return [(panel, target_query(dash, panel, target, variables, now_ms, min_interval))
+            for panel in dash["panels"] for target in panel.get("targets", [])
+            if target.get("datasource", {}).get("uid") == "influxdb"]
+
+
+def rule_query(model: dict, relative_range: dict, now_ms: int) -> str:
+    """One alert-rule query's InfluxQL as the rule evaluates it at ``now_ms`` (intervalMs 1 s by default; the
+    macros are expanded as for a panel)."""
+    return expand_macros(model["query"], now_ms - relative_range["from"] * 1000,
+                         now_ms - relative_range["to"] * 1000, model.get("intervalMs", 1000))
 
 
 def influx_rule_queries(rule: dict, now_ms: int) -> list[str]:
     """The InfluxQL of an alert rule's InfluxDB queries, as the rule evaluates them at ``now_ms``."""
-    out = []
-    for item in rule["data"]:
-        if item["datasourceUid"] == "influxdb":
-            rel = item["relativeTimeRange"]
-            out.append(expand_macros(item["model"]["query"], now_ms - rel["from"] * 1000, now_ms - rel["to"] * 1000,
-                                     item["model"].get("intervalMs", 1000)))
-    return out
+    return [rule_query(item["model"], item["relativeTimeRange"], now_ms)
+            for item in rule["data"] if item["datasourceUid"] == "influxdb"]
 
 
 # --------------------------------------------------------------------------- InfluxQL result -> frames

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import requests
 import pytest
-import yaml
 
 from bridge.config import Settings
 from dashboards.thresholds import Thresholds
 from dashboards import alerts
-from tests.dashboard_data import (FLAT, FORECAST_POSITIONS, PROVISIONING, RACKS, RISING_FAST, RISING_SLOW,
+from tests.dashboard_data import (FLAT, FORECAST_POSITIONS, RACKS, RISING_FAST, RISING_SLOW, RULE_GROUPS,
                                  feed_through_bridge)
-from tests.grafana_sim import at_time, evaluate_rule, expand_macros, influx_frames
+from tests.grafana_sim import at_time, evaluate_rule, influx_frames, rule_query
 
-RULES = {r["uid"]: r for g in yaml.safe_load((PROVISIONING / "alerting/rules.yaml").read_text())["groups"]
-         for r in g["rules"]}
+RULES = {r["uid"]: r for g in RULE_GROUPS for r in g["rules"]}
 
 EXPECTED = {
     "racktwin-inlet-recommended": {("rack-a02", "top"), ("rack-a04", "top")},
@@ -40,10 +38,7 @@ FORECAST_RULES = {"racktwin-forecast-recommended"}
 
 def make_runner(influxd, db: str, now_ms: int):
     def run(model: dict, rel: dict):
-        # Alerting queries carry intervalMs (1 s by default); the macros are expanded as for a panel.
-        query = expand_macros(model["query"], now_ms - rel["from"] * 1000, now_ms - rel["to"] * 1000,
-                              model.get("intervalMs", 1000))
-        query = at_time(query, now_ms)
+        query = at_time(rule_query(model, rel, now_ms), now_ms)
         resp = requests.post(influxd.url + "/query", params={"q": query, "db": db, "epoch": "ms"}, timeout=30)
         resp.raise_for_status()
         return influx_frames(resp.json())

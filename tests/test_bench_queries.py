@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from bench.queries import RACKS_PER_ROOM, site_layout
+from tests.dashboard_data import DASHBOARDS, RULE_GROUPS
 from tests.grafana_sim import unresolved_variables
 from tests.harness.services import MissingService, _binary
 
 REPO = Path(__file__).resolve().parent.parent
-PROVISIONING = REPO / "provisioning" / "grafana"
 RACKS = 80
 
 
@@ -46,11 +45,9 @@ def quick(tmp_path_factory) -> tuple[dict, str]:
 
 def test_every_panel_and_rule_query_is_timed(quick):
     result, stdout = quick
-    dashboards = [json.loads(p.read_text()) for p in (PROVISIONING / "dashboards").rglob("*.json")]
-    groups = yaml.safe_load((PROVISIONING / "alerting/rules.yaml").read_text())["groups"]
-    rules = [r for g in groups for r in g["rules"]]
+    rules = [r for g in RULE_GROUPS for r in g["rules"]]
     expected = 0
-    for dash in dashboards:
+    for dash in DASHBOARDS.values():
         targets = sum(t.get("datasource", {}).get("uid") == "influxdb"
                       for p in dash["panels"] for t in p.get("targets", []))
         selections = 2 if any(v["name"] == "room" for v in dash["templating"]["list"]) else 1

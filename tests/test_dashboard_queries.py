@@ -4,24 +4,20 @@ Infinity request is executed against the Ditto double (OpenAPI-validated) as the
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
 import pytest
 import requests
-import yaml
 
 from dashboards.rack import OPTIONAL_TWIN_SELECTORS
 from tests.conftest import DITTO_USERS
-from tests.dashboard_data import PROVISIONING, RACKS, RISING_FAST, RISING_SLOW, feed_through_bridge
-from tests.grafana_sim import (Variable, calculate_interval_ms, expand_macros, gjson_get, influx_rule_queries,
-                               interpolate, panel_range, parse_duration_ms, unresolved_variables, variables_for)
+from tests.dashboard_data import (DASHBOARDS, DATASOURCES, DS_MIN_INTERVAL, RACKS, RISING_FAST, RISING_SLOW,
+                                 RULE_GROUPS, feed_through_bridge)
+from tests.grafana_sim import (Variable, gjson_get, influx_rule_queries, interpolate, parse_duration_ms, target_query,
+                               unresolved_variables, variables_for)
 
-DASHBOARDS = {p.stem: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards").rglob("*.json"))}
-DATASOURCES = {d["uid"]: d for d in yaml.safe_load((PROVISIONING / "datasources/racktwin.yaml").read_text())["datasources"]}
-DS_MIN_INTERVAL = DATASOURCES["influxdb"]["jsonData"]["timeInterval"]
-RULES = [r for g in yaml.safe_load((PROVISIONING / "alerting/rules.yaml").read_text())["groups"] for r in g["rules"]]
+RULES = [r for g in RULE_GROUPS for r in g["rules"]]
 
 HALL2 = sorted(r for r, (room, _) in RACKS.items() if room == "hall-2")
 # Selections a wall user can make: everything (All), one room, and a multi-value pick.
@@ -165,11 +161,8 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
             if forecast and racks is not None:
                 racks = {r for r, _ in HEADING} & racks  # only racks heading for trouble are listed
             variables = variables_for(dash, dict(selection, rack=[rack]), fed.namespace, options)
-            text = interpolate(target["query"], variables)
-            assert unresolved_variables(text) <= {"timeFilter", "__interval", "interval", "__interval_ms"}, text
-            frm, to = panel_range(dash, panel, now_ms)
-            interval = calculate_interval_ms(frm, to, panel["maxDataPoints"], panel.get("interval") or DS_MIN_INTERVAL)
-            query = expand_macros(text, frm, to, interval)
+            query = target_query(dash, panel, target, variables, now_ms, DS_MIN_INTERVAL)
+            assert not unresolved_variables(query), query  # every variable and macro expanded
             series = series_of(run_influxql(influxd, influx_db, query))
             where = f"{uid} / {panel['title']} / {label}"
             if not series and "noValue" in panel["fieldConfig"]["defaults"] and label != "all":

@@ -16,9 +16,10 @@ from bridge.decode import decode
 from bridge.mapping import Mapper
 from bridge.simulator.hall import build_hall, parse_scenario, sample
 from bridge.sinks.influx import reading_line
+from tests.dashboard_data import DASHBOARDS, DS_MIN_INTERVAL
 from tests.grafana_sim import at_time, evaluate_rule, influx_panel_queries, variables_for
 from tests.test_alert_rules import RULES, firing_set, make_runner
-from tests.test_dashboard_queries import DASHBOARDS, DS_MIN_INTERVAL, run_influxql, series_of
+from tests.test_dashboard_queries import run_influxql, series_of
 
 PATTERN = r"(?P<rack>(?P<room>hall[0-9]+)-(?P<row>[a-z])[0-9]{2,})"
 HISTORY_S = 2 * 3600

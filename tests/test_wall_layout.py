@@ -8,7 +8,6 @@ Panel headers are 32 px up to Grafana 13.0 and 40 px in 13.2, so both are checke
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -17,11 +16,11 @@ import pytest
 from bridge.config import Settings
 from bridge.simulator.run import hall_of
 from dashboards.panels import ROW_NAME_PX
-from tests.dashboard_data import PROVISIONING
+from tests.dashboard_data import DASHBOARDS
 from tests.grafana_layout import (DEFAULT_VALUES_LIMIT, FontMissing, Screen, cap_height_px, dashboard_height_px,
                                   fit_tile, panel_px, single_stat_value_px, stat_content_px, text_width, tile_grid)
 
-WALL = json.loads((PROVISIONING / "dashboards" / "wall" / "racktwin-wall.json").read_text())
+WALL = DASHBOARDS["racktwin-wall"]
 TILES = next(p for p in WALL["panels"] if p["title"] == "Racks (current twin state)")
 SCREEN_55_INCH_HEIGHT_MM = 685.0  # a 55-inch 16:9 screen is 1218 x 685 mm
 SCREENS = [

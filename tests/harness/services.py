@@ -151,11 +151,11 @@ class InfluxD:
                 self.proc.wait()
         self.proc = None
 
-    def query(self, q: str, db: str | None = None, epoch: str = "ms") -> dict:
+    def query(self, q: str, db: str | None = None, epoch: str = "ms", timeout: float = 30) -> dict:
         params = {"q": q, "epoch": epoch}
         if db:
             params["db"] = db
-        resp = requests.post(self.url + "/query", params=params, timeout=30)
+        resp = requests.post(self.url + "/query", params=params, timeout=timeout)
         resp.raise_for_status()
         body = resp.json()
         for result in body.get("results", []):
