@@ -293,3 +293,71 @@ def test_a_refused_message_costs_only_its_own_points(bridge_env, monkeypatch, in
     assert sorted(r["rack"] for r in rows) == ["r0", "r1", "r2", "r4", "r9"]
     assert metrics.value("racktwin_influx_points_refused_total") == 1
     assert metrics.value("racktwin_influx_points_written_total", {"kind": "reading"}) == 5
+
+
+@pytest.mark.parametrize("fault", [503, 401])
+def test_batches_the_client_gives_up_on_are_handed_back_until_written(fault, bridge_env, monkeypatch, influxd,
+                                                                     influx_db):
+    """influxdb-client gives up on a batch after a short round of retries on 503, and at once on 401 (a token the
+    bootstrap has not created yet): the writer hands the batch back until InfluxDB takes it. A message spread over
+    two batches is confirmed once, after both of its points are written."""
+    from bridge.metrics import Metrics
+    from bridge.sinks import influx as influx_sink
+    from tests.conftest import INFLUX_TOKEN
+    from tests.harness.services import InfluxV2Adapter
+
+    monkeypatch.setattr(influx_sink, "RESUBMIT_BACKOFF_S", (0.1, 0.5))
+    adapter = InfluxV2Adapter(influxd.url, token=INFLUX_TOKEN).start()
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RACKTWIN_INFLUX_URL", adapter.url)
+    monkeypatch.setenv("RACKTWIN_INFLUX_BATCH_SIZE", "3")  # odd: some messages' two points straddle batches
+    metrics = Metrics()
+    writer = influx_sink.InfluxWriter(load_settings(), metrics)
+    ts = int(time.time() * 1000) - 60_000
+    confirmed: list[int] = []
+    try:
+        adapter.fail_status = fault
+        writer.start()
+        for i in range(10):
+            writer.submit([f"rack_environment,rack=r{i},position=top temperature={20 + i}.5 {ts}",
+                           f"rack_environment,rack=r{i},position=bottom temperature={18 + i}.5 {ts}"],
+                          lambda i=i: confirmed.append(i))
+        wait_until(lambda: metrics.value("racktwin_influx_write_errors_total", {"kind": "http"}) >= 6,
+                   timeout=30, what="batches failing and handed back")
+        assert confirmed == [] and not writer.healthy and str(fault) in (writer.last_error or "")
+        adapter.fail_status = None
+        wait_until(lambda: len(confirmed) == 10, timeout=30, what="every message confirmed after recovery")
+        time.sleep(0.5)
+        assert sorted(confirmed) == list(range(10))  # each exactly once
+        assert writer.healthy
+    finally:
+        writer.stop(timeout=5)
+        adapter.stop()
+    rows = influxd.rows("SELECT temperature, rack, position FROM rack_environment", influx_db)
+    assert sorted((r["rack"], r["position"], r["temperature"]) for r in rows) == sorted(
+        [(f"r{i}", "top", 20 + i + 0.5) for i in range(10)] + [(f"r{i}", "bottom", 18 + i + 0.5) for i in range(10)])
+    assert metrics.value("racktwin_influx_points_written_total", {"kind": "reading"}) == 20
+
+
+def test_stopping_while_influxdb_is_down_returns_in_time_and_confirms_nothing_unwritten(bridge_env, monkeypatch):
+    """SIGTERM during an outage: stop() gives up after its timeout (the broker keeps the unacknowledged messages)
+    instead of hanging in the client's retries, and no message is confirmed that InfluxDB never took."""
+    from bridge.metrics import Metrics
+    from bridge.sinks import influx as influx_sink
+    from tests.harness.services import free_port
+
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RACKTWIN_INFLUX_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    writer = influx_sink.InfluxWriter(load_settings(), Metrics())
+    writer.start()
+    confirmed = []
+    ts = int(time.time() * 1000) - 60_000
+    for i in range(5):
+        writer.submit([f"rack_environment,rack=r{i},position=top temperature=21.5 {ts}"], lambda: confirmed.append(1))
+    time.sleep(1.0)
+    started = time.monotonic()
+    writer.stop(timeout=1.0)
+    assert time.monotonic() - started < 5.0
+    assert confirmed == [] and not writer.healthy

@@ -1,23 +1,21 @@
-"""InfluxDB history sink: line protocol (pure) and a batching writer with confirmation per batch.
+"""InfluxDB history sink: line protocol (pure) and a writer on influxdb-client's batching WriteApi.
 
-influxdb-client's own batching WriteApi drops a batch after its retry budget and reports it with
-the line-protocol text only, so it cannot tell which MQTT messages a write confirmed. We batch
-ourselves and write each batch with the client's synchronous API; a batch is retried until it is
-written (or refused with a 4xx, which can never succeed), and only then are its messages confirmed.
+The client batches and retries; it reports each batch by its line-protocol text only, so the writer keeps a
+map from line to the MQTT messages waiting for it, and confirms a message once all its lines are written.
+A batch the client gives up on is handed back to it, so a reading is never dropped on the way.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from influxdb_client import InfluxDBClient, WritePrecision
-from influxdb_client.client.write_api import SYNCHRONOUS
-from influxdb_client.rest import ApiException
+from influxdb_client.client.write_api import SYNCHRONOUS, WriteApi, WriteOptions
+from reactivex.scheduler import ThreadPoolScheduler
 
 from ..config import Settings
 from ..mapping import SensorReading
@@ -25,6 +23,21 @@ from ..metrics import POINT_KINDS, Metrics
 from ..twin import dew_point
 
 log = logging.getLogger(__name__)
+
+
+class _DropRetryChatter(logging.Filter):
+    """The client logs every retried request and every batch it gives up on, a line a second during an outage,
+    though the writer hands each batch back; ``_failed`` logs each new error once instead. (A filter, not a
+    level: every InfluxDBClient resets its loggers' levels.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("The batch item wasn't processed successfully",
+                                       "The retriable error occurred during request"))
+
+
+for _name in ("influxdb_client.client.write_api", "influxdb_client.client.write.retry"):
+    logging.getLogger(_name).addFilter(_DropRetryChatter())
 
 MEASUREMENT = "rack_environment"
 
@@ -79,25 +92,38 @@ _series_keys: dict[tuple[str, ...], str] = {}
 
 
 READING = POINT_KINDS[0]
-# The bridge's own points (forecasts, stats) have no MQTT message to hold back, so during an outage
-# they are bounded here instead: past this many queued, the oldest are shed (and counted).
+# The bridge's own points (forecasts, stats) have no MQTT message to hold back, so while InfluxDB is not
+# answering they wait here instead of in the client: past this many, the oldest are shed (and counted).
 MAX_QUEUED_SIDE_POINTS = 50_000
 PROBE_INTERVAL_S = 5.0  # how often an idle writer that has not reached InfluxDB asks /ping again
+# A batch the client gave up on is handed back to it after this back-off (doubling, capped).
+RESUBMIT_BACKOFF_S = (0.2, 10.0)
+# Statuses the client does not retry itself but that a later attempt can fix: a token or bucket the bootstrap
+# has not created yet, a proxy timeout. Any other 4xx is InfluxDB refusing the points for good.
+TRANSIENT_4XX = frozenset({401, 403, 404, 408, 429})
 
 
 @dataclass
 class _Entry:
-    lines: list[str]
+    """One submit: its lines are confirmed one by one (a batch boundary may fall between them)."""
+
+    lines: list[bytes]
     on_written: Callable[[], None] | None
     kind: str = READING
-    enqueued: float = field(default_factory=time.monotonic)
+    remaining: int = 0
 
 
 class InfluxWriter:
-    """Single writer thread; ``submit`` never blocks.
+    """influxdb-client's batching ``WriteApi`` with confirmation per submitted message; ``submit`` never blocks.
 
-    Memory is bounded: readings by the MQTT in-flight window (unconfirmed messages stay unacknowledged),
-    the bridge's own points (``kind`` other than ``reading``) by ``MAX_QUEUED_SIDE_POINTS``.
+    The client batches by count and flush interval and calls back with each batch's line protocol. Every line
+    submitted is registered (line -> waiting entries) before the client sees it, so a success callback confirms
+    exactly the messages whose lines it carries, whatever the batch boundaries. A batch the client gives up on
+    (retry budget spent, or a status it does not retry) is handed back to it after a back-off; one InfluxDB
+    refuses for good is narrowed down with synchronous writes until the refusal is pinned to single messages.
+
+    Memory is bounded: readings by the MQTT in-flight window (unconfirmed messages stay unacknowledged), the
+    bridge's own points (``kind`` other than ``reading``) by ``MAX_QUEUED_SIDE_POINTS`` while InfluxDB is down.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics):
@@ -110,176 +136,270 @@ class InfluxWriter:
             org=settings.influx_org,
             timeout=int(settings.influx_timeout_s * 1000),
         )
-        self.write_api = self.client.write_api(write_options=SYNCHRONOUS)
-        self._queue: deque[_Entry] = deque()
-        self._side_points = 0  # queued lines of entries that are not readings
-        self._queued_points = 0  # all queued lines: the batch-filling wait checks it on every submit
+        self._sync_api = self.client.write_api(write_options=SYNCHRONOUS)  # only to narrow down refusals
+        self._batching: WriteApi | None = None  # created by start(): it starts threads of its own
+        self._write_scheduler: ThreadPoolScheduler | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, list[_Entry]] = {}  # line -> entries waiting for it, oldest first
+        self._unstarted: list[_Entry] = []  # submitted before start()
+        self._held_side: deque[_Entry] = deque()  # side points waiting for InfluxDB to answer
+        self._held_side_points = 0
         self._points_written = {kind: metrics.influx_points.labels(kind) for kind in POINT_KINDS}
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="influx-writer", daemon=True)
+        self._stop = threading.Event()  # stop() called: no more probing
+        self._abandon = threading.Event()  # the shutdown timeout passed: give back what is unwritten
+        self._probe_thread = threading.Thread(target=self._probe_loop, name="influx-probe", daemon=True)
+        self._backoff = RESUBMIT_BACKOFF_S[0]
         self.healthy = False  # until InfluxDB answered once: /readyz must not claim a sink it never reached
         self.last_error: str | None = None
+        self.last_refusal = ""
+
+    # -- submitting -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        s = self.settings
+        # Our own scheduler: WriteOptions' default one is a single instance shared by every WriteApi.
+        self._write_scheduler = ThreadPoolScheduler(max_workers=1)
+        options = WriteOptions(
+            batch_size=s.influx_batch_size,
+            flush_interval=max(1, int(s.influx_flush_interval_s * 1000)),
+            # The client's own round of retries is short (it honours Retry-After on 429/503); a batch it gives
+            # up on comes back to _on_error, which waits and hands it back, so nothing is ever dropped.
+            retry_interval=200,
+            max_retries=3,
+            max_retry_delay=2_000,
+            max_retry_time=3_000,
+            write_scheduler=self._write_scheduler,
+        )
+        self._batching = self.client.write_api(
+            write_options=options,
+            success_callback=self._on_success,
+            error_callback=self._on_error,
+            retry_callback=self._on_retry,
+        )
+        with self._lock:
+            unstarted, self._unstarted = self._unstarted, []
+        for entry in unstarted:
+            self._hand_over(entry)
+        self._probe_thread.start()
 
     def submit(self, lines: list[str], on_written: Callable[[], None] | None, kind: str = READING) -> None:
-        with self._cond:
-            self._queue.append(_Entry(lines, on_written, kind))
-            self._queued_points += len(lines)
-            if kind != READING:
-                self._side_points += len(lines)
-                if self._side_points > MAX_QUEUED_SIDE_POINTS:
-                    self._shed_side_points()
-            self._cond.notify()
+        encoded = [part for line in lines for part in line.encode().split(b"\n") if part]
+        entry = _Entry(encoded, on_written, kind, len(encoded))
+        if not encoded:
+            if on_written:
+                on_written()
+            return
+        with self._lock:
+            if kind != READING and not self.healthy:  # also before start(): healthy comes with the first answer
+                self._hold_side(entry)
+                return
+            if self._batching is None:
+                self._unstarted.append(entry)
+                return
+        self._hand_over(entry)
 
-    def _shed_side_points(self) -> None:
-        """Drop the oldest queued forecast/stats entries until under the cap (caller holds the lock)."""
-        kept: deque[_Entry] = deque()
-        for entry in self._queue:
-            if entry.kind != READING and self._side_points > MAX_QUEUED_SIDE_POINTS:
-                self._side_points -= len(entry.lines)
-                self._queued_points -= len(entry.lines)
-                self.metrics.influx_shed.labels(entry.kind).inc(len(entry.lines))
-            else:
-                kept.append(entry)
-        self._queue = kept
+    def _hold_side(self, entry: _Entry) -> None:
+        """Keep a forecast/stats entry back while InfluxDB is not answering; shed the oldest past the cap
+        (caller holds the lock)."""
+        self._held_side.append(entry)
+        self._held_side_points += len(entry.lines)
+        while self._held_side_points > MAX_QUEUED_SIDE_POINTS:
+            old = self._held_side.popleft()
+            self._held_side_points -= len(old.lines)
+            self.metrics.influx_shed.labels(old.kind).inc(len(old.lines))
 
-    def _take_batch(self) -> list[_Entry] | None:
-        """The next batch; [] when stopping and drained; None when idle and InfluxDB should be probed."""
-        s = self.settings
-        with self._cond:
-            while not self._queue and not self._stopping:
-                if not self._cond.wait(timeout=None if self.healthy else PROBE_INTERVAL_S) and not self.healthy:
-                    return None
-            if not self._queue:
-                return []
-            # Give a young batch a moment to fill, without holding the oldest point longer than the interval.
-            deadline = self._queue[0].enqueued + s.influx_flush_interval_s
-            while (
-                self._queued_points < s.influx_batch_size
-                and not self._stopping
-                and time.monotonic() < deadline
-            ):
-                self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
-            batch, points = [], 0
-            while self._queue and (points == 0 or points + len(self._queue[0].lines) <= s.influx_batch_size):
-                entry = self._queue.popleft()
-                if entry.kind != READING:
-                    self._side_points -= len(entry.lines)
-                batch.append(entry)
-                points += len(entry.lines)
-            self._queued_points -= points
-            return batch
+    def _release_side(self) -> None:
+        with self._lock:
+            held, self._held_side, self._held_side_points = self._held_side, deque(), 0
+        for entry in held:
+            self._hand_over(entry)
 
-    def _probe(self) -> None:
-        """Idle and not known healthy: ask InfluxDB's /ping, so readiness tells the truth without traffic."""
-        if self.client.ping():
-            if not self.healthy:
-                log.info("InfluxDB reachable at %s", self.settings.influx_url)
-            self.healthy, self.last_error = True, None
+    def _hand_over(self, entry: _Entry) -> None:
+        """Register the entry's lines, then give them to the client (registering first: the client may call
+        back before write() returns)."""
+        with self._lock:
+            pending = self._pending
+            for line in entry.lines:
+                waiting = pending.get(line)
+                if waiting is None:
+                    pending[line] = [entry]
+                else:
+                    waiting.append(entry)
+        self._write(entry.lines)
+
+    def _write(self, lines: list[bytes]) -> None:
+        batching = self._batching
+        if batching is None or self._abandon.is_set():
+            return  # stopped: what is unconfirmed stays unacknowledged, and the broker redelivers it
+        try:
+            batching.write(bucket=self.settings.influx_bucket, org=self.settings.influx_org, record=lines,
+                           write_precision=WritePrecision.MS)
+        except AttributeError:
+            if not self._stop.is_set():
+                raise
+            # close() has disposed of the client's queue: these stay unacknowledged and come back from the broker
+
+    # -- the client's callbacks (on its write thread) ---------------------------------------------------------
+
+    def _on_success(self, _conf: tuple, data: bytes) -> None:
+        self._confirm(data.split(b"\n"))
+        self._backoff = RESUBMIT_BACKOFF_S[0]
+        was_healthy = self.healthy
+        self.healthy, self.last_error = True, None
+        if not was_healthy:
+            log.info("InfluxDB writes recovered")
+            self._release_side()
+
+    def _confirm(self, lines: list[bytes], refused: bool = False) -> None:
+        """Pop one waiting entry per line; entries with every line resolved are confirmed."""
+        done: list[_Entry] = []
+        written: dict[str, int] = {}
+        with self._lock:
+            pending = self._pending
+            for line in lines:
+                waiting = pending.get(line)
+                if not waiting:
+                    continue  # an identical line already confirmed its entry
+                entry = waiting.pop(0)
+                if not waiting:
+                    del pending[line]
+                written[entry.kind] = written.get(entry.kind, 0) + 1
+                entry.remaining -= 1
+                if entry.remaining == 0:
+                    done.append(entry)
+        if refused:
+            self.metrics.influx_dropped.inc(sum(written.values()))
         else:
-            error = f"no answer to /ping at {self.settings.influx_url}"
-            if error != self.last_error:
-                log.warning("InfluxDB not reachable (%s); asking again every %.0f s", error, PROBE_INTERVAL_S)
-            self.healthy, self.last_error = False, error
-
-    def _run(self) -> None:
-        backoff = 0.2
-        batch: list[_Entry] = []
-        self._probe()
-        while True:
-            if not batch:
-                taken = self._take_batch()
-                if taken is None:
-                    self._probe()
-                    continue
-                if not taken:
-                    return  # stopping and drained
-                batch = taken
-            batch = self._deliver(batch)
-            if batch:  # not written yet: InfluxDB unreachable or overloaded
-                if self._stopping and self._abandon:
-                    return
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            backoff = 0.2
-
-    _abandon = False
-
-    def _deliver(self, batch: list[_Entry]) -> list[_Entry]:
-        """Write a batch and confirm its messages; returns the entries still to write (retry later).
-
-        A batch InfluxDB refuses for good is split in halves until the refusal is pinned to single messages, so
-        one bad message costs only its own points, never other racks' readings in the same batch."""
-        outcome = self._write(batch)
-        if outcome == "retry":
-            return batch
-        if outcome == "refused":
-            if len(batch) > 1:
-                mid = len(batch) // 2
-                rest = self._deliver(batch[:mid])
-                return rest + batch[mid:] if rest else self._deliver(batch[mid:])
-            self.metrics.influx_dropped.inc(len(batch[0].lines))
-            self.metrics.influx_errors.labels("refused").inc()
-            log.error("InfluxDB refused %d points of one message for good: %s", len(batch[0].lines),
-                      self.last_refusal)
-        for entry in batch:
+            for kind, n in written.items():
+                (self._points_written.get(kind) or self.metrics.influx_points.labels(kind)).inc(n)
+        for entry in done:
             if entry.on_written:
                 entry.on_written()
-        return []
 
-    last_refusal = ""
+    def _on_retry(self, _conf: tuple, _data: bytes, exc: Exception) -> None:
+        self._failed(_describe(exc), "http" if _status(exc) else "network")
 
-    def _write(self, batch: list[_Entry]) -> str:
+    def _on_error(self, _conf: tuple, data: bytes, exc: Exception) -> None:
+        lines = data.split(b"\n")
+        status = _status(exc)
+        if 400 <= status < 500 and status not in TRANSIENT_4XX:
+            self.last_refusal = _describe(exc)
+            self.healthy = True  # InfluxDB answered; it is the points that are wrong
+            self._narrow(self._entries_of(lines))
+            return
+        if status in TRANSIENT_4XX:  # the client does not retry these itself
+            self._failed(_describe(exc), "http")
+        log.debug("InfluxDB batch of %d points handed back after %s", len(lines), _describe(exc))
+        self._resubmit(lines)
+
+    def _resubmit(self, lines: list[bytes]) -> None:
+        """After a back-off, give unwritten lines back to the client (their entries are still registered)."""
+        if self._abandon.wait(self._backoff):
+            return
+        self._backoff = min(self._backoff * 2, RESUBMIT_BACKOFF_S[1])
+        self._write(lines)
+
+    def _entries_of(self, lines: list[bytes]) -> list[tuple[_Entry, list[bytes]]]:
+        """The batch's lines grouped by the entry each one would confirm, in submit order."""
+        groups: dict[int, tuple[_Entry, list[bytes]]] = {}
+        taken: dict[bytes, int] = {}
+        with self._lock:
+            for line in lines:
+                waiting = self._pending.get(line)
+                i = taken.get(line, 0)
+                if not waiting or i >= len(waiting):
+                    continue
+                taken[line] = i + 1
+                entry = waiting[i]
+                groups.setdefault(id(entry), (entry, []))[1].append(line)
+        return list(groups.values())
+
+    def _narrow(self, groups: list[tuple[_Entry, list[bytes]]]) -> None:
+        """Write halves synchronously until each refusal is pinned to one message; only its points are dropped.
+
+        One bad message then costs only its own points, never other racks' readings in the same batch."""
+        lines = [line for _, group in groups for line in group]
         try:
-            self.write_api.write(
-                bucket=self.settings.influx_bucket,
-                org=self.settings.influx_org,
-                record="\n".join(line for e in batch for line in e.lines),
-                write_precision=WritePrecision.MS,
-            )
-        except ApiException as exc:
-            status = exc.status or 0
-            if 400 <= status < 500 and status not in (401, 403, 404, 408, 429):
-                # The server refused these points for good (e.g. a field type conflict): retrying cannot help.
-                self.last_refusal = f"HTTP {status}: {_short(exc.body)}"
-                self.healthy = True
-                return "refused"
-            return self._failed(f"HTTP {status}: {_short(exc.body)}", "http")
-        except Exception as exc:  # noqa: BLE001 - network errors, timeouts: all retried
-            return self._failed(f"{type(exc).__name__}: {exc}", "network")
-        written: dict[str, int] = {}
-        for entry in batch:
-            written[entry.kind] = written.get(entry.kind, 0) + len(entry.lines)
-        for kind, n in written.items():
-            (self._points_written.get(kind) or self.metrics.influx_points.labels(kind)).inc(n)
-        if not self.healthy:
-            log.info("InfluxDB writes recovered")
-        self.healthy = True
-        self.last_error = None
-        return "ok"
+            self._sync_api.write(bucket=self.settings.influx_bucket, org=self.settings.influx_org,
+                                 record=b"\n".join(lines), write_precision=WritePrecision.MS)
+        except Exception as exc:  # noqa: BLE001 - sorted by status below
+            status = _status(exc)
+            if not (400 <= status < 500 and status not in TRANSIENT_4XX):
+                self._resubmit(lines)  # InfluxDB went away meanwhile: back to the batching path
+                return
+            if len(groups) > 1:
+                mid = len(groups) // 2
+                self._narrow(groups[:mid])
+                self._narrow(groups[mid:])
+                return
+            self.metrics.influx_errors.labels("refused").inc()
+            log.error("InfluxDB refused %d points of one message for good: %s", len(lines), _describe(exc))
+            self._confirm(lines, refused=True)
+            return
+        self._confirm(lines)
 
-    def _failed(self, error: str, kind: str) -> str:
+    def _failed(self, error: str, kind: str) -> None:
         self.metrics.influx_errors.labels(kind).inc()
         if self.healthy or error != self.last_error:
             log.warning("InfluxDB write failed, will retry: %s", error[:300])
         self.healthy = False
         self.last_error = error
-        return "retry"
+
+    # -- readiness while idle, and stopping -------------------------------------------------------------------
+
+    def _probe_loop(self) -> None:
+        """Not known healthy and nothing in flight: ask InfluxDB's /ping, so readiness tells the truth without
+        traffic (with traffic, the callbacks do)."""
+        while True:
+            if not self.healthy and not self._pending:
+                if self.client.ping():
+                    log.info("InfluxDB reachable at %s", self.settings.influx_url)
+                    self.healthy, self.last_error = True, None
+                    self._release_side()
+                else:
+                    error = f"no answer to /ping at {self.settings.influx_url}"
+                    if error != self.last_error:
+                        log.warning("InfluxDB not reachable (%s); asking again every %.0f s", error,
+                                    PROBE_INTERVAL_S)
+                    self.healthy, self.last_error = False, error
+            if self._stop.wait(PROBE_INTERVAL_S if not self.healthy else 0.5):
+                return
 
     def stop(self, timeout: float) -> None:
-        """Write what is queued (retrying until ``timeout``), then stop the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self._abandon = True  # unconfirmed messages stay unacknowledged; the broker redelivers them
-            self._thread.join(2.0)
+        """Write what is submitted (retrying until ``timeout``), then stop the client's threads."""
+        self._stop.set()
+        batching = self._batching
+        if batching is not None:
+            if self.healthy:
+                self._release_side()
+            # The client's close() flushes its last window and waits for its writes; give it ``timeout``.
+            closer = threading.Thread(target=batching.close, name="influx-close", daemon=True)
+            closer.start()
+            closer.join(timeout)
+            if closer.is_alive():
+                # Unconfirmed messages stay unacknowledged; the broker redelivers them. Queued batches are
+                # cancelled so the interpreter need not wait for them at exit.
+                self._abandon.set()
+                if self._write_scheduler is not None:
+                    self._write_scheduler.executor.shutdown(wait=False, cancel_futures=True)
+                closer.join(2.0)
+        self._abandon.set()
         self.client.close()
+
+
+def _status(exc: BaseException) -> int:
+    """HTTP status of a failed write, 0 for network errors and timeouts."""
+    status = getattr(exc, "status", None)  # ApiException
+    if not isinstance(status, int):
+        status = getattr(getattr(exc, "response", None), "status", None)  # InfluxDBError, in retry callbacks
+    return status if isinstance(status, int) else 0
+
+
+def _describe(exc: BaseException) -> str:
+    status = _status(exc)
+    if status:
+        return f"HTTP {status}: {_short(getattr(exc, 'body', '') or getattr(exc, 'message', ''))}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _short(body: object) -> str:
