@@ -11,6 +11,8 @@ bench/results/latest.json). Everything runs in one go on this machine so the fig
   Ditto double, until every message is acked (both sinks confirmed); its ratio to the ceiling;
 - latency at a fixed offered load (10,000 racks reporting every 10 s = 1,000 msg/s), measured at the sinks;
 - Ditto requests per message under the burst, peak RSS of the bridge, forecast tracker cost;
+- CPU per point of the bridge's InfluxDB writer (influxdb-client's batching WriteApi) against the same
+  client's synchronous writes of the same points;
 - the burst and the latency run again with ``RACKTWIN_DITTO_TRANSPORT=websocket`` (Ditto Protocol merge
   commands on ``/ws/2`` instead of HTTP merge-PATCHes), for comparison.
 
@@ -55,10 +57,10 @@ SLOW_DITTO_S = 0.05  # the Ditto round trip of the "slow Ditto" merging run
 
 FULL = {"racks": 10_000, "burst_rounds": 2, "merge_racks": 200, "merge_rounds": 20, "report_interval_s": 10.0,
         "latency_s": 20.0, "capacity_s": 2.0, "forecast_racks": 10_000, "forecast_fill_min": 30,
-        "forecast_measure_min": 1, "timeout_s": 180.0}
+        "forecast_measure_min": 1, "timeout_s": 180.0, "writer_points": 60_000}
 QUICK = {"racks": 200, "burst_rounds": 2, "merge_racks": 20, "merge_rounds": 5, "report_interval_s": 2.0,
          "latency_s": 2.0, "capacity_s": 0.5, "forecast_racks": 200, "forecast_fill_min": 30,
-         "forecast_measure_min": 1, "timeout_s": 60.0}
+         "forecast_measure_min": 1, "timeout_s": 60.0, "writer_points": 4_000}
 
 TARGETS = {  # figure -> (comparison, bound), from issue 6
     "bridge_to_ceiling_ratio": (">=", 0.5),
@@ -345,6 +347,54 @@ def influx_capacity(url: str, token: str, seconds: float, threads: int = 2, batc
             "errors": sum(errors), "batch": batch, "threads": threads}
 
 
+def influx_writer_cost(url: str, token: str, points: int) -> dict[str, Any]:
+    """CPU per point of the bridge's InfluxDB writer (influxdb-client's batching WriteApi, plus the map from
+    lines back to their messages) against the client's synchronous writes of the same 1,000-point batches, the
+    cheapest way to write with it: what the batching client costs. Both run in this process (the adapter and
+    influxd in their own), the writer with at most RECEIVE_MAXIMUM messages of two points in flight."""
+    from influxdb_client import InfluxDBClient, WritePrecision
+    from influxdb_client.client.write_api import SYNCHRONOUS
+
+    from bridge.config import Settings
+    from bridge.metrics import Metrics
+    from bridge.sinks.influx import InfluxWriter
+
+    ts0 = int(time.time() * 1000) - 7_200_000
+
+    def messages(measurement: str) -> list[list[str]]:
+        return [[f"{measurement},position={pos},rack=r{i % 10_000} temperature={20 + i % 7}.5,humidity=40.0 {ts0 + i}"
+                 for pos in ("top", "bottom")] for i in range(points // 2)]
+
+    lines = [line for m in messages("bench_writer_sync") for line in m]
+    client = InfluxDBClient(url=url, token=token, org=ORG)
+    api = client.write_api(write_options=SYNCHRONOUS)
+    cpu0 = time.process_time()
+    for i in range(0, len(lines), 1000):
+        api.write(bucket=BUCKET, org=ORG, record="\n".join(lines[i:i + 1000]), write_precision=WritePrecision.MS)
+    sync_cpu = time.process_time() - cpu0
+    client.close()
+
+    batches = messages("bench_writer")
+    writer = InfluxWriter(Settings(influx_url=url, influx_token=token, influx_org=ORG, influx_bucket=BUCKET),
+                          Metrics())
+    writer.start()
+    confirmed = threading.Semaphore(0)
+    try:
+        cpu0 = time.process_time()
+        for i in range(0, len(batches), RECEIVE_MAXIMUM):
+            window = batches[i:i + RECEIVE_MAXIMUM]
+            for message in window:
+                writer.submit(message, confirmed.release)
+            for _ in window:
+                if not confirmed.acquire(timeout=60):
+                    raise RuntimeError("the InfluxDB writer confirmed nothing for 60 s")
+        writer_cpu = time.process_time() - cpu0
+    finally:
+        writer.stop(5.0)
+    return {"points": len(lines), "writer_us_per_point": writer_cpu / len(lines) * 1e6,
+            "sync_us_per_point": sync_cpu / len(lines) * 1e6}
+
+
 # -- the bridge -----------------------------------------------------------------------------------------
 
 
@@ -571,6 +621,13 @@ def figures(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     f["influx_adapter_headroom"] = figure(cap["influx"]["points_per_s"] / max(warm["influx_points_per_s"], 1e-9),
                                           "x", "InfluxDB adapter capacity / bridge's point rate",
                                           "influx_adapter_headroom")
+    iw = r["influx_writer"]
+    f["influx_writer_us_per_point"] = figure(iw["writer_us_per_point"], "µs",
+                                             "InfluxDB writer CPU per point (batching WriteApi)", "")
+    f["influx_sync_us_per_point"] = figure(iw["sync_us_per_point"], "µs",
+                                           "influxdb-client synchronous writes, same points (baseline)", "")
+    f["influx_writer_to_sync_ratio"] = figure(iw["writer_us_per_point"] / max(iw["sync_us_per_point"], 1e-9), "x",
+                                              "InfluxDB writer / synchronous baseline", "")
     fc = r.get("forecast_cost")
     if fc:
         f["forecast_us_per_reading"] = figure(fc["tracker_us_per_reading"], "µs",
@@ -645,6 +702,8 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         capacity["ditto_unvalidated"] = ditto_capacity(ditto.url, auth, cfg["capacity_s"])
         capacity["ditto_websocket"] = ditto_ws_capacity(ditto.url, "bridge", users["bridge"], cfg["capacity_s"])
         capacity["influx"] = influx_capacity(influx.url, token, cfg["capacity_s"])
+        log("CPU cost of the InfluxDB writer")
+        result["influx_writer"] = influx_writer_cost(influx.url, token, cfg["writer_points"])
         result["capacity"] = capacity
 
         others = {"ditto_double": ditto.proc.pid, "influx_adapter": influx.proc.pid, "mosquitto": broker.proc.pid,

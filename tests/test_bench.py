@@ -29,6 +29,7 @@ EXPECTED = [
     "ditto_double_validated_req_per_s", "ditto_double_req_per_s", "ditto_double_headroom",
     "ditto_double_ws_commands_per_s", "ditto_double_ws_headroom",
     "influx_adapter_points_per_s", "influx_adapter_headroom",
+    "influx_writer_us_per_point", "influx_sync_us_per_point", "influx_writer_to_sync_ratio",
     "forecast_us_per_reading", "forecast_to_decode_map_ratio",
     "ceiling_cpu_ms_per_msg", "cpu_ms_per_msg_bridge", "cpu_ms_per_msg_ditto_double", "cpu_ms_per_msg_rest",
     "cpu_ms_per_msg_bridge_ws", "cpu_ms_per_msg_ditto_double_ws",

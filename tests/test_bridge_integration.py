@@ -300,7 +300,7 @@ def test_batches_the_client_gives_up_on_are_handed_back_until_written(fault, bri
                                                                      influx_db):
     """influxdb-client gives up on a batch after a short round of retries on 503, and at once on 401 (a token the
     bootstrap has not created yet): the writer hands the batch back until InfluxDB takes it. A message spread over
-    two batches is confirmed once, after both of its points are written."""
+    two batches is confirmed once, after all of its points are written."""
     from bridge.metrics import Metrics
     from bridge.sinks import influx as influx_sink
     from tests.conftest import INFLUX_TOKEN
@@ -311,18 +311,26 @@ def test_batches_the_client_gives_up_on_are_handed_back_until_written(fault, bri
     for key, value in bridge_env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("RACKTWIN_INFLUX_URL", adapter.url)
-    monkeypatch.setenv("RACKTWIN_INFLUX_BATCH_SIZE", "3")  # odd: some messages' two points straddle batches
+    monkeypatch.setenv("RACKTWIN_INFLUX_BATCH_SIZE", "3")  # 3-point messages straddle these batches
     metrics = Metrics()
     writer = influx_sink.InfluxWriter(load_settings(), metrics)
     ts = int(time.time() * 1000) - 60_000
     confirmed: list[int] = []
+    points_at_confirmation: list[int] = []
+
+    def confirm(i: int) -> None:  # on the writer's thread, as the pipeline's callback would run
+        rows = influxd.rows(f"SELECT count(temperature) FROM rack_environment WHERE rack = 'r{i}'", influx_db)
+        points_at_confirmation.append(rows[0]["count"] if rows else 0)
+        confirmed.append(i)
+
     try:
         adapter.fail_status = fault
         writer.start()
         for i in range(10):
             writer.submit([f"rack_environment,rack=r{i},position=top temperature={20 + i}.5 {ts}",
-                           f"rack_environment,rack=r{i},position=bottom temperature={18 + i}.5 {ts}"],
-                          lambda i=i: confirmed.append(i))
+                           f"rack_environment,rack=r{i},position=bottom temperature={18 + i}.5 {ts}",
+                           f"rack_environment,rack=r{i},position=middle temperature={19 + i}.5 {ts}"],
+                          lambda i=i: confirm(i))
         wait_until(lambda: metrics.value("racktwin_influx_write_errors_total", {"kind": "http"}) >= 6,
                    timeout=30, what="batches failing and handed back")
         assert confirmed == [] and not writer.healthy and str(fault) in (writer.last_error or "")
@@ -330,14 +338,15 @@ def test_batches_the_client_gives_up_on_are_handed_back_until_written(fault, bri
         wait_until(lambda: len(confirmed) == 10, timeout=30, what="every message confirmed after recovery")
         time.sleep(0.5)
         assert sorted(confirmed) == list(range(10))  # each exactly once
+        assert points_at_confirmation == [3] * 10  # and only once all three of its points were in InfluxDB
         assert writer.healthy
     finally:
         writer.stop(timeout=5)
         adapter.stop()
     rows = influxd.rows("SELECT temperature, rack, position FROM rack_environment", influx_db)
     assert sorted((r["rack"], r["position"], r["temperature"]) for r in rows) == sorted(
-        [(f"r{i}", "top", 20 + i + 0.5) for i in range(10)] + [(f"r{i}", "bottom", 18 + i + 0.5) for i in range(10)])
-    assert metrics.value("racktwin_influx_points_written_total", {"kind": "reading"}) == 20
+        (f"r{i}", pos, base + i + 0.5) for i in range(10) for pos, base in (("top", 20), ("bottom", 18), ("middle", 19)))
+    assert metrics.value("racktwin_influx_points_written_total", {"kind": "reading"}) == 30
 
 
 def test_stopping_while_influxdb_is_down_returns_in_time_and_confirms_nothing_unwritten(bridge_env, monkeypatch):
