@@ -266,3 +266,38 @@ def test_two_replicas_share_the_load_and_survive_one_kill(bridge_env, mosquitto,
         publisher.close()
         a.kill()
         b.kill()
+
+
+def test_sigterm_while_influxdb_refuses_writes_exits_in_time_and_loses_nothing(bridge_env, mosquitto, ditto, influxd,
+                                                                                influx_db, tmp_path):
+    """SIGTERM while every InfluxDB write fails: the bridge exits 0 soon after its shutdown timeout instead of
+    hanging in the InfluxDB client's retries, acknowledges nothing it did not write, and the next start (same
+    persistent session) writes every reading."""
+    adapter = InfluxV2Adapter(influxd.url, token="test-token").start()
+    adapter.fail_status = 503
+    env = dict(bridge_env, RACKTWIN_INFLUX_URL=adapter.url, RACKTWIN_SHUTDOWN_TIMEOUT_S="3")
+    racks, rounds = 20, 3
+    prefix = env["RACKTWIN_MQTT_TOPIC"].rstrip("#")
+    base = int(time.time() * 1000) - 300_000
+    bridge = BridgeProcess(env, tmp_path / "bridge.log").start(wait_ready=False)
+    publisher = Publisher(mosquitto.port)
+    try:
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{bridge.port}/readyz", timeout=2).json()["checks"]["mqtt"],
+                   what="bridge subscribed")
+        publisher.publish_all(stream(prefix, racks, rounds, base))
+        wait_until(lambda: f"racktwin_messages_in_flight {float(racks * rounds)}" in bridge.metrics(),
+                   what="every message held, none written")
+        started = time.monotonic()
+        assert bridge.terminate(timeout=30) == 0
+        took = time.monotonic() - started
+        assert took < 3 + 12, f"SIGTERM took {took:.1f} s"
+        assert "not confirmed within" in bridge.log()
+        assert point_count(influxd, influx_db) == 0
+        adapter.fail_status = None
+        bridge = BridgeProcess(env, tmp_path / "bridge2.log").start()
+        wait_until(lambda: point_count(influxd, influx_db) == racks * rounds * 2, timeout=60,
+                   what="every reading written after the restart")
+    finally:
+        publisher.close()
+        bridge.kill()
+        adapter.stop()
