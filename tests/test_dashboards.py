@@ -12,7 +12,7 @@ import yaml
 
 from dashboards import generate
 from dashboards.thresholds import Thresholds, from_env
-from tests.dashboard_data import PROVISIONING
+from tests.dashboard_data import DASHBOARDS, DATASOURCES, PROVISIONING, RULE_GROUPS
 
 ENV_VARS = {"INFLUX_BUCKET", "GRAFANA_INFLUX_TOKEN", "DITTO_GRAFANA_PASSWORD", "ALERT_WEBHOOK_URL", "ALERT_EMAIL_TO",
             "GRAFANA_ROOT_URL"}
@@ -26,9 +26,7 @@ def load(rel: str):
     return json.loads(text) if rel.endswith(".json") else yaml.safe_load(text)
 
 
-DASHBOARDS = {p.name: json.loads(p.read_text()) for p in sorted((PROVISIONING / "dashboards").rglob("*.json"))}
-DATASOURCE_UIDS = {d["uid"] for d in load("datasources/racktwin.yaml")["datasources"]}
-RULE_GROUPS = load("alerting/rules.yaml")["groups"]
+DATASOURCE_UIDS = set(DATASOURCES)
 RULES = [r for g in RULE_GROUPS for r in g["rules"]]
 
 
@@ -107,7 +105,7 @@ def test_grid_positions_do_not_overlap_and_the_wall_fits_one_screen():
                 for y in range(g["y"], g["y"] + g["h"]):
                     assert (x, y) not in cells, f"{name}: {panel['title']} overlaps {cells[(x, y)]}"
                     cells[(x, y)] = panel["title"]
-    wall = DASHBOARDS["racktwin-wall.json"]
+    wall = DASHBOARDS["racktwin-wall"]
     assert max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in wall["panels"]) <= WALL_MAX_HEIGHT
     assert wall["refresh"] and wall["editable"] is False
 
@@ -185,7 +183,7 @@ def test_influx_targets_are_raw_influxql_with_time_filter():
 
 
 def test_wall_reads_ditto_with_one_search_request():
-    wall = DASHBOARDS["racktwin-wall.json"]
+    wall = DASHBOARDS["racktwin-wall"]
     ditto_targets = [t for p in wall["panels"] for t in p.get("targets", []) if t["datasource"]["uid"] == "ditto"]
     assert len(ditto_targets) == 1
     t = ditto_targets[0]
