@@ -34,7 +34,11 @@ deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font, Chromium (an
 	    echo "installing$$missing with apt-get"; \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing \
-	      && for svc in mosquitto influxdb nginx; do $$SUDO service $$svc stop >/dev/null 2>&1 || true; done; \
+	      && for svc in mosquitto influxdb nginx; do \
+	           $$SUDO service $$svc stop >/dev/null 2>&1 || true; \
+	           $$SUDO systemctl disable $$svc >/dev/null 2>&1 || $$SUDO update-rc.d $$svc disable >/dev/null 2>&1 || true; \
+	         done \
+	      && echo "(their system services are stopped and disabled: the tests start their own, and make up needs ports 1883 and 8086)"; \
 	  else \
 	    echo "The tests need these programs:$$missing (Debian package names: $(APT_PACKAGES) python3-venv)."; \
 	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd), nginx, the Inter font (Inter-Regular.otf, Inter-Medium.otf in /usr/share/fonts/opentype/inter), Chromium and Python's venv module with your package manager, then re-run make test."; \
@@ -62,6 +66,7 @@ WAIT_TIMEOUT ?= 1200
 up: ## start the whole stack (creates compose/.env with random secrets on first run), then print the URLs
 	@docker compose version >/dev/null 2>&1 || { echo "make up needs Docker Engine with the Compose v2 plugin ('docker compose' 2.24+): https://docs.docker.com/engine/install/"; exit 1; }
 	@bash compose/scripts/init-env.sh
+	@bash compose/scripts/check-ports.sh
 	$(COMPOSE) up -d --build --wait --wait-timeout $(WAIT_TIMEOUT)
 	@bash compose/scripts/print-urls.sh
 

@@ -157,7 +157,10 @@ def build(t: Thresholds) -> dict:
         dashboard_link("Data hall wall", WALL_PATH, "Back to the NOC wall", keep_time=True),
         dashboard_link("Twin in Ditto", "${ditto}/api/2/things/${namespace}:${rack}",
                        "Thing ${namespace}:${rack} as Ditto stores it (JSON; Ditto login)", target_blank=True),
-        dashboard_link("Ditto UI", "${ditto}/ui/", "Ditto's web UI (Ditto login)", target_blank=True),
+        # Our nginx serves the UI an environment pointing at its own /api (compose/ditto/nginx.conf).
+        dashboard_link("Ditto UI", "${ditto}/ui/?primaryEnvironmentName=racktwin"
+                       "&environmentsURL=/ui/racktwin-environments.json", "Ditto's web UI (Ditto login)",
+                       target_blank=True),
         dashboard_link("Devices in ThingsBoard", "${thingsboard}/entities/devices", "ThingsBoard device list",
                        target_blank=True),
     ]

@@ -750,6 +750,15 @@ def test_nginx_authenticates_and_sets_the_ditto_subject(nginx_in_front_of_echo):
     assert len(_Echo.seen) == n
     requests.get(base + "/ui/index.html", auth=("grafana", "grafana-pw"), timeout=5)
     assert _Echo.seen[-1]["path"] == "/index.html"
+    # The UI's environment comes from nginx itself and points the UI at this server's /api, not at the UI's
+    # built-in localhost:8080 (ThingsBoard here); it holds no password, so it needs no login.
+    n = len(_Echo.seen)
+    resp = requests.get(base + "/ui/racktwin-environments.json", timeout=5)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("application/json")
+    assert not any(pw in resp.text for pw in NGINX_USERS.values())
+    env = resp.json()["racktwin"]
+    assert env["api_uri"] == base and env["mainAuth"] == "basic" and env["defaultUsernamePassword"] is None
+    assert len(_Echo.seen) == n
     n = len(_Echo.seen)
     assert requests.get(base + "/devops/logging", auth=("ditto", "admin-pw"), timeout=5).status_code == 404
     assert len(_Echo.seen) == n
@@ -770,7 +779,7 @@ def test_thingsboard_install_gate_scripts_parse():
         subprocess.run([shell, "-n", str(COMPOSE_DIR / "thingsboard" / script)], check=True)
     for script in ("mosquitto/entrypoint.sh", "grafana/entrypoint.sh"):
         subprocess.run(["sh", "-n", str(COMPOSE_DIR / script)], check=True)
-    for script in ("init-env.sh", "compose.sh", "print-urls.sh"):
+    for script in ("init-env.sh", "compose.sh", "print-urls.sh", "check-ports.sh"):
         subprocess.run(["bash", "-n", str(COMPOSE_DIR / "scripts" / script)], check=True)
 
 
@@ -784,7 +793,7 @@ def test_tb_install_runs_only_on_an_empty_database(tmp_path):
     (fake / "start-tb-node.sh").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "INSTALL_TB": "true"}
     runs = {}
-    for state in ("installed", "empty", None):
+    for state in ("installed", "empty", "partial", None):
         marker = tmp_path / "tb-schema"
         marker.unlink(missing_ok=True)
         if state:
@@ -792,7 +801,39 @@ def test_tb_install_runs_only_on_an_empty_database(tmp_path):
         runs[state] = subprocess.run(["bash", str(tmp_path / "tb-install.sh")], env=env, capture_output=True, text=True)
     assert runs["installed"].returncode == 0 and "INSTALLING" not in runs["installed"].stdout
     assert runs["empty"].returncode == 0 and "INSTALLING true" in runs["empty"].stdout
+    assert runs["partial"].returncode == 1 and "INSTALLING" not in runs["partial"].stdout
+    assert "make clean" in runs["partial"].stderr  # says how to recover
     assert runs[None].returncode == 1
+
+
+@pytest.mark.parametrize("schema, admins, expected", [
+    ("f", None, "empty"),        # a fresh database
+    ("t", "1", "installed"),     # schema and the system administrator
+    ("t", "0", "partial"),       # schema without him: an interrupted install
+    ("t", "fail", None),         # psql failing is an error, never "partial"
+])
+def test_tb_db_check_tells_empty_installed_and_interrupted_installs_apart(tmp_path, schema, admins, expected):
+    """tb-db-check.sh with psql faked by the answers ThingsBoard's tables would give."""
+    script = (COMPOSE_DIR / "thingsboard" / "tb-db-check.sh").read_text().replace("/state/", f"{tmp_path}/")
+    (tmp_path / "tb-db-check.sh").write_text(script)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "psql").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        f'  *to_regclass*) echo {schema} ;;\n'
+        f'  *SYS_ADMIN*) [ "{admins}" = fail ] && exit 2; echo {admins} ;;\n'
+        "  *) exit 3 ;;\n"
+        "esac\n")
+    (fake / "psql").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    run = subprocess.run(["sh", str(tmp_path / "tb-db-check.sh")], env=env, capture_output=True, text=True)
+    marker = tmp_path / "tb-schema"
+    if expected is None:
+        assert run.returncode != 0 and not marker.exists()
+    else:
+        assert run.returncode == 0, run.stderr
+        assert marker.read_text() == expected + "\n"
 
 
 def test_grafana_entrypoint_fills_empty_receivers_and_wires_smtp(tmp_path):
@@ -910,3 +951,66 @@ def test_grafana_entrypoint_takes_the_viewer_role_off_the_operations_folder(tmp_
     assert double.problems == []
     assert double.permissions == {"racktwin-operations": [{"role": "Editor", "permission": 1}]}
     assert double.calls == 3  # two 404s while Grafana has not provisioned the folder yet, then done
+
+
+def _fake_docker(bin_dir: Path, compose_version: str = "2.29.1", running: str = "") -> None:
+    """A `docker` that answers `compose version [--short]` and `ps -q`, and echoes anything else."""
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1 $2 $3" = "compose version --short" ]; then echo {compose_version}; exit 0; fi\n'
+        'if [ "$1 $2" = "compose version" ]; then echo "Docker Compose version v' + compose_version + '"; exit 0; fi\n'
+        f'if [ "$1" = ps ]; then printf "%s" "{running}"; exit 0; fi\n'
+        'echo "docker $*"\n')
+    (bin_dir / "docker").chmod(0o755)
+
+
+@pytest.mark.parametrize("version, accepted", [("2.20.3", False), ("1.29.2", False), ("2.24.0", True),
+                                               ("v2.29.1", True), ("5.0.1", True), ("dev", True)])
+def test_compose_wrapper_refuses_a_compose_older_than_2_24(tmp_path, version, accepted):
+    """Older Compose versions reject our files with a schema error that does not name the cause; the wrapper says it."""
+    scripts = tmp_path / "compose" / "scripts"
+    scripts.mkdir(parents=True)
+    shutil.copy(COMPOSE_DIR / "scripts" / "compose.sh", scripts / "compose.sh")
+    (tmp_path / "compose" / ".env").write_text("TB_MODE=demo\n")
+    _fake_docker(tmp_path / "bin", version)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(scripts / "compose.sh"), "ps"], env=env, capture_output=True, text=True)
+    if accepted:
+        assert run.returncode == 0 and run.stdout.startswith("docker compose --project-directory"), run.stderr
+    else:
+        assert run.returncode == 1 and "too old" in run.stderr and "2.24" in run.stderr
+
+
+def test_make_up_names_a_published_port_another_program_holds(tmp_path):
+    """A port clash is reported before the start, naming the .env variable; a running RackTwin is not a clash."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    held = holder.getsockname()[1]
+    free = {}
+    for var in ("GRAFANA_HTTP_PORT", "DITTO_HTTP_PORT", "INFLUX_HTTP_PORT", "TB_HTTP_PORT", "MOSQUITTO_HOST_PORT"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free[var] = probe.getsockname()[1]
+    env_file = tmp_path / ".env"
+    script = COMPOSE_DIR / "scripts" / "check-ports.sh"
+    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+
+    def check(mode: str, running: str = "") -> subprocess.CompletedProcess:
+        env_file.write_text(f"TB_MODE={mode}\nTB_MQTT_PORT={held}\n" + "".join(f"{k}={v}\n" for k, v in free.items()))
+        _fake_docker(tmp_path / "bin", running=running)
+        return subprocess.run(["bash", str(script), str(env_file)], env={**os.environ, "PATH": path},
+                              capture_output=True, text=True)
+
+    try:
+        clash = check("demo")
+        assert clash.returncode == 1 and f"Port {held} (TB_MQTT_PORT" in clash.stderr
+        assert "GRAFANA_HTTP_PORT" not in clash.stderr  # only the one that is taken
+        assert check("demo", running="abc123\n").returncode == 0  # our own containers hold it
+        assert check("external").returncode == 0  # no ThingsBoard container: its MQTT port is not published
+        free["MOSQUITTO_HOST_PORT"] = held
+        external = check("external")
+        assert external.returncode == 1 and "MOSQUITTO_HOST_PORT" in external.stderr
+    finally:
+        holder.close()

@@ -11,6 +11,16 @@ if ! docker compose version >/dev/null 2>&1; then
     echo "Install it from https://docs.docker.com/engine/install/ and check with: docker compose version" >&2
     exit 1
 fi
+# depends_on.required and the other newer keys of our compose files need 2.24; older ones reject the files with a
+# schema error that does not say so. (An unparsable version, e.g. a dev build, is let through.)
+version=$(docker compose version --short 2>/dev/null | sed 's/^v//')
+major=${version%%.*}
+minor=${version#*.}
+minor=${minor%%.*}
+if [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]] && { [ "$major" -lt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -lt 24 ]; }; }; then
+    echo "docker compose $version is too old: RackTwin needs 2.24 or newer (https://docs.docker.com/compose/install/)." >&2
+    exit 1
+fi
 if [ ! -f "$env_file" ]; then
     echo "compose/.env is missing: run 'make up' (it creates the file with random secrets)." >&2
     exit 1

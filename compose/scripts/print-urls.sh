@@ -44,7 +44,8 @@ cat <<TEXT
 TEXT
 fi
 cat <<TEXT
-  Ditto UI                  http://$admin:$(get DITTO_HTTP_PORT 8090)/ui/   user ditto, password DITTO_ADMIN_PASSWORD
+  Ditto UI                  http://$admin:$(get DITTO_HTTP_PORT 8090)/ui/?primaryEnvironmentName=racktwin&environmentsURL=/ui/racktwin-environments.json
+                            user ditto, password DITTO_ADMIN_PASSWORD
   Ditto API                 http://$admin:$(get DITTO_HTTP_PORT 8090)/api/2/
   InfluxDB                  http://$admin:$(get INFLUX_HTTP_PORT 8086)/   user $(get INFLUX_ADMIN_USER admin), password INFLUX_ADMIN_PASSWORD
 

@@ -13,6 +13,11 @@ case "$state" in
         echo "thingsboard-install: empty database, installing ThingsBoard with demo data (takes a few minutes)"
         exec start-tb-node.sh
         ;;
+    partial)
+        echo "thingsboard-install: the ThingsBoard database has a schema but no system administrator: an earlier" >&2
+        echo "install was interrupted. Start over with 'make clean' (deletes all RackTwin data) and 'make up'." >&2
+        exit 1
+        ;;
     *)
         echo "thingsboard-install: /state/tb-schema says '$state'; thingsboard-db-check did not run" >&2
         exit 1
