@@ -66,7 +66,7 @@ WAIT_TIMEOUT ?= 1200
 up: ## start the whole stack (creates compose/.env with random secrets on first run), then print the URLs
 	@docker compose version >/dev/null 2>&1 || { echo "make up needs Docker Engine with the Compose v2 plugin ('docker compose' 2.24+): https://docs.docker.com/engine/install/"; exit 1; }
 	@bash compose/scripts/init-env.sh
-	@bash compose/scripts/check-ports.sh
+	@bash compose/scripts/preflight.sh
 	$(COMPOSE) up -d --build --wait --wait-timeout $(WAIT_TIMEOUT)
 	@bash compose/scripts/print-urls.sh
 

@@ -779,7 +779,7 @@ def test_thingsboard_install_gate_scripts_parse():
         subprocess.run([shell, "-n", str(COMPOSE_DIR / "thingsboard" / script)], check=True)
     for script in ("mosquitto/entrypoint.sh", "grafana/entrypoint.sh"):
         subprocess.run(["sh", "-n", str(COMPOSE_DIR / script)], check=True)
-    for script in ("init-env.sh", "compose.sh", "print-urls.sh", "check-ports.sh"):
+    for script in ("init-env.sh", "compose.sh", "print-urls.sh", "preflight.sh"):
         subprocess.run(["bash", "-n", str(COMPOSE_DIR / "scripts" / script)], check=True)
 
 
@@ -953,11 +953,13 @@ def test_grafana_entrypoint_takes_the_viewer_role_off_the_operations_folder(tmp_
     assert double.calls == 3  # two 404s while Grafana has not provisioned the folder yet, then done
 
 
-def _fake_docker(bin_dir: Path, compose_version: str = "2.29.1", running: str = "") -> None:
-    """A `docker` that answers `compose version [--short]` and `ps -q`, and echoes anything else."""
+def _fake_docker(bin_dir: Path, compose_version: str = "2.29.1", running: str = "", buildx: str = "0.29.1") -> None:
+    """A `docker` that answers `compose version [--short]`, `buildx version` and `ps -q`, and echoes anything else."""
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "docker").write_text(
         "#!/bin/sh\n"
+        f'if [ "$1 $2" = "buildx version" ]; then [ -n "{buildx}" ] || exit 1; '
+        f'echo "github.com/docker/buildx v{buildx} 0123abc"; exit 0; fi\n'
         f'if [ "$1 $2 $3" = "compose version --short" ]; then echo {compose_version}; exit 0; fi\n'
         'if [ "$1 $2" = "compose version" ]; then echo "Docker Compose version v' + compose_version + '"; exit 0; fi\n'
         f'if [ "$1" = ps ]; then printf "%s" "{running}"; exit 0; fi\n'
@@ -994,7 +996,7 @@ def test_make_up_names_a_published_port_another_program_holds(tmp_path):
             probe.bind(("127.0.0.1", 0))
             free[var] = probe.getsockname()[1]
     env_file = tmp_path / ".env"
-    script = COMPOSE_DIR / "scripts" / "check-ports.sh"
+    script = COMPOSE_DIR / "scripts" / "preflight.sh"
     path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
 
     def check(mode: str, running: str = "") -> subprocess.CompletedProcess:
@@ -1014,3 +1016,16 @@ def test_make_up_names_a_published_port_another_program_holds(tmp_path):
         assert external.returncode == 1 and "MOSQUITTO_HOST_PORT" in external.stderr
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("buildx, warned", [("0.29.1", False), ("0.17.0", False), ("0.12.1", True), ("", True)])
+def test_make_up_warns_when_buildx_is_missing_or_too_old(tmp_path, buildx, warned):
+    """Recent Compose releases refuse `up --build` without Buildx 0.17+; the preflight says so first."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("TB_MODE=demo\n")  # no ports set: nothing to check there
+    _fake_docker(tmp_path / "bin", buildx=buildx)
+    run = subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "preflight.sh"), str(env_file)],
+                         env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0  # a warning only: older Compose releases build without Buildx
+    assert ("Buildx 0.17+" in run.stderr) == warned, run.stderr

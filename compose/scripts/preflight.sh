@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Before `make up` starts a stopped stack: are the host ports it publishes free? A clash otherwise surfaces as
-# "port is already allocated" halfway through the start. Typical culprit: the Mosquitto (1883) and InfluxDB 1.x
-# (8086) that `make test` installs from apt, which their packages start again at boot.
-# Usage: compose/scripts/check-ports.sh [env file]
+# Checks before `make up`, so a failure names its cause instead of surfacing halfway through the start:
+# - Buildx: `make up` builds the bridge image, and Compose releases since late 2025 refuse to build without
+#   the Buildx plugin 0.17+ ("compose build requires buildx 0.17.0 or later"). Older ones do not need it, so
+#   this only warns.
+# - Ports, when the stack is not running: are the host ports it publishes free? Typical culprit: the Mosquitto
+#   (1883) and InfluxDB 1.x (8086) that `make test` installs from apt, if their services are enabled.
+# Usage: compose/scripts/preflight.sh [env file]
 set -euo pipefail
 
 compose_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,6 +16,16 @@ get() {  # value of $1 in the env file, else $2
     value=$(sed -n "s/^$1=//p" "$env_file" 2>/dev/null | tail -n 1)
     printf '%s' "${value:-$2}"
 }
+
+buildx=$(docker buildx version 2>/dev/null | awk '{print $2}' | sed 's/^v//' || true)
+bx_major=${buildx%%.*}
+bx_minor=${buildx#*.}
+bx_minor=${bx_minor%%.*}
+if [ -z "$buildx" ] || { [[ "$bx_major" =~ ^[0-9]+$ && "$bx_minor" =~ ^[0-9]+$ ]] &&
+                         [ "$bx_major" -eq 0 ] && [ "$bx_minor" -lt 17 ]; }; then
+    echo "Warning: Docker Buildx ${buildx:-is not installed}${buildx:+ is older than 0.17}; newer Compose releases need" \
+         "Buildx 0.17+ to build the bridge image (package docker-buildx-plugin)." >&2
+fi
 
 # Our own running containers hold these ports: nothing to check then (make up only updates the stack).
 if [ -n "$(docker ps -q --filter label=com.docker.compose.project=racktwin 2>/dev/null)" ]; then
