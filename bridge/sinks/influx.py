@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from influxdb_client import InfluxDBClient, WritePrecision
@@ -110,7 +110,10 @@ class _Entry:
     lines: list[bytes]
     on_written: Callable[[], None] | None
     kind: str = READING
-    remaining: int = 0
+    remaining: int = field(init=False)  # lines not yet written (or refused)
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.lines)
 
 
 class InfluxWriter:
@@ -187,7 +190,7 @@ class InfluxWriter:
 
     def submit(self, lines: list[str], on_written: Callable[[], None] | None, kind: str = READING) -> None:
         encoded = [part for line in lines for part in line.encode().split(b"\n") if part]
-        entry = _Entry(encoded, on_written, kind, len(encoded))
+        entry = _Entry(encoded, on_written, kind)
         if not encoded:
             if on_written:
                 on_written()
@@ -287,15 +290,15 @@ class InfluxWriter:
 
     def _on_error(self, _conf: tuple, data: bytes, exc: Exception) -> None:
         lines = data.split(b"\n")
-        status = _status(exc)
-        if 400 <= status < 500 and status not in TRANSIENT_4XX:
-            self.last_refusal = _describe(exc)
+        status, error = _status(exc), _describe(exc)
+        if _refused(status):
+            self.last_refusal = error
             self.healthy = True  # InfluxDB answered; it is the points that are wrong
             self._narrow(self._entries_of(lines))
             return
         if status in TRANSIENT_4XX:  # the client does not retry these itself
-            self._failed(_describe(exc), "http")
-        log.debug("InfluxDB batch of %d points handed back after %s", len(lines), _describe(exc))
+            self._failed(error, "http")
+        log.debug("InfluxDB batch of %d points handed back after %s", len(lines), error)
         self._resubmit(lines)
 
     def _resubmit(self, lines: list[bytes]) -> None:
@@ -329,8 +332,7 @@ class InfluxWriter:
             self._sync_api.write(bucket=self.settings.influx_bucket, org=self.settings.influx_org,
                                  record=b"\n".join(lines), write_precision=WritePrecision.MS)
         except Exception as exc:  # noqa: BLE001 - sorted by status below
-            status = _status(exc)
-            if not (400 <= status < 500 and status not in TRANSIENT_4XX):
+            if not _refused(_status(exc)):
                 self._resubmit(lines)  # InfluxDB went away meanwhile: back to the batching path
                 return
             if len(groups) > 1:
@@ -399,6 +401,11 @@ def _status(exc: BaseException) -> int:
     if not isinstance(status, int):
         status = getattr(getattr(exc, "response", None), "status", None)  # InfluxDBError, in retry callbacks
     return status if isinstance(status, int) else 0
+
+
+def _refused(status: int) -> bool:
+    """InfluxDB refused the points for good: retrying the same lines cannot succeed."""
+    return 400 <= status < 500 and status not in TRANSIENT_4XX
 
 
 def _describe(exc: BaseException) -> str:
