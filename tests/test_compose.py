@@ -779,7 +779,7 @@ def test_thingsboard_install_gate_scripts_parse():
         subprocess.run([shell, "-n", str(COMPOSE_DIR / "thingsboard" / script)], check=True)
     for script in ("mosquitto/entrypoint.sh", "grafana/entrypoint.sh"):
         subprocess.run(["sh", "-n", str(COMPOSE_DIR / script)], check=True)
-    for script in ("init-env.sh", "compose.sh", "print-urls.sh", "preflight.sh"):
+    for script in ("init-env.sh", "compose.sh", "print-urls.sh", "preflight.sh", "lib.sh"):
         subprocess.run(["bash", "-n", str(COMPOSE_DIR / "scripts" / script)], check=True)
 
 
@@ -973,7 +973,8 @@ def test_compose_wrapper_refuses_a_compose_older_than_2_24(tmp_path, version, ac
     """Older Compose versions reject our files with a schema error that does not name the cause; the wrapper says it."""
     scripts = tmp_path / "compose" / "scripts"
     scripts.mkdir(parents=True)
-    shutil.copy(COMPOSE_DIR / "scripts" / "compose.sh", scripts / "compose.sh")
+    for script in ("compose.sh", "lib.sh"):
+        shutil.copy(COMPOSE_DIR / "scripts" / script, scripts / script)
     (tmp_path / "compose" / ".env").write_text("TB_MODE=demo\n")
     _fake_docker(tmp_path / "bin", version)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}

@@ -4,6 +4,8 @@
 set -euo pipefail
 
 compose_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib.sh
+source "$compose_dir/scripts/lib.sh"
 env_file=$compose_dir/.env
 
 if ! docker compose version >/dev/null 2>&1; then
@@ -13,12 +15,9 @@ if ! docker compose version >/dev/null 2>&1; then
 fi
 # depends_on.required and the other newer keys of our compose files need 2.24; older ones reject the files with a
 # schema error that does not say so. (An unparsable version, e.g. a dev build, is let through.)
-version=$(docker compose version --short 2>/dev/null | sed 's/^v//')
-major=${version%%.*}
-minor=${version#*.}
-minor=${minor%%.*}
-if [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]] && { [ "$major" -lt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -lt 24 ]; }; }; then
-    echo "docker compose $version is too old: RackTwin needs 2.24 or newer (https://docs.docker.com/compose/install/)." >&2
+version=$(docker compose version --short 2>/dev/null || true)
+if version_before "$version" 2 24; then
+    echo "docker compose ${version#v} is too old: RackTwin needs 2.24 or newer (https://docs.docker.com/compose/install/)." >&2
     exit 1
 fi
 if [ ! -f "$env_file" ]; then
@@ -26,7 +25,7 @@ if [ ! -f "$env_file" ]; then
     exit 1
 fi
 
-mode=$(sed -n 's/^TB_MODE=//p' "$env_file" | tail -n 1)
+mode=$(env_get "$env_file" TB_MODE)
 files=(-f "$compose_dir/docker-compose.yml")
 case "${mode:-demo}" in
     demo)

@@ -11,18 +11,12 @@ set -euo pipefail
 compose_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 env_file=${1:-$compose_dir/.env}
 
-get() {  # value of $1 in the env file, else $2
-    local value
-    value=$(sed -n "s/^$1=//p" "$env_file" 2>/dev/null | tail -n 1)
-    printf '%s' "${value:-$2}"
-}
+# shellcheck source=lib.sh
+source "$compose_dir/scripts/lib.sh"
+get() { env_get "$env_file" "$@"; }  # value of $1 in the env file, else $2
 
 buildx=$(docker buildx version 2>/dev/null | awk '{print $2}' | sed 's/^v//' || true)
-bx_major=${buildx%%.*}
-bx_minor=${buildx#*.}
-bx_minor=${bx_minor%%.*}
-if [ -z "$buildx" ] || { [[ "$bx_major" =~ ^[0-9]+$ && "$bx_minor" =~ ^[0-9]+$ ]] &&
-                         [ "$bx_major" -eq 0 ] && [ "$bx_minor" -lt 17 ]; }; then
+if [ -z "$buildx" ] || version_before "$buildx" 0 17; then
     echo "Warning: Docker Buildx ${buildx:-is not installed}${buildx:+ is older than 0.17}; newer Compose releases need" \
          "Buildx 0.17+ to build the bridge image (package docker-buildx-plugin)." >&2
 fi

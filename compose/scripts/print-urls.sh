@@ -5,11 +5,9 @@ set -euo pipefail
 compose_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 env_file=${1:-$compose_dir/.env}
 
-get() {  # value of $1 in compose/.env, else $2
-    local value
-    value=$(sed -n "s/^$1=//p" "$env_file" 2>/dev/null | tail -n 1)
-    printf '%s' "${value:-$2}"
-}
+# shellcheck source=lib.sh
+source "$compose_dir/scripts/lib.sh"
+get() { env_get "$env_file" "$@"; }  # value of $1 in the env file, else $2
 
 host_of() {  # a bind address as a browsable host name
     case "$1" in
