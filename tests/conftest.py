@@ -92,3 +92,11 @@ def bridge_env(mosquitto, influx_adapter, influx_db, ditto, tmp_path) -> dict[st
         "RACKTWIN_HTTP_PORT": "0",
         "RACKTWIN_INFLUX_STATS_INTERVAL_S": "1",
     }
+
+
+@pytest.fixture
+def bridge_environ(bridge_env, monkeypatch) -> dict[str, str]:
+    """bridge_env set in this process's environment (undone after the test), for an in-process bridge or part."""
+    for key, value in bridge_env.items():
+        monkeypatch.setenv(key, value)
+    return bridge_env

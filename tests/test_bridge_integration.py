@@ -16,10 +16,8 @@ TOPIC_PREFIX_KEY = "RACKTWIN_MQTT_TOPIC"
 
 
 @pytest.fixture(params=["http", "websocket"])
-def running_bridge(request, bridge_env, monkeypatch):
+def running_bridge(request, bridge_environ, monkeypatch):
     """The bridge in-process, once with twin updates as HTTP merge-PATCHes and once over Ditto's WebSocket."""
-    for key, value in bridge_env.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setenv("RACKTWIN_DITTO_TRANSPORT", request.param)
     bridge = Bridge(load_settings())
     bridge.start()
@@ -170,14 +168,13 @@ def test_ops_endpoints(running_bridge, bridge_env, publisher, influxd, influx_db
     assert rows[-1]["received"] >= 1 and rows[-1]["rejected"] >= 1
 
 
-def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_env, monkeypatch, influxd, influx_db):
+def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_environ, monkeypatch, influxd,
+                                                                        influx_db):
     """While InfluxDB is behind, forecast/stats points are capped (oldest shed, counted); readings never are,
     and the written counter tells readings from the bridge's own points."""
     from bridge.metrics import Metrics
     from bridge.sinks import influx as influx_sink
 
-    for key, value in bridge_env.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setattr(influx_sink, "MAX_QUEUED_SIDE_POINTS", 4)
     metrics = Metrics()
     writer = influx_sink.InfluxWriter(load_settings(), metrics)  # not started yet: everything queues
@@ -198,14 +195,12 @@ def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_e
     assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 6
 
 
-def test_failed_update_is_not_lost_to_an_older_reading_that_arrived_meanwhile(bridge_env, monkeypatch, ditto):
+def test_failed_update_is_not_lost_to_an_older_reading_that_arrived_meanwhile(bridge_environ, monkeypatch, ditto):
     """A newer reading whose request fails while an older one queues behind it: the twin still ends newest."""
     from bridge.mapping import RackLocation, SensorReading
     from bridge.metrics import Metrics
     from bridge.sinks.ditto import DittoUpdater
 
-    for key, value in bridge_env.items():
-        monkeypatch.setenv(key, value)
     updater = DittoUpdater(load_settings(), Metrics())
     updater.start()
     loc = RackLocation("site1", "room1", "row1", "rack-r")
@@ -244,15 +239,13 @@ def test_tag_values_with_separators_and_control_characters_reach_influxdb_intact
         (stored, 21.0 + i) for i, stored in enumerate(names.values()))
 
 
-def test_readiness_reports_influxdb_only_once_it_answered(bridge_env, monkeypatch, influx_adapter):
+def test_readiness_reports_influxdb_only_once_it_answered(bridge_environ, monkeypatch, influx_adapter):
     """An idle bridge must not claim InfluxDB is reachable before it ever was: it asks /ping itself."""
     from bridge.metrics import Metrics
     from bridge.sinks import influx as influx_sink
     from tests.harness.services import free_port
 
     monkeypatch.setattr(influx_sink, "PROBE_INTERVAL_S", 0.2)
-    for key, value in bridge_env.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setenv("RACKTWIN_INFLUX_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("RACKTWIN_INFLUX_TIMEOUT_S", "1")
     nowhere = influx_sink.InfluxWriter(load_settings(), Metrics())
@@ -269,14 +262,12 @@ def test_readiness_reports_influxdb_only_once_it_answered(bridge_env, monkeypatc
     there.stop(timeout=2)
 
 
-def test_a_refused_message_costs_only_its_own_points(bridge_env, monkeypatch, influxd, influx_db):
+def test_a_refused_message_costs_only_its_own_points(bridge_environ, monkeypatch, influxd, influx_db):
     """InfluxDB refuses a whole write for one bad line: the writer narrows the refusal down to that message,
     writes and confirms the others of the batch, and counts only the bad message's points as refused."""
     from bridge.metrics import Metrics
     from bridge.sinks import influx as influx_sink
 
-    for key, value in bridge_env.items():
-        monkeypatch.setenv(key, value)
     metrics = Metrics()
     writer = influx_sink.InfluxWriter(load_settings(), metrics)  # not started: the five land in one batch
     ts = int(time.time() * 1000) - 60_000
@@ -296,7 +287,7 @@ def test_a_refused_message_costs_only_its_own_points(bridge_env, monkeypatch, in
 
 
 @pytest.mark.parametrize("fault", [503, 401])
-def test_batches_the_client_gives_up_on_are_handed_back_until_written(fault, bridge_env, monkeypatch, influxd,
+def test_batches_the_client_gives_up_on_are_handed_back_until_written(fault, bridge_environ, monkeypatch, influxd,
                                                                      influx_db):
     """influxdb-client gives up on a batch after a short round of retries on 503, and at once on 401 (a token the
     bootstrap has not created yet): the writer hands the batch back until InfluxDB takes it. A message spread over
@@ -308,8 +299,6 @@ def test_batches_the_client_gives_up_on_are_handed_back_until_written(fault, bri
 
     monkeypatch.setattr(influx_sink, "RESUBMIT_BACKOFF_S", (0.1, 0.5))
     adapter = InfluxV2Adapter(influxd.url, token=INFLUX_TOKEN).start()
-    for key, value in bridge_env.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setenv("RACKTWIN_INFLUX_URL", adapter.url)
     monkeypatch.setenv("RACKTWIN_INFLUX_BATCH_SIZE", "3")  # 3-point messages straddle these batches
     metrics = Metrics()
@@ -349,15 +338,13 @@ def test_batches_the_client_gives_up_on_are_handed_back_until_written(fault, bri
     assert metrics.value("racktwin_influx_points_written_total", {"kind": "reading"}) == 30
 
 
-def test_stopping_while_influxdb_is_down_returns_in_time_and_confirms_nothing_unwritten(bridge_env, monkeypatch):
+def test_stopping_while_influxdb_is_down_returns_in_time_and_confirms_nothing_unwritten(bridge_environ, monkeypatch):
     """SIGTERM during an outage: stop() gives up after its timeout (the broker keeps the unacknowledged messages)
     instead of hanging in the client's retries, and no message is confirmed that InfluxDB never took."""
     from bridge.metrics import Metrics
     from bridge.sinks import influx as influx_sink
     from tests.harness.services import free_port
 
-    for key, value in bridge_env.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setenv("RACKTWIN_INFLUX_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     writer = influx_sink.InfluxWriter(load_settings(), Metrics())
     writer.start()

@@ -13,9 +13,7 @@ from tests.harness.mqtt import wait_until
 
 
 @pytest.fixture
-def settings_factory(bridge_env, tb_double, monkeypatch):
-    for key, value in bridge_env.items():
-        monkeypatch.setenv(key, value)
+def settings_factory(bridge_environ, tb_double, monkeypatch):
     monkeypatch.delenv("RACKTWIN_CONFIG", raising=False)
 
     def make(**overrides):
