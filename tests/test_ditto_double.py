@@ -210,6 +210,9 @@ def test_rql_syntax_errors(expr):
 def test_rql_literals_and_options():
     node = rql.parse('in(p,"a\\"b",\'c\',-1,2.5,true,false,null)')
     assert node.values == ('a"b', "c", -1, 2.5, True, False, None)
+    # Escapes in a property path, and a backslash just before a string's closing quote
+    assert rql.parse('exists(attributes/b\\"c\\u0041)').path == 'attributes/b"cA'
+    assert rql.parse('eq(p,"x\\\\")').values == ("x\\",)
     opts = rql.parse_options("size(200),cursor(abc),sort(+thingId,-attributes/x)")
     assert opts.size == 200 and opts.cursor == "abc"
     assert opts.sort == (rql.SortKey("thingId", True), rql.SortKey("attributes/x", False))

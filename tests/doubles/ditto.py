@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import ditto_ws, rql
@@ -80,6 +80,11 @@ _ENTITY_ID = re.compile(
     r"(?P<ns>|(?:[a-zA-Z]\w*)(?:[.-][a-zA-Z]\w*)*):(?P<name>[^\x00-\x1F\x7F-\xFF/]+)", re.ASCII
 )
 _JSON_KEY_INVALID = re.compile(r"[\x00-\x1F\x7F-\xFF/]")
+_DELETION_KEY = re.compile(r"\{\{\s*~(.*)~\s*\}\}")  # Ditto's {{ ~regex~ }}: null key deletion
+
+
+def _deletion_key(key: str) -> "re.Match[str] | None":
+    return _DELETION_KEY.fullmatch(key) if key.startswith("{{") else None
 
 
 def valid_entity_id(entity_id: str) -> bool:
@@ -144,11 +149,14 @@ class _Enforcer:
     Grants apply downwards from their resource path; a revoke on the path or an ancestor beats any grant.
     """
 
-    __slots__ = ("grants", "revokes")
+    __slots__ = ("grants", "revokes", "_memo")
 
     def __init__(self, policy: dict[str, Any] | None, subjects: Iterable[str]):
         self.grants: dict[str, dict[tuple[str, ...], set[str]]] = {}
         self.revokes: dict[str, dict[tuple[str, ...], set[str]]] = {}
+        # An enforcer stands for one policy revision and one set of subjects, so its answers never change:
+        # remembered, a twin update's dozen permission checks are dictionary look-ups.
+        self._memo: dict[tuple[str, str, tuple[str, ...], str], bool] = {}
         subjects = set(subjects)
         if not policy:
             return
@@ -161,7 +169,20 @@ class _Enforcer:
                 self.grants.setdefault(rtype, {}).setdefault(segs, set()).update(perms.get("grant") or ())
                 self.revokes.setdefault(rtype, {}).setdefault(segs, set()).update(perms.get("revoke") or ())
 
+    def _remembered(self, check: Callable[[str, tuple[str, ...], str], bool], rtype: str, segs: tuple[str, ...],
+                    perm: str) -> bool:
+        key = (check.__name__, rtype, segs, perm)
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) > 100_000:  # paths come from thing documents: bound it anyway
+                self._memo.clear()
+            found = self._memo[key] = check(rtype, segs, perm)
+        return found
+
     def has(self, rtype: str, segs: tuple[str, ...], perm: str) -> bool:
+        return self._remembered(self._has, rtype, segs, perm)
+
+    def _has(self, rtype: str, segs: tuple[str, ...], perm: str) -> bool:
         grants, revokes = self.grants.get(rtype, {}), self.revokes.get(rtype, {})
         granted = False
         for i in range(len(segs) + 1):
@@ -173,6 +194,9 @@ class _Enforcer:
         return granted
 
     def has_unrestricted(self, rtype: str, segs: tuple[str, ...], perm: str) -> bool:
+        return self._remembered(self._has_unrestricted, rtype, segs, perm)
+
+    def _has_unrestricted(self, rtype: str, segs: tuple[str, ...], perm: str) -> bool:
         """Granted on ``segs`` and not revoked anywhere below it."""
         if not self.has(rtype, segs, perm):
             return False
@@ -182,6 +206,9 @@ class _Enforcer:
         )
 
     def has_partial(self, rtype: str, segs: tuple[str, ...], perm: str) -> bool:
+        return self._remembered(self._has_partial, rtype, segs, perm)
+
+    def _has_partial(self, rtype: str, segs: tuple[str, ...], perm: str) -> bool:
         """Granted on ``segs`` or on something below it."""
         if self.has(rtype, segs, perm):
             return True
@@ -263,13 +290,13 @@ def merge_patch(target: Any, patch: Any) -> Any:
         return copy.deepcopy(patch)
     result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
-        m = re.fullmatch(r"\{\{\s*~(.*)~\s*\}\}", key)
+        m = _deletion_key(key)
         if m and value is None:
             pattern = re.compile(m.group(1))
             for existing in [k for k in result if pattern.search(k)]:
                 del result[existing]
     for key, value in patch.items():
-        if re.fullmatch(r"\{\{\s*~(.*)~\s*\}\}", key) and value is None:
+        if value is None and _deletion_key(key):
             continue
         if value is None:
             result.pop(key, None)
@@ -299,7 +326,7 @@ def _touched_paths(patch: Any, base: tuple[str, ...] = ()) -> Iterator[tuple[str
 def _bad_json_key(value: Any, base: str = "") -> str | None:
     if isinstance(value, dict):
         for key, sub in value.items():
-            if re.fullmatch(r"\{\{\s*~(.*)~\s*\}\}", key):
+            if _deletion_key(key):
                 continue
             if not key or _JSON_KEY_INVALID.search(key):
                 return f"{base}/{key}"

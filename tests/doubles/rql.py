@@ -95,6 +95,10 @@ _SINGLE_OPS = ("eq", "ne", "gt", "ge", "lt", "le", "like", "ilike")
 _WS = " \n\r\t\f"
 _ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _NUMBER = re.compile(r"[+-]?(?:[1-9][0-9]*|0)(\.[0-9]+)?")
+_PROPERTY_RUN = re.compile(r'[^,)"\\]*')
+_STRING_RUN = {q: re.compile(f"[^{q}\\\\]*") for q in ("'", '"')}
+
+_OPERATOR_WORD = re.compile(r"([a-z]+)\(")
 
 
 # -------------------------------------------------------------------------------------------- parser
@@ -124,12 +128,12 @@ class _Parser:
             self.pos += 1
 
     def keyword(self, names: Sequence[str]) -> str | None:
-        # Longest first so that "ilike" is not read as something shorter; every operator is followed by "(".
-        for name in sorted(names, key=len, reverse=True):
-            if self.text.startswith(name + "(", self.pos):
-                self.pos += len(name)
-                return name
-        return None
+        # Every operator is a lower-case word followed by "(": the whole word must be one of ``names``.
+        m = _OPERATOR_WORD.match(self.text, self.pos)
+        if m is None or m.group(1) not in names:
+            return None
+        self.pos = m.end(1)
+        return m.group(1)
 
     # -- grammar
     def root(self) -> Node:
@@ -176,15 +180,13 @@ class _Parser:
         start = self.pos
         out = []
         while self.pos < len(self.text):
-            ch = self.text[self.pos]
-            if ch in ',)"':
+            run = _PROPERTY_RUN.match(self.text, self.pos)  # up to the next , ) " or backslash
+            out.append(run.group(0))
+            self.pos = run.end()
+            if self.text[self.pos : self.pos + 1] != "\\":
                 break
-            if ch == "\\":
-                self.pos += 1
-                out.append(self.escape('"'))
-                continue
-            out.append(ch)
             self.pos += 1
+            out.append(self.escape('"'))
         path = "".join(out)
         if not path:
             self.pos = start
@@ -215,16 +217,16 @@ class _Parser:
             while True:
                 if self.pos >= len(self.text):
                     raise self.fail("unterminated string")
-                c = self.text[self.pos]
-                if c == ch:
+                run = _STRING_RUN[ch].match(self.text, self.pos)  # up to the closing quote or a backslash
+                out.append(run.group(0))
+                self.pos = run.end()
+                if self.pos >= len(self.text):
+                    continue
+                if self.text[self.pos] == ch:
                     self.pos += 1
                     break
-                if c == "\\":
-                    self.pos += 1
-                    out.append(self.escape(ch))
-                    continue
-                out.append(c)
                 self.pos += 1
+                out.append(self.escape(ch))
             value = "".join(out)
         elif m := _NUMBER.match(self.text, self.pos):
             token = m.group(0)
@@ -270,6 +272,13 @@ def split_path(path: str) -> list[str]:
 def resolve(doc: Any, path: str | Sequence[str]) -> Iterator[Any]:
     """All values at ``path`` (several where a segment is ``*``); nothing when the path is missing."""
     segments = split_path(path) if isinstance(path, str) else list(path)
+    if "*" not in segments:  # one value at most: no recursion needed (the usual case, and a hot one)
+        node = doc
+        for seg in segments:
+            if not isinstance(node, dict) or seg not in node:
+                return iter(())
+            node = node[seg]
+        return iter((node,))
 
     def walk(node: Any, i: int) -> Iterator[Any]:
         if i == len(segments):
