@@ -22,6 +22,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from .thresholds import DEFAULT_CLASS, DEFAULT_RH_CAP, FORECAST_HORIZON_MIN, check_rh_cap
 
 ENV_PREFIX = "RACKTWIN_"
+# A Ditto namespace (ditto.md: Java-package-like); the dashboards generator checks its copy with the same pattern.
+DITTO_NAMESPACE_PATTERN = r"^[a-zA-Z]\w*(?:[.-][a-zA-Z]\w*)*$"
 
 # Keys the rule-engine / device payloads carry, for the one-device-per-rack model (our users' names).
 DEFAULT_RACK_KEYS: dict[str, list[str]] = {
@@ -200,7 +202,7 @@ class Settings(BaseSettings):
     ditto_password: SecretStr | None = Field(None, description="Its password (or RACKTWIN_DITTO_PASSWORD_FILE).")
     ditto_namespace: str = Field(
         "dc.site1",
-        pattern=r"^[a-zA-Z]\w*(?:[.-][a-zA-Z]\w*)*$",
+        pattern=DITTO_NAMESPACE_PATTERN,
         description="Namespace of the rack things: <namespace>:<rack>.",
     )
     ditto_policy_id: str | None = Field(

@@ -4,11 +4,16 @@ that turns grafanalib's legacy JSON (schemaVersion 12, ``rows``, nulls) into a c
 from __future__ import annotations
 
 import json
+import os
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from grafanalib._gen import DashboardEncoder
 from grafanalib.core import Dashboard, Template, Templating, Time
 from grafanalib.influxdb import InfluxDBTarget
+
+from bridge.config import DITTO_NAMESPACE_PATTERN
 
 INFLUX_UID = "influxdb"
 DITTO_UID = "ditto"
@@ -17,6 +22,36 @@ DITTO = {"type": "yesoreyeram-infinity-datasource", "uid": DITTO_UID}
 # Where Grafana reaches Ditto's nginx inside the compose network (the Infinity datasource's allowed host).
 DITTO_BASE_URL = "http://ditto-nginx:80"
 DEFAULT_NAMESPACE = "dc.site1"
+
+
+@dataclass(frozen=True)
+class Site:
+    """Generation-time facts about the installation that the dashboards link to or look up.
+
+    ``namespace``: the Ditto namespace of the rack things (the bridge's RACKTWIN_DITTO_NAMESPACE); ``ditto_ui``
+    and ``thingsboard_ui``: where a browser reaches Ditto's nginx and ThingsBoard (the rack detail's links).
+    """
+
+    namespace: str = DEFAULT_NAMESPACE
+    ditto_ui: str = "http://localhost:8090"  # compose publishes Ditto's nginx on DITTO_HTTP_PORT=8090
+    thingsboard_ui: str = "http://localhost:8080"  # and ThingsBoard on TB_HTTP_PORT=8080
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(DITTO_NAMESPACE_PATTERN, self.namespace):
+            raise ValueError(f"RACKTWIN_DITTO_NAMESPACE must be a Ditto namespace such as dc.site1, "
+                             f"not {self.namespace!r}")
+        for name, url in (("RACKTWIN_DITTO_UI_URL", self.ditto_ui), ("RACKTWIN_THINGSBOARD_UI_URL",
+                                                                     self.thingsboard_ui)):
+            if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+                raise ValueError(f"{name} must be an http(s) URL such as http://localhost:8090, not {url!r}")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Site":
+        env = os.environ if env is None else env
+        default = cls()
+        return cls(namespace=env.get("RACKTWIN_DITTO_NAMESPACE") or default.namespace,
+                   ditto_ui=(env.get("RACKTWIN_DITTO_UI_URL") or default.ditto_ui).rstrip("/"),
+                   thingsboard_ui=(env.get("RACKTWIN_THINGSBOARD_UI_URL") or default.thingsboard_ui).rstrip("/"))
 
 WALL_UID, RACK_UID, BRIDGE_UID = "racktwin-wall", "racktwin-rack", "racktwin-bridge"
 WALL_PATH = f"/d/{WALL_UID}/data-hall-wall"
@@ -66,9 +101,8 @@ def column(selector: str, text: str, kind: str = "number") -> dict:
     return {"selector": selector, "text": text, "type": kind}
 
 
-def namespace_variable() -> Template:
-    return Template(name="namespace", label="Ditto namespace", type="constant", query=DEFAULT_NAMESPACE,
-                    default=DEFAULT_NAMESPACE, hide=2)
+def namespace_variable(site: Site) -> Template:
+    return constant_variable("namespace", site.namespace, "Ditto namespace")
 
 
 def constant_variable(name: str, value: str, label: str) -> Template:

@@ -2,7 +2,9 @@
 
     python -m dashboards.generate [--out DIR]     (make dashboards)
 
-Thresholds come from RACKTWIN_ASHRAE_CLASS (A1..A4, default A1) and RACKTWIN_RH_CAP (70|50, default 70).
+Thresholds come from RACKTWIN_ASHRAE_CLASS (A1..A4, default A1) and RACKTWIN_RH_CAP (70|50, default 70); the Ditto
+namespace and the rack detail's links from RACKTWIN_DITTO_NAMESPACE, RACKTWIN_DITTO_UI_URL and
+RACKTWIN_THINGSBOARD_UI_URL (common.Site).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from . import alerts, bridge_health, datasources, rack, wall
+from .common import Site
 from .thresholds import Thresholds, from_env
 
 log = logging.getLogger(__name__)
@@ -40,11 +43,11 @@ def dump_yaml(data: dict) -> str:
                               default_flow_style=False)
 
 
-def build_all(t: Thresholds) -> dict[str, str]:
+def build_all(t: Thresholds, site: Site = Site()) -> dict[str, str]:
     """Relative path -> file text, for every generated file."""
     return {
-        f"{datasources.WALL_DIR}/racktwin-wall.json": dump_json(wall.build(t)),
-        f"{datasources.OPERATIONS_DIR}/racktwin-rack.json": dump_json(rack.build(t)),
+        f"{datasources.WALL_DIR}/racktwin-wall.json": dump_json(wall.build(t, site)),
+        f"{datasources.OPERATIONS_DIR}/racktwin-rack.json": dump_json(rack.build(t, site)),
         f"{datasources.OPERATIONS_DIR}/racktwin-bridge.json": dump_json(bridge_health.build(t)),
         "dashboards/racktwin.yaml": dump_yaml(datasources.dashboard_provider_file()),
         "datasources/racktwin.yaml": dump_yaml(datasources.datasources_file()),
@@ -54,8 +57,8 @@ def build_all(t: Thresholds) -> dict[str, str]:
     }
 
 
-def write_all(out: Path, t: Thresholds) -> list[Path]:
-    files = build_all(t)
+def write_all(out: Path, t: Thresholds, site: Site = Site()) -> list[Path]:
+    files = build_all(t, site)
     for stale in stale_files(out, files):
         # A file an older version generated (renamed or dropped dashboard, rule file) would still be
         # provisioned, e.g. as a second dashboard with the same uid.
@@ -84,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        t = from_env()
-    except ValueError as exc:  # a threshold from the environment (compose/.env in the stack) is not usable
+        t, site = from_env(), Site.from_env()
+    except ValueError as exc:  # a setting from the environment (compose/.env in the stack) is not usable
         log.error("python -m dashboards.generate: %s", exc)
         return 2
-    for path in write_all(args.out, t):
+    for path in write_all(args.out, t, site):
         log.info("wrote %s", path)
     log.info("thresholds: ASHRAE %s, recommended RH cap %g %%", t.ashrae_class, t.rh_cap)
     return 0

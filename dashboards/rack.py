@@ -5,17 +5,12 @@ from __future__ import annotations
 
 from grafanalib.core import Dashboard
 
-from .common import (DITTO, FORECAST_MEASUREMENT, INFLUX, MEASUREMENT, PROJECTION_MEASUREMENT, RACK_UID, WALL_PATH,
+from .common import (DITTO, FORECAST_MEASUREMENT, INFLUX, MEASUREMENT, PROJECTION_MEASUREMENT, RACK_UID, WALL_PATH, Site,
                      column, constant_variable, data_link, field_defaults, infinity_target, influx_target,
                      namespace_variable, render, tag_variable, templating, time_range)
 from .panels import dashboard_link, grid, stat, timeseries
 from .thresholds import Thresholds
 from .wall import FORECAST_RANGE, minutes_steps, num
-
-# Host-side defaults (compose publishes Ditto's nginx on DITTO_HTTP_PORT=8090 and ThingsBoard on 8080);
-# change the constants in the dashboard settings if the wall runs elsewhere.
-DITTO_URL = "http://localhost:8090"
-THINGSBOARD_URL = "http://localhost:8080"
 
 RACK_FILTER = "\"rack\" = '$rack'"
 
@@ -109,7 +104,7 @@ def forecast_stats(t: Thresholds, y: int) -> list:
     return out
 
 
-def build(t: Thresholds) -> dict:
+def build(t: Thresholds, site: Site = Site()) -> dict:
     band = {"thresholdsStyle": {"mode": "line+area"}}
     temp = field_defaults("celsius", t.temperature_steps())
     rh = field_defaults("percent", t.humidity_steps())
@@ -117,10 +112,11 @@ def build(t: Thresholds) -> dict:
     panels = [
         twin_stat("Twin: top °C", grid(0, 0, 3, 4), "tempTop", temp),
         twin_stat("Twin: bottom °C", grid(3, 0, 3, 4), "tempBottom", temp),
-        twin_stat("Twin: top RH", grid(6, 0, 3, 4), "humidityTop", rh),
-        twin_stat("Twin: bottom RH", grid(9, 0, 3, 4), "humidityBottom", rh),
-        twin_stat("Twin: top dew point", grid(12, 0, 3, 4), "dewPointTop", dp),
-        twin_stat("Twin: top − bottom", grid(15, 0, 3, 4), "deltaT",
+        twin_stat("Twin: top RH", grid(6, 0, 2, 4), "humidityTop", rh),
+        twin_stat("Twin: bottom RH", grid(8, 0, 2, 4), "humidityBottom", rh),
+        twin_stat("Twin: top dew point", grid(10, 0, 3, 4), "dewPointTop", dp),
+        twin_stat("Twin: bottom dew point", grid(13, 0, 3, 4), "dewPointBottom", dp),
+        twin_stat("Twin: top − bottom", grid(16, 0, 2, 4), "deltaT",
                   field_defaults("celsius", t.delta_t_steps())),
         twin_stat("Top last seen", grid(18, 0, 3, 4), "tsTop",
                   field_defaults("dateTimeFromNow", [{"color": "blue", "value": None}], None), [device_link("top")]),
@@ -148,9 +144,9 @@ def build(t: Thresholds) -> dict:
         time=time_range("now-24h", "now+30m"), editable=False, panels=panels,  # room for the projection
         templating=templating(
             tag_variable("rack", "Rack", multi=False),
-            namespace_variable(),
-            constant_variable("ditto", DITTO_URL, "Ditto"),
-            constant_variable("thingsboard", THINGSBOARD_URL, "ThingsBoard"),
+            namespace_variable(site),
+            constant_variable("ditto", site.ditto_ui, "Ditto"),
+            constant_variable("thingsboard", site.thingsboard_ui, "ThingsBoard"),
         ),
     ).auto_panel_ids()
     links = [

@@ -9,9 +9,9 @@ from grafanalib.core import Dashboard
 
 from bridge.thresholds import ENVELOPE_STATES, FORECAST_ALERT_QUERY_RANGE_S
 
-from .common import (DITTO, FORECAST_MEASUREMENT, data_link, INFLUX, MEASUREMENT, RACK_PATH, ROOM_ROW_FILTER, WALL_UID,
-                     column, field_defaults, infinity_target, influx_target, namespace_variable, render, tag_variable,
-                     templating, thresholds, time_range)
+from .common import (DITTO, FORECAST_MEASUREMENT, INFLUX, MEASUREMENT, RACK_PATH, ROOM_ROW_FILTER, WALL_UID, Site,
+                     column, data_link, field_defaults, infinity_target, influx_target, namespace_variable, render,
+                     tag_variable, templating, thresholds, time_range)
 from .panels import alert_count, grid, stat, state_timeline, table
 from .thresholds import COLORS, ENVELOPE_COLORS, Thresholds
 
@@ -193,7 +193,7 @@ def heading_table(t: Thresholds, pos) -> dict:
                     "forecast alert). Stable or falling positions are not listed. Click for rack detail.")
 
 
-def build(t: Thresholds) -> dict:
+def build(t: Thresholds, site: Site = Site()) -> dict:
     temp = field_defaults("celsius", t.temperature_steps())
     count_steps = [{"color": "green", "value": None}, {"color": "red", "value": 1}]
     panels = [
@@ -259,7 +259,7 @@ def build(t: Thresholds) -> dict:
         title="Data hall wall", uid=WALL_UID, tags=["racktwin"], timezone="browser", refresh="30s",
         time=time_range("now-6h"), editable=False, panels=panels,
         templating=templating(
-            namespace_variable(),
+            namespace_variable(site),
             tag_variable("room", "Room"),
             tag_variable("row", "Row", where='"room" =~ /^$room$/'),
         ),

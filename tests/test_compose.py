@@ -465,10 +465,39 @@ def test_grafana_provisioning_is_generated_in_the_stack_with_the_env_thresholds(
     critical = next(r for g in rules["groups"] for r in g["rules"] if r["uid"] == "racktwin-inlet-allowable")
     assert "40" in json.dumps(critical["data"]) and "A3" in critical["annotations"]["summary"]
     assert a3["dashboards/wall/racktwin-wall.json"] != stack["dashboards/wall/racktwin-wall.json"]
-    # The bridge gets the same class and cap as the generator.
+    # The bridge gets the same class, cap, forecast horizon and Ditto namespace as the generator.
     bridge = services["bridge"]["environment"]
-    for key in ("RACKTWIN_ASHRAE_CLASS", "RACKTWIN_RH_CAP"):
+    for key in ("RACKTWIN_ASHRAE_CLASS", "RACKTWIN_RH_CAP", "RACKTWIN_FORECAST_HORIZON_MIN", "RACKTWIN_DITTO_NAMESPACE"):
         assert bridge[key] == gen["environment"][key]
+
+
+def _constants(files: dict[str, str], dashboard: str) -> dict[str, str]:
+    variables = json.loads(files[f"dashboards/{dashboard}.json"])["templating"]["list"]
+    return {v["name"]: v["query"] for v in variables if v["type"] == "constant"}
+
+
+def test_the_namespace_and_ui_addresses_in_env_reach_the_dashboards(tmp_path):
+    # Another namespace: the wall's tiles and the rack detail must look up the bridge's things, not dc.site1's.
+    env = {**example_env(), "DITTO_NAMESPACE": "fra1.hall-b", "ADMIN_HOST": "noc-host", "DITTO_HTTP_PORT": "18090",
+           "FORECAST_HORIZON_MIN": "20"}
+    model = load_model("demo", env)[0]["services"]
+    files = _generated_provisioning(tmp_path / "demo", model["grafana-provisioning"]["environment"])
+    wall, rack = _constants(files, "wall/racktwin-wall"), _constants(files, "operations/racktwin-rack")
+    assert wall["namespace"] == rack["namespace"] == model["bridge"]["environment"]["RACKTWIN_DITTO_NAMESPACE"] == "fra1.hall-b"
+    assert (rack["ditto"], rack["thingsboard"]) == ("http://noc-host:18090", "http://noc-host:8080")
+    rules = yaml.safe_load(files["alerting/rules.yaml"])
+    forecast = next(r for g in rules["groups"] for r in g["rules"] if r["uid"] == "racktwin-forecast-recommended")
+    threshold = next(d["model"] for d in forecast["data"] if d["model"].get("type") == "threshold")
+    assert threshold["conditions"][0]["evaluator"] == {"params": [20.0], "type": "lt"}
+    # External mode: the device links go to the user's ThingsBoard.
+    external = {**example_env(), "TB_MODE": "external", "TB_URL": "https://tb.example.com"}
+    gen = load_model("external", external)[0]["services"]["grafana-provisioning"]
+    assert _constants(_generated_provisioning(tmp_path / "external", gen["environment"]),
+                      "operations/racktwin-rack")["thingsboard"] == "https://tb.example.com"
+    # A namespace Ditto would refuse stops the one-shot with a message naming the variable.
+    proc = subprocess.run([sys.executable, "-m", "dashboards.generate", "--out", str(tmp_path / "bad")], cwd=REPO,
+                          env={**os.environ, "RACKTWIN_DITTO_NAMESPACE": "9racks"}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "RACKTWIN_DITTO_NAMESPACE must be a Ditto namespace" in proc.stderr
 
 
 # --- init-env.sh --------------------------------------------------------------------------------------------
