@@ -8,7 +8,9 @@ old ack must never be sent on a new connection).
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from typing import Callable
 
 
@@ -31,26 +33,37 @@ class Ticket:
 
 
 class InFlight:
-    """Counts unfinished messages, so shutdown can wait for them and /metrics can show them."""
+    """Unfinished messages, so shutdown can wait for them and /metrics can show how many there are and how
+    long the oldest has waited (a sink that hangs shows there, while the lag of what got through looks fine)."""
 
     def __init__(self) -> None:
-        self._count = 0
+        self._since: dict[int, float] = {}  # token -> monotonic time it arrived; insertion order = arrival
+        self._tokens = itertools.count()
         self._cond = threading.Condition()
 
-    def add(self) -> None:
+    def add(self) -> int:
+        """Register a message; give the returned token to ``remove``."""
         with self._cond:
-            self._count += 1
+            token = next(self._tokens)
+            self._since[token] = time.monotonic()
+            return token
 
-    def remove(self) -> None:
+    def remove(self, token: int) -> None:
         with self._cond:
-            self._count -= 1
-            if self._count == 0:
+            del self._since[token]
+            if not self._since:
                 self._cond.notify_all()
 
     @property
     def count(self) -> int:
-        return self._count
+        return len(self._since)
+
+    def oldest_age_s(self, now: float | None = None) -> float:
+        """Seconds the oldest unfinished message has waited; 0 when none is."""
+        with self._cond:
+            oldest = next(iter(self._since.values()), None)
+        return 0.0 if oldest is None else max(0.0, (time.monotonic() if now is None else now) - oldest)
 
     def wait_empty(self, timeout: float) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: self._count == 0, timeout=timeout)
+            return self._cond.wait_for(lambda: not self._since, timeout=timeout)

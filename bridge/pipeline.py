@@ -47,6 +47,7 @@ class Pipeline:
         self.metrics = metrics
         self._influx_lag = metrics.lag.labels("influx")
         self.in_flight = InFlight()
+        metrics.oldest_in_flight.set_function(self.in_flight.oldest_age_s)
         self.hooks = hooks or []
         self._last_reject_log: dict[str, float] = {}
 
@@ -74,11 +75,11 @@ class Pipeline:
         self.metrics.accepted.inc()
         self.metrics.readings.inc(len(readings))
         lines = [line for r in readings if (line := reading_line(r))]
-        self.in_flight.add()
+        token = self.in_flight.add()
         self.metrics.in_flight.inc()
 
         def done() -> None:
-            self.in_flight.remove()
+            self.in_flight.remove(token)
             self.metrics.in_flight.dec()
             ack()
 

@@ -127,8 +127,11 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  f"(limit {num(t.rate_limit_c_per_h)} °C/h)"),
         RuleSpec("racktwin-sensor-silent", "Sensor stopped reporting",
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
-                 f"{WHERE_SENSOR} sent no reading for {t.silent_after_s} s (3 intervals of "
-                 f"{t.reading_interval_s} s)", no_data="NoData"),  # no sensor reported all day: say so
+                 f"{{{{ if $values }}}}{WHERE_SENSOR} sent no reading for {t.silent_after_s} s "
+                 f"({{{{ printf \"%.0f\" $values.B.Value }}}} readings in 3 intervals of {t.reading_interval_s} s)"
+                 f"{{{{ else }}}}No rack sensor has reported for {SILENT_LOOKBACK_S // 3600} h: is ThingsBoard's "
+                 f"rule chain forwarding telemetry?{{{{ end }}}}",
+                 no_data="NoData"),  # no sensor reported all day: say so
         RuleSpec("racktwin-sensor-stuck", "Sensor stuck (reports the same values)",
                  stuck_sensors_per_series(), STUCK_WINDOW_S, "last", "lt", (0.001,), "warning",
                  f"{WHERE_SENSOR} reported identical temperature and humidity for {STUCK_WINDOW_S // 60} min "
@@ -137,16 +140,22 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
         RuleSpec("racktwin-bridge-down", "Bridge down or not ready",
                  'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',
                  120, "last", "lt", (1,), "critical",
-                 "Bridge {{ $labels.instance }} is not ready (no stats for 2 min means it is down)",
+                 # No data (no bridge wrote stats) leaves $values empty: a template reading B would fail there.
+                 "{{ if $values }}Bridge {{ $labels.instance }} is not ready (ready = {{ $values.B.Value }}): "
+                 "MQTT, Ditto or InfluxDB unreachable, see its /readyz{{ else }}No bridge has written its stats "
+                 "for 2 min: down, or cut off from InfluxDB{{ end }}",
                  for_="1m", no_data="Alerting", exec_err="Error", labels={"component": "bridge"}, group="bridge",
                  dashboard_uid=BRIDGE_UID),
         RuleSpec("racktwin-bridge-lagging", "Bridge lagging",
                  'SELECT max("lag") AS "lag" FROM '
                  '(SELECT last("lag_influx_p95") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"), '
-                 '(SELECT last("lag_ditto_p95") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance") '
-                 'GROUP BY "instance"',
+                 '(SELECT last("lag_ditto_p95") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"), '
+                 # A hung sink confirms nothing, so writes no lag: the oldest unconfirmed message shows it.
+                 '(SELECT last("oldest_in_flight_s") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter '
+                 'GROUP BY "instance") GROUP BY "instance"',
                  300, "last", "gt", (t.bridge_lag_limit_s,), "warning",
-                 f"Bridge {{{{ $labels.instance }}}} p95 lag {VALUE} s above {num(t.bridge_lag_limit_s)} s",
+                 f"Bridge {{{{ $labels.instance }}}} lags {VALUE} s behind (p95 to a sink, or its oldest unconfirmed "
+                 f"message), more than {num(t.bridge_lag_limit_s)} s",
                  for_="5m", labels={"component": "bridge"}, group="bridge", dashboard_uid=BRIDGE_UID),
     ]
 

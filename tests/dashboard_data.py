@@ -38,8 +38,9 @@ PROFILES = {
     "rack-a02": {"tempTop": 29.0, "humidityTop": 35.0},                # top above recommended, 8 °C top-bottom
     "rack-a03": {},                                                    # goes silent 6 minutes ago
     "rack-a04": {"tempTop": 33.0, "humidityTop": 30.0},                # top above A1 allowable
-    "rack-b01": {"humidityTop": 75.0, "humidityBottom": 60.0},         # humid top: RH > 70 %, dew point > 17 °C
-    "rack-b02": {"humidityBottom": 6.0},                               # dry bottom: RH < 8 %, dew point < -12 °C
+    "rack-b01": {"humidityTop": 85.0, "humidityBottom": 60.0},         # humid top: RH > 80 %, dew point > 17 °C
+    # cold, dry bottom: 14 °C (below A1's 15), RH < 8 %, dew point < -12 °C; 10 °C below its top
+    "rack-b02": {"tempBottom": 14.0, "humidityBottom": 6.0},
     "rack-b03": {"tempTop": lambda i: 19.0 if i < 10 else 25.0},       # top jumps 6 °C within 15 min
     # Forecast: top +6 °C/h from 22.5 °C reaches 24.4 °C now, 27 °C in about 26 min (< 30: the alert fires);
     # bottom flat (dithering by 0.1 °C, so it is neither stuck nor rising): a forecast without a crossing.

@@ -7,6 +7,8 @@ import requests
 import pytest
 
 from bridge.config import Settings
+from bridge.metrics import Metrics
+from bridge.stats import stats_lines
 from dashboards.thresholds import Thresholds
 from dashboards import alerts
 from tests.dashboard_data import (FLAT, FORECAST_POSITIONS, RACKS, RISING_FAST, RISING_SLOW, RULE_GROUPS,
@@ -16,16 +18,17 @@ from tests.grafana_sim import at_time, evaluate_rule, influx_frames, rule_query
 RULES = {r["uid"]: r for g in RULE_GROUPS for r in g["rules"]}
 
 EXPECTED = {
-    "racktwin-inlet-recommended": {("rack-a02", "top"), ("rack-a04", "top")},
-    "racktwin-inlet-allowable": {("rack-a04", "top")},
+    # hot tops and a cold bottom: both ends of each band
+    "racktwin-inlet-recommended": {("rack-a02", "top"), ("rack-a04", "top"), ("rack-b02", "bottom")},
+    "racktwin-inlet-allowable": {("rack-a04", "top"), ("rack-b02", "bottom")},
     "racktwin-dewpoint-recommended": {("rack-b01", "top")},
     "racktwin-dewpoint-allowable": {("rack-b01", "top")},
     "racktwin-humidity-recommended": {("rack-b01", "top")},
-    "racktwin-humidity-allowable": set(),
+    "racktwin-humidity-allowable": {("rack-b01", "top")},
     "racktwin-dry-dewpoint-recommended": {("rack-b02", "bottom")},
     "racktwin-dry-dewpoint-allowable": {("rack-b02", "bottom")},
     "racktwin-dry-humidity-allowable": {("rack-b02", "bottom")},
-    "racktwin-recirculation": {("rack-a02", None), ("rack-a04", None)},
+    "racktwin-recirculation": {("rack-a02", None), ("rack-a04", None), ("rack-b02", None)},
     "racktwin-rate-of-change": {("rack-b03", "top")},
     "racktwin-sensor-silent": {("rack-a03", "top"), ("rack-a03", "bottom")},
     "racktwin-sensor-stuck": {("rack-b05", "top"), ("rack-b05", "bottom")},
@@ -110,13 +113,28 @@ def test_forecast_rule_fires_for_the_fast_riser_only(fed, influxd, influx_db):
         "forecast_horizon_min"].default]
 
 
+def _replica_stats(instance: str, ready: bool, oldest_in_flight_s: float, now_ms: int) -> list[str]:
+    """Stats lines as another bridge replica writes them (bridge/stats.py), with nothing delivered yet."""
+    metrics = Metrics()
+    metrics.oldest_in_flight.set(oldest_in_flight_s)
+    return stats_lines(metrics, instance, ready, {}, now_ms)
+
+
 def test_bridge_rules(fed, influxd, influx_db):
+    # Two more replicas: one not ready (a sink unreachable), one ready whose oldest message has waited 2 min for a
+    # sink that hangs: it confirms nothing, so it writes no lag, and only the waiting message shows it.
+    lines = (_replica_stats("replica-not-ready", False, 0.0, fed.now_ms)
+             + _replica_stats("replica-stalled", True, 120.0, fed.now_ms))
+    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"},
+                  data="\n".join(lines), timeout=10).raise_for_status()
     run = make_runner(influxd, influx_db, fed.now_ms + 5000)
     down = evaluate_rule(RULES["racktwin-bridge-down"], run)
-    assert down.state == "Evaluated" and down.firing == {}, "a running, ready bridge must not fire"
+    assert down.state == "Evaluated" and len(down.values) == 3
+    assert {dict(k)["instance"] for k in down.firing} == {"replica-not-ready"}, "a running, ready bridge must not fire"
     # The crafted history was published up to 19 min after its source timestamps: that is real lag.
     lag = evaluate_rule(RULES["racktwin-bridge-lagging"], run)
-    assert {dict(k)["instance"] for k in lag.firing} == {fed.instance}
+    assert {dict(k)["instance"] for k in lag.firing} == {fed.instance, "replica-stalled"}
+    assert {dict(k)["instance"]: v for k, v in lag.values.items()}["replica-not-ready"] == 0.0
     # Ten minutes later with no stats (the bridge is stopped): no data, which this rule treats as firing.
     later = evaluate_rule(RULES["racktwin-bridge-down"], make_runner(influxd, influx_db, fed.now_ms + 600_000))
     assert later.state == "NoData" and RULES["racktwin-bridge-down"]["noDataState"] == "Alerting"

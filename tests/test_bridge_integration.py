@@ -148,6 +148,20 @@ def test_ditto_outage_converges_to_newest_and_influx_carries_on(running_bridge, 
     assert running_bridge.metrics.value("racktwin_ditto_updates_total", {"result": "retry"}) >= 1
 
 
+def test_a_hung_sink_shows_as_the_age_of_the_oldest_unconfirmed_message(running_bridge, bridge_env, publisher,
+                                                                          ditto):
+    """Nothing gets through a Ditto that hangs, so no lag is observed: the waiting message must show it."""
+    m = running_bridge.metrics
+    assert m.value("racktwin_oldest_in_flight_seconds") == 0.0
+    ditto.inject(delay=2.5, count=1)
+    publisher.publish_all([(topic(bridge_env, "rack-h"), envelope("rack-h", int(time.time() * 1000), tempTop=21.0))])
+    waited = wait_until(lambda: (age := m.value("racktwin_oldest_in_flight_seconds")) >= 1.0 and age,
+                        timeout=10, what="the waiting message's age")
+    assert waited < 10 and running_bridge.pipeline.in_flight.count == 1
+    wait_until(lambda: running_bridge.pipeline.in_flight.count == 0, timeout=20, what="confirmed once Ditto answers")
+    assert m.value("racktwin_oldest_in_flight_seconds") == 0.0
+
+
 def test_ops_endpoints(running_bridge, bridge_env, publisher, influxd, influx_db):
     port = running_bridge.ops.port
     base = f"http://127.0.0.1:{port}"
@@ -160,12 +174,13 @@ def test_ops_endpoints(running_bridge, bridge_env, publisher, influxd, influx_db
     text = requests.get(base + "/metrics", timeout=5).text
     for name in ("racktwin_messages_received_total", "racktwin_influx_points_written_total",
                  "racktwin_ditto_updates_total", "racktwin_ditto_coalesced_total", "racktwin_ditto_stale_total",
-                 "racktwin_messages_in_flight", "racktwin_end_to_end_lag_seconds_bucket"):
+                 "racktwin_messages_in_flight", "racktwin_oldest_in_flight_seconds",
+                 "racktwin_end_to_end_lag_seconds_bucket"):
         assert name in text
     # The bridge's own counters land in InfluxDB for the health dashboard.
-    rows = wait_until(lambda: influxd.rows("SELECT received, rejected, ready FROM racktwin_bridge", influx_db),
-                      what="stats point")
-    assert rows[-1]["received"] >= 1 and rows[-1]["rejected"] >= 1
+    rows = wait_until(lambda: influxd.rows("SELECT received, rejected, ready, oldest_in_flight_s FROM racktwin_bridge",
+                                           influx_db), what="stats point")
+    assert rows[-1]["received"] >= 1 and rows[-1]["rejected"] >= 1 and rows[-1]["oldest_in_flight_s"] is not None
 
 
 def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_environ, monkeypatch, influxd,

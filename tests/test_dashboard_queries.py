@@ -30,8 +30,8 @@ SELECTIONS = {
 # The wall's summary stats for the crafted data (tests/dashboard_data.py) with everything selected.
 WALL_VALUES = {
     "Hottest inlet now": 33.0,               # rack-a04 top
-    "Racks outside recommended": 4,          # a02 (29 °C), a04 (33 °C), b01 (RH 75 %), b02 (dew point < -9)
-    "Racks outside A1": 3,                   # a04 (> 32 °C), b01 (dew point > 17), b02 (RH < 8 %)
+    "Racks outside recommended": 4,          # a02 (29 °C), a04 (33 °C), b01 (RH 85 %), b02 (14 °C, dew point < -9)
+    "Racks outside A1": 3,                   # a04 (> 32 °C), b01 (RH > 80 %), b02 (< 15 °C, RH < 8 %)
     "Sensors silent": 2,                     # rack-a03 top and bottom
     "Sensors stuck": 2,                      # rack-b05 top and bottom
     "Largest top − bottom": 12.0,            # rack-a04: 33 - 21
@@ -198,6 +198,7 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
         for query in influx_rule_queries(rule, now_ms):
             body = run_influxql(influxd, influx_db, query)
             columns, tags = expected_shape(query)
+            assert series_of(body), f"{rule['uid']}: no series, so its shape went unchecked"
             for s in series_of(body):
                 assert s["columns"] == ["time", *columns] and set(s.get("tags") or {}) == tags, rule["uid"]
             checked_influx += 1
