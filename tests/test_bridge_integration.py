@@ -210,6 +210,46 @@ def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_e
     assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 6
 
 
+def test_influx_writer_hands_a_burst_to_the_client_in_few_items(bridge_environ, influxd, influx_db):
+    """Messages that arrive while the feeder is busy go to the client together, cut into items of at most
+    MAX_LINES_PER_ITEM lines: the client's per-item cost is paid per pass, not per message."""
+    import threading
+
+    from bridge.metrics import Metrics
+    from bridge.sinks import influx as influx_sink
+
+    writer = influx_sink.InfluxWriter(load_settings(), Metrics())
+    writer.start()
+    client_write, release, calls = writer._batching.write, threading.Event(), []
+
+    def held_write(**kwargs):
+        record = kwargs["record"]
+        calls.append(record if isinstance(record, list) else [record])
+        release.wait(10)  # the first pass blocks the feeder while the burst arrives
+        return client_write(**kwargs)
+
+    writer._batching.write = held_write
+    confirmed = []
+    ts = int(time.time() * 1000) - 60_000
+    try:
+        for i in range(300):
+            writer.submit([f"rack_environment,rack=r{i},position={p} temperature=21.5 {ts + i}" for p in ("top", "bottom")],
+                          lambda i=i: confirmed.append(i))
+            if i == 0:
+                wait_until(lambda: calls, what="the first pass under way")
+        release.set()
+        wait_until(lambda: len(confirmed) == 300, what="every message confirmed")
+    finally:
+        release.set()
+        writer.stop(timeout=5)
+    assert sorted(confirmed) == list(range(300))
+    assert len(calls) == 2, [len(c) for c in calls]  # the first message, then the other 299 in one pass
+    items = calls[1]
+    assert len(items) == -(-598 // influx_sink.MAX_LINES_PER_ITEM)
+    assert all(item.count(b"\n") < influx_sink.MAX_LINES_PER_ITEM for item in items)
+    assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 600
+
+
 def test_failed_update_is_not_lost_to_an_older_reading_that_arrived_meanwhile(bridge_environ, monkeypatch, ditto):
     """A newer reading whose request fails while an older one queues behind it: the twin still ends newest."""
     from bridge.mapping import RackLocation, SensorReading
