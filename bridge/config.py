@@ -474,6 +474,7 @@ def _describe(exc: ValidationError) -> str:
 # compose's image tag, and test switches.
 OTHER_TOOLS_ENV = frozenset({
     "CONFIG", "DELTA_T_LIMIT", "RATE_LIMIT_C_PER_H", "READING_INTERVAL_S", "BRIDGE_LAG_LIMIT_S",
+    "DITTO_UI_URL", "THINGSBOARD_UI_URL",  # the dashboards' links
     "VERSION", "CONTRACTS_DIR", "FAULT_SEED", "SMOKE",
 })
 
