@@ -417,6 +417,24 @@ class Settings(BaseSettings):
                              "or lower sync_backfill_hours")
         return self
 
+    @model_validator(mode="after")
+    def _forecast_can_fire(self) -> "Settings":
+        # These start fine and then never warn (or fail on every reading), so they stop start-up instead.
+        if self.forecast_window_s < 2 * self.forecast_bucket_s:
+            raise ValueError(f"forecast_window_s ({self.forecast_window_s:g} s) must hold at least two buckets of "
+                             f"forecast_bucket_s ({self.forecast_bucket_s:g} s) to fit a trend; lengthen the window "
+                             "or shorten the buckets")
+        if self.forecast_window_s < self.forecast_min_span_s:
+            raise ValueError(f"forecast_window_s ({self.forecast_window_s:g} s) is shorter than forecast_min_span_s "
+                             f"({self.forecast_min_span_s:g} s): a window can never span that long, so every "
+                             "position would stay warming_up; lengthen the window or lower the span")
+        if self.forecast_horizon_min > self.forecast_max_minutes:
+            raise ValueError(f"forecast_horizon_min ({self.forecast_horizon_min:g} min) is beyond "
+                             f"forecast_max_minutes ({self.forecast_max_minutes:g} min): crossings further ahead "
+                             "are reported as none, so no rack could be heading for trouble that far out; raise "
+                             "forecast_max_minutes or lower the horizon")
+        return self
+
     @property
     def policy_id(self) -> str:
         return self.ditto_policy_id or f"{self.ditto_namespace}:racktwin"

@@ -103,3 +103,32 @@ def test_check_config_exits_2_naming_the_field():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "influx_url (env RACKTWIN_INFLUX_URL): Value error, must be an http:// or https:// URL" in proc.stderr
+
+
+def test_forecast_window_shorter_than_its_minimum_span_stops_start_up(monkeypatch):
+    monkeypatch.setenv("RACKTWIN_FORECAST_WINDOW_S", "600")
+    monkeypatch.setenv("RACKTWIN_FORECAST_MIN_SPAN_S", "900")
+    with pytest.raises(ConfigError, match=r"forecast_window_s \(600 s\) is shorter than forecast_min_span_s \(900 s\)"):
+        load_settings()
+    monkeypatch.setenv("RACKTWIN_FORECAST_MIN_SPAN_S", "600")  # a window exactly that long can span it
+    assert load_settings().forecast_min_span_s == 600
+
+
+def test_forecast_window_of_fewer_than_two_buckets_stops_start_up(monkeypatch):
+    # Each within its own range, but the trend window could not be built: every reading would fail.
+    monkeypatch.setenv("RACKTWIN_FORECAST_WINDOW_S", "600")
+    monkeypatch.setenv("RACKTWIN_FORECAST_MIN_SPAN_S", "600")
+    monkeypatch.setenv("RACKTWIN_FORECAST_BUCKET_S", "400")
+    with pytest.raises(ConfigError, match=r"forecast_window_s \(600 s\) must hold at least two buckets"):
+        load_settings()
+    monkeypatch.setenv("RACKTWIN_FORECAST_BUCKET_S", "300")
+    assert load_settings().forecast_bucket_s == 300
+
+
+def test_forecast_horizon_beyond_the_furthest_reported_crossing_stops_start_up(monkeypatch):
+    monkeypatch.setenv("RACKTWIN_FORECAST_HORIZON_MIN", "300")
+    beyond = r"forecast_horizon_min \(300 min\) is beyond forecast_max_minutes \(240 min\)"
+    with pytest.raises(ConfigError, match=beyond):
+        load_settings()
+    monkeypatch.setenv("RACKTWIN_FORECAST_MAX_MINUTES", "300")
+    assert load_settings().forecast_horizon_min == 300

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -251,7 +252,7 @@ def test_publisher_refreshes_an_unchanged_twin_after_the_refresh_interval():
 # -- a short evaluation -------------------------------------------------------------------------
 
 
-def test_short_evaluation_on_the_simulator_lead_time_false_alerts_and_faults():
+def test_short_evaluation_on_the_simulator_lead_time_and_false_alerts():
     settings = Settings()
     hall = ev.sim.build_hall(racks=40, rooms=2, rows=4, seed=3)
     onset = ev.START_S + ev.WARMUP_S  # 17:00 UTC: near the daily peak load, the least headroom
@@ -267,17 +268,52 @@ def test_short_evaluation_on_the_simulator_lead_time_false_alerts_and_faults():
     abrupt = ev.simulate_simulator(hall, [("cooling_failure:hall1,rate=30", onset)], ev.START_S,
                                    ev.WARMUP_S + 1800, settings, racks=[hottest.name])
     assert min(row["lead_min"] or -1 for row in ev.lead_times(abrupt)) < 10  # physics: too fast to warn 10 min ahead
-    normal = ev.simulate_simulator(hall, [], ev.START_S, 6 * 3600.0, settings, racks=[r.name for r in hall.racks[::5]])
-    assert normal.readings > 30_000
+    normal = ev.simulate_simulator(hall, [], ev.START_S, 6 * 3600.0, settings, racks=[r.name for r in hall.racks[::5]],
+                                   glitches=ev.WEEK_GLITCHES)
+    assert normal.readings > 30_000 and normal.spikes > 10 and normal.lost > 20
     assert normal.breaches == {} and normal.fired == []
-    faults = [("stuck:hall1-a02", onset), ("stuck:hall1-b02/bottom", onset), ("silent:hall2-a02/top", onset),
-              ("silent:hall2-b02", onset), ("cooling_failure:hall1,rate=8", onset + 600)]
-    faulty = ev.simulate_simulator(hall, faults, ev.START_S, ev.WARMUP_S + 3600, settings,
-                                   racks=["hall1-a02", "hall1-b02", "hall2-a02", "hall2-b02"])
-    alerted = {f"{rack}/{pos}" for _, rack, pos in faulty.fired}
-    assert {"hall1-a02/bottom", "hall1-b02/top"} <= alerted  # the healthy sensors see the cooling failure
-    assert not alerted & {"hall1-a02/top", "hall1-b02/bottom", "hall2-a02/top", "hall2-b02/top", "hall2-b02/bottom"}
-    assert faulty.statuses["hall1-a02/top"] == "stuck" and "hall2-b02/top" not in faulty.statuses
+
+
+def test_stuck_silent_proof_fires_on_the_healthy_sensors_only_and_fails_without_the_hold_back():
+    report = ev.stuck_silent_report([ev.stuck_silent_run(1, Settings())])
+    assert report["faulty_series_by_kind"] == {"stuck": 2, "stuck_jump": 2, "silent": 5}
+    assert report["alerts_on_faulty_series"] == 0, report["faulty_alerts"]
+    assert report["healthy_series"] == 31 and report["healthy_series_fired"] == 31
+    assert set(report["final_status_of_faulty"]) <= {"stuck", "silent", "forgotten"}
+    # The same run with stuck and silent never declared: a silent sensor's last trend runs on, a jump reads as a
+    # rise, and both alert. (A sensor frozen at its own value reads low in the warming room: quiet either way.)
+    blind = Settings(forecast_stuck_after_s=1e9, forecast_silent_after_s=1e9)
+    assert set(ev.stuck_silent_report([ev.stuck_silent_run(1, blind)])["alerted_faulty_series_by_kind"]) == {
+        "stuck_jump", "silent"}
+
+
+def test_lead_counts_from_the_alert_still_firing_at_the_breach():
+    series = ["a/top", "a/bottom", "b/top", "b/bottom", "c/top"]
+    fired = [(60.0, "a", "top"), (2400.0, "a", "top"),  # an early alert that resolved, then the one that lasted
+             (120.0, "a", "bottom"),  # resolved long before the breach
+             (1200.0, "b", "top"),  # resolved exactly at the breach
+             (1800.0, "b", "bottom"),  # still firing at the end of the run
+             (-300.0, "c", "top")]  # began before the event's onset
+    resolved = [(600.0, "a", "top"), (900.0, "a", "bottom"), (3000.0, "b", "top")]
+    run = ev.RunResult("timeline", 1, 3, 1.0, 0, breaches={key: 3000.0 for key in series}, fired=fired,
+                       onsets={key: 0.0 for key in series}, statuses={}, wall_s=0.0, resolved=resolved)
+    assert ev.firing_episodes(run)["a/top"] == [(60.0, 600.0), (2400.0, math.inf)]
+    leads = {row["series"]: row["lead_min"] for row in ev.lead_times(run)}
+    assert leads == {"a/top": 10.0, "a/bottom": None, "b/top": None, "b/bottom": 20.0, "c/top": None}
+    summary = ev.summarize([run])
+    assert summary["lead_worst_min"] == -math.inf and summary["leads_ge_target"] == 2
+
+
+def test_glitches_spike_single_readings_and_lose_whole_reports():
+    values = {"tempTop": 24.0, "tempBottom": 21.0, "humidityTop": 40.0}
+    always = ev.Glitches(spike_share=1.0, spike_c=3.0, lost_share=0.0)
+    assert always.apply(values, random.Random(1)) == ({"tempTop": 27.0, "tempBottom": 24.0, "humidityTop": 40.0}, 2)
+    assert values["tempTop"] == 24.0  # the simulator's report itself is left alone
+    assert ev.Glitches(lost_share=1.0).apply(values, random.Random(1)) == ({}, 0)
+    rng = random.Random(7)
+    outcomes = [ev.WEEK_GLITCHES.apply(values, rng) for _ in range(100_000)]
+    assert 400 <= sum(not report for report, _ in outcomes) <= 600  # 0.5 % of the reports lost
+    assert 140 <= sum(spiked for _, spiked in outcomes) <= 260  # 0.1 % of the 2 temperatures per report spiked
 
 
 def test_alert_replay_needs_the_condition_for_the_whole_for_duration():
@@ -298,3 +334,22 @@ def test_alert_replay_needs_the_condition_for_the_whole_for_duration():
     assert replay.fired == [(180, "rack-a01", "top")]
     replay.evaluate(400)  # the newest forecast is too old for the query: resolved
     assert replay.firing == set() and math.isfinite(replay.fired[0][0])
+
+
+def test_alert_replay_reads_the_newest_point_that_has_minutes_to_recommended():
+    """Grafana's query is last("minutes_to_recommended"): a newer point without the field does not hide an older one."""
+    replay = ev.AlertReplay(horizon_min=30, for_s=60, query_range_s=90)
+
+    def publish(t, minutes, status="ok"):
+        replay.publish([Forecast(LOC, "top", status, round(t * 1000), trend_c_per_h=6.0 if status == "ok" else None,
+                                 minutes_to_recommended=minutes)])
+
+    publish(0, 25)
+    replay.evaluate(0)  # pending
+    publish(30, None)  # no crossing forecast this time: a point without the field
+    publish(45, None, status="stuck")  # held back: no point at all
+    replay.evaluate(60)  # last() still returns the 25 written at t=0
+    assert replay.fired == [(60, "rack-a01", "top")]
+    publish(90, None)
+    replay.evaluate(120)  # that 25 is now 120 s old, outside the 90 s range: no series, resolved
+    assert replay.firing == set() and replay.resolved == [(120, "rack-a01", "top")]

@@ -33,8 +33,8 @@ incremental sorted-slope structure saves CPU but needs ~3.5 KB per window; for 4
 The window stores its points in two ``array('d')`` (8 bytes per number).
 
 Measured (``make evaluate``, shared 2-core dev box, 10,000 racks × 2 positions, full windows):
-4 µs per reading to observe, plus 46 µs per reading amortised for the fits and forecasts. That is
-about 10 % of one core at a 10 s interval, and 3.3 times the cost of decoding and mapping a
+4.5 µs per reading to observe, plus 42–48 µs per reading amortised for the fits and forecasts. That
+is about 10 % of one core at a 10 s interval, and about 5 times the cost of decoding and mapping a
 reading. ``forecast_bucket_s=120`` (15 points) cuts the fit cost about 4×, at the price of up to
 one more minute of latency.
 

@@ -6,22 +6,30 @@ same pure, seeded model that feeds the demo wall, with its noise, daily load dri
 (``cooling_failure:ROOM,rate=R``, ``hotspot:RACK,rate=R``, ``stuck``, ``silent``). They pass through
 the real ``ForecastTracker``; forecasts are computed on the publisher's schedule
 (``forecast_publish_interval_s``). The Grafana forecast rule is then replayed exactly: every
-``ALERT_INTERVAL_S`` it checks whether the newest forecast (at most ``ALERT_QUERY_RANGE_S`` old) has
-``minutes_to_recommended < ALERT_HORIZON_MIN``, and it fires once that has held for ``ALERT_FOR_S``.
+``ALERT_INTERVAL_S`` its query takes ``last("minutes_to_recommended")`` over the last
+``ALERT_QUERY_RANGE_S``, i.e. the newest point that has the field, and the instance fires once that
+value has been below ``ALERT_HORIZON_MIN`` at every evaluation for ``ALERT_FOR_S``.
 
 Runs (PASS/FAIL comes from these):
 - cooling_failure: one room loses part of its cooling, warming at 3-12 °C/h (a CRAH of several, or a
   chilled-water valve, failing while the other units carry some of the load), each seed at another
   time of day (so another load and headroom);
 - hotspot: recirculation builds up at one rack's top inlet at 4-12 °C/h, row ends included;
-- normal_week: 40 racks, 7 days, the simulator's noise and daily drift, no scenario (false alerts);
-- stuck_silent: top or bottom sensors freezing, devices or single positions going silent.
+- normal_week: 40 racks, 7 days, the simulator's noise and daily drift, no scenario (false alerts),
+  with spikes and lost messages added to the readings (``Glitches``; the simulator has neither);
+- stuck_silent: a room's cooling fails at ``FAULT_ROOM_RATE`` °C/h and minutes later sensors in it
+  freeze (top or bottom; at their own value, or after jumping 2-4 °C up) or go silent (devices or
+  single positions). The healthy sensors of the room must fire and the faulty ones must not. A silent
+  sensor's last trend still points up and a jump reads as a steep rise, so only the hold-back keeps
+  them quiet: with it switched off the same runs alert on faulty sensors. (One frozen at its own
+  value reads low in a warming room and stays quiet either way.)
 For information, not held to the 10 min target: abrupt failures (``rate=30``: total cooling loss, a
 blanking panel pulled). Rising that fast, a rack reaches 27 °C within minutes, before any trend
 is measurable; the table shows how much of that time the forecast still recovers.
 
 "Real breach" = the simulator's noise-free inlet temperature reaching the recommended maximum.
-Lead = breach time minus the first firing of that series' alert after the scenario's onset.
+Lead = breach time minus the start of that series' alert episode still firing at the breach (an alert
+that fired after the onset but resolved before the breach gave no warning that counts: no lead, missed).
 
 The previous minimal hall generator (``HallModel``: rows as cooling zones with a random walk,
 first-order inlet lag, spikes and lost messages) stays as an informational second opinion.
@@ -37,6 +45,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -69,6 +78,17 @@ COOLING_RATES = (3.0, 4.5, 6.0, 8.0, 10.0, 12.0)
 HOTSPOT_RATES = (4.0, 6.0, 8.0, 10.0, 12.0)
 ABRUPT_RATE = 30.0
 WEEK_SEED = 101
+SENSOR_FAULTS = {"stuck", "silent"}
+# stuck_silent: the faulty sensors' room warms at this rate, and the faults begin this long after it started:
+# late enough that the trend has picked the rise up (a silent sensor's last trend would carry it on), early
+# enough that no healthy sensor of the room fires yet (so an alert on a faulty one cannot be a leftover).
+FAULT_ROOM_RATE = 8.0
+FAULT_DELAY_S = (240.0, 420.0)
+# stuck_jump: the sensor jumps this far up and freezes there. A sensor frozen at its own value reads low in a
+# warming room and never heads for the limit, with or without the stuck check; the jump is what the check is for.
+FAULT_JUMP_C = (2.0, 4.0)
+FAULT_KINDS = ("stuck", "stuck:/bottom", "silent", "silent:/top", "silent:/bottom",
+               "stuck_jump", "stuck_jump:/bottom", "silent:/top")
 
 
 # -- the alert rule, replayed -------------------------------------------------------------------
@@ -81,24 +101,31 @@ class AlertReplay:
     horizon_min: float = ALERT_HORIZON_MIN
     for_s: float = ALERT_FOR_S
     query_range_s: float = ALERT_QUERY_RANGE_S
+    # Per series the newest point that has minutes_to_recommended: what last("minutes_to_recommended") returns
+    # when it lies within the query range (every older point with the field is older still).
     latest: dict[tuple[str, str], Forecast] = field(default_factory=dict)
     pending_since: dict[tuple[str, str], float] = field(default_factory=dict)
     firing: set[tuple[str, str]] = field(default_factory=set)
     fired: list[tuple[float, str, str]] = field(default_factory=list)  # (t, rack, position)
+    resolved: list[tuple[float, str, str]] = field(default_factory=list)  # (t, rack, position) a firing ended
 
     def publish(self, forecasts: list[Forecast]) -> None:
         for f in forecasts:
-            # The bridge writes no point for a held-back position; the query then sees the older one.
-            if f.status == "ok":
+            # A held-back position writes no point, one with no crossing a point without the field: either
+            # way last() still returns the older value, for as long as it lies within the query range.
+            if f.status == "ok" and f.minutes_to_recommended is not None:
                 self.latest[(f.rack, f.position)] = f
 
     def evaluate(self, t: float) -> None:
         for key, f in self.latest.items():
             fresh = t - f.computed_at_ms / 1000 <= self.query_range_s
-            condition = fresh and f.minutes_to_recommended is not None and f.minutes_to_recommended < self.horizon_min
+            # The value as written: forecast_line rounds it to 3 decimals.
+            condition = fresh and round(f.minutes_to_recommended, 3) < self.horizon_min
             if not condition:
                 self.pending_since.pop(key, None)
-                self.firing.discard(key)
+                if key in self.firing:
+                    self.firing.discard(key)
+                    self.resolved.append((t, key[0], key[1]))
                 continue
             since = self.pending_since.setdefault(key, t)
             if key not in self.firing and t - since >= self.for_s:
@@ -119,9 +146,56 @@ class RunResult:
     statuses: dict[str, str]
     wall_s: float
     rates: dict[str, float] = field(default_factory=dict)  # "rack/position" -> scenario rate (°C/h)
+    resolved: list[tuple[float, str, str]] = field(default_factory=list)  # (t, rack, position) a firing ended
+    faults: dict[str, float] = field(default_factory=dict)  # "rack/position" -> start of its stuck/silent fault
+    fault_kinds: dict[str, str] = field(default_factory=dict)  # "rack/position" -> stuck, stuck_jump or silent
+    spikes: int = 0  # readings the run's Glitches spiked
+    lost: int = 0  # reports the run's Glitches dropped
+
+
+@dataclass(frozen=True)
+class Glitches:
+    """Spikes and lost messages for the simulator's readings, which have neither.
+
+    ``spike_share`` of the readings come ``spike_c`` too high for that one sample (a bad conversion, a
+    puff of exhaust air), and ``lost_share`` of a device's reports (both positions) never arrive. Each
+    rack draws from its own seeded stream, so a run gives the same glitches however racks are split
+    over processes.
+    """
+
+    spike_share: float = 0.001
+    spike_c: float = 3.0
+    lost_share: float = 0.005
+
+    def streams(self, seed: int, racks: Iterable[str]) -> dict[str, random.Random]:
+        return {name: random.Random(f"{seed}:{name}:glitches") for name in racks}
+
+    def apply(self, values: dict[str, float], rng: random.Random) -> tuple[dict[str, float], int]:
+        """(the report as received, spiked readings in it); an empty report was lost."""
+        if rng.random() < self.lost_share:
+            return {}, 0
+        out = dict(values)
+        spiked = 0
+        for key in ("tempTop", "tempBottom"):
+            if key in out and rng.random() < self.spike_share:
+                out[key] += self.spike_c
+                spiked += 1
+        return out, spiked
+
+
+WEEK_GLITCHES = Glitches()  # the normal week's: 0.1 % of readings +3 °C for one sample, 0.5 % of reports lost
 
 
 # -- runs on the simulator (bridge.simulator.hall) ---------------------------------------------------
+
+
+def affected_series(s: sim.Scenario, hall: sim.Hall) -> list[str]:
+    """The "rack/position" series a scenario acts on."""
+    if s.kind in sim.ROOM_SCENARIOS:
+        return [f"{r.name}/{p}" for r in hall.racks if r.room == s.target for p in ("top", "bottom")]
+    rack, position = s.target.partition("/")[::2]
+    default = ("top",) if s.kind == "stuck" else ("top", "bottom")  # stuck:RACK freezes the top
+    return [f"{rack}/{p}" for p in ((position,) if position else default)]
 
 
 def simulate_simulator(
@@ -133,10 +207,15 @@ def simulate_simulator(
     limits: ForecastLimits = ForecastLimits(),
     scenario: str = "",
     racks: Iterable[str] | None = None,
+    glitches: Glitches | None = None,
+    stuck_jumps: dict[str, float] | None = None,
 ) -> RunResult:
     """Replay ``racks`` (default all) of the simulator's ``hall`` from ``start_s`` for ``duration_s``.
 
-    ``specs`` are scenario specs (``cooling_failure:hall1,rate=6``) with their start times (epoch s).
+    ``specs`` are scenario specs (``cooling_failure:hall1,rate=6``) with their start times (epoch s);
+    ``glitches`` adds spikes and lost messages to the readings. ``stuck_jumps`` ("rack/position" -> °C)
+    shifts a stuck sensor's frozen value: the simulator freezes a sensor at the value it had, this makes
+    one jump to a wrong value and freeze there (a step the trend could read as a steep rise).
     """
     started = time.perf_counter()
     scenarios = [sim.parse_scenario(spec, hall, at) for spec, at in specs]
@@ -146,20 +225,31 @@ def simulate_simulator(
     locations = {r.name: RackLocation(hall.site, r.room, r.row, r.name) for r in hall.racks}
     publish_every = round(settings.forecast_publish_interval_s / STEP_S)
     evaluate_every = round(ALERT_INTERVAL_S / STEP_S)
+    glitch_streams = glitches.streams(hall.seed, names) if glitches else {}
+    stuck_jumps = stuck_jumps or {}
+    jumps = {key: (s.start_ts, stuck_jumps[key]) for s in scenarios if s.kind == "stuck"
+             for key in affected_series(s, hall) if key in stuck_jumps}
     breaches: dict[str, float] = {}
-    readings = 0
+    readings = spikes = lost = 0
     steps = int(duration_s / STEP_S)
     for k in range(1, steps + 1):
         t = start_s + k * STEP_S
         for name in names:
             true = sim.true_values(hall, hall.rack(name), t, scenarios)
             values = sim.reading(hall, name, t, scenarios) or {}
+            if glitches and values:
+                values, spiked = glitches.apply(values, glitch_streams[name])
+                spikes += spiked
+                lost += not values
             for position, sfx in (("top", "Top"), ("bottom", "Bottom")):
+                key = f"{name}/{position}"
                 if true[f"temp{sfx}"] >= limits.recommended_max_c:
-                    breaches.setdefault(f"{name}/{position}", t)
+                    breaches.setdefault(key, t)
                 temp = values.get(f"temp{sfx}")
                 if temp is None:
                     continue
+                if key in jumps and t >= jumps[key][0]:
+                    temp = round(temp + jumps[key][1], 2)
                 # Without humidity: the alert reads only the temperature forecast, and the dew-point
                 # fits would double the run time without changing a single firing.
                 tracker.observe(SensorReading(locations[name], position, name, round(t * 1000), temp, None))
@@ -170,21 +260,22 @@ def simulate_simulator(
             replay.evaluate(t + STEP_S)
     onsets: dict[str, float] = {}
     rates: dict[str, float] = {}
+    faults: dict[str, float] = {}
+    fault_kinds: dict[str, str] = {}
     for s in scenarios:
-        if s.kind in sim.ROOM_SCENARIOS:
-            affected = [f"{r.name}/{p}" for r in hall.racks if r.room == s.target for p in ("top", "bottom")]
-        else:
-            rack, position = s.target.partition("/")[::2]
-            default = ("top",) if s.kind == "stuck" else ("top", "bottom")  # stuck:RACK freezes the top
-            affected = [f"{rack}/{p}" for p in ((position,) if position else default)]
-        for key in affected:
+        for key in affected_series(s, hall):
+            if s.kind in SENSOR_FAULTS:  # a fault of the sensor, not the air: the event's onset stays
+                faults[key] = s.start_ts
+                fault_kinds[key] = "stuck_jump" if key in jumps else s.kind
+                continue
             onsets[key] = s.start_ts
             if s.rate_c_per_h is not None:
                 rates[key] = s.rate_c_per_h
     end = start_s + steps * STEP_S + STEP_S
     statuses = {f"{f.rack}/{f.position}": f.status for f in tracker.forecasts(end)}
     return RunResult(scenario, hall.seed, len(names), duration_s / 3600, readings, breaches, replay.fired,
-                     onsets, statuses, time.perf_counter() - started, rates)
+                     onsets, statuses, time.perf_counter() - started, rates, replay.resolved, faults, fault_kinds,
+                     spikes, lost)
 
 
 def _onset(seed: int, salt: str) -> float:
@@ -218,25 +309,35 @@ def hotspot_run(seed: int, rates: Iterable[float], settings: Settings) -> RunRes
 
 
 def stuck_silent_run(seed: int, settings: Settings) -> RunResult:
-    """Sensors freeze or go silent in normal operation, one fault per rack, over the morning load rise."""
+    """A room's cooling fails; minutes later sensors in it freeze or go silent, one fault per rack.
+
+    All racks of the room are replayed: the healthy sensors (the other position of a rack with one
+    faulty position, and the racks without a fault) must fire, the faulty ones must not.
+    """
     hall = sim.build_hall(racks=40, rooms=2, rows=4, seed=seed)
+    room = hall.rooms[seed % len(hall.rooms)].name
+    racks = [r.name for r in hall.racks if r.room == room]
     rng = random.Random(f"{seed}:faults")
-    kinds = ("stuck", "stuck:/bottom", "silent", "silent:/top", "silent:/bottom",
-             "stuck", "stuck:/bottom", "silent:/top")
-    racks = rng.sample([r.name for r in hall.racks], len(kinds))
     start = START_S - 10 * 3600 + seed * 1800  # ~06:00 UTC: the daily load (and inlet) rise
-    specs = []
-    for kind, rack in zip(kinds, racks):
+    cooling_at = start + WARMUP_S
+    specs = [(f"cooling_failure:{room},rate={FAULT_ROOM_RATE:g}", cooling_at)]
+    jumps: dict[str, float] = {}
+    for kind, rack in zip(FAULT_KINDS, rng.sample(racks, len(FAULT_KINDS))):
         name, _, position = kind.partition(":")
-        specs.append((f"{name}:{rack}{position}", start + WARMUP_S + rng.uniform(0, 3600)))
-    return simulate_simulator(hall, specs, start, WARMUP_S + 4 * 3600, settings, scenario="stuck_silent", racks=racks)
+        at = cooling_at + rng.uniform(*FAULT_DELAY_S)
+        if name == "stuck_jump":  # the simulator freezes the sensor, simulate_simulator adds the jump
+            name = "stuck"
+            jumps[f"{rack}{position or '/top'}"] = round(rng.uniform(*FAULT_JUMP_C), 1)
+        specs.append((f"{name}:{rack}{position}", at))
+    return simulate_simulator(hall, specs, start, WARMUP_S + AFTER_ONSET_S, settings, scenario="stuck_silent",
+                              racks=racks, stuck_jumps=jumps)
 
 
 def _sim_week_chunk(args: tuple[int, list[str], dict]) -> RunResult:
     seed, racks, overrides = args
     hall = sim.build_hall(racks=40, rooms=2, rows=4, seed=seed)
     return simulate_simulator(hall, [], START_S, 7 * DAY_S, Settings(**overrides), scenario="normal_week",
-                              racks=racks)
+                              racks=racks, glitches=WEEK_GLITCHES)
 
 
 # -- the own minimal generator (informational) ------------------------------------------------------
@@ -440,7 +541,7 @@ def simulate_generator(
     end = START_S + steps * STEP_S + STEP_S
     statuses = {f"{f.rack}/{f.position}": f.status for f in tracker.forecasts(end)}
     return RunResult(scenario, hall.seed, len(model.subset), duration_s / 3600, readings, breaches,
-                     replay.fired, onsets, statuses, time.perf_counter() - started)
+                     replay.fired, onsets, statuses, time.perf_counter() - started, resolved=replay.resolved)
 
 
 def cooling_failure_hall(seed: int, abrupt: bool = False) -> Hall:
@@ -476,18 +577,54 @@ def stuck_silent_hall(seed: int) -> Hall:  # (kept for the generator; not in the
 # -- lead times and false alerts ------------------------------------------------------------------
 
 
+def firing_episodes(run: RunResult) -> dict[str, list[tuple[float, float]]]:
+    """Per series, (start, end) of each firing of its alert; end is inf while it still fires at the run's end."""
+    starts: dict[str, list[float]] = {}
+    ends: dict[str, list[float]] = {}
+    for t, rack, position in sorted(run.fired):
+        starts.setdefault(f"{rack}/{position}", []).append(t)
+    for t, rack, position in sorted(run.resolved):
+        ends.setdefault(f"{rack}/{position}", []).append(t)
+    out = {}
+    for key, begun in starts.items():
+        # A series' firings and resolutions alternate: the n-th resolution ends the n-th firing.
+        ended = ends.get(key, [])
+        out[key] = list(zip(begun, ended + [math.inf] * (len(begun) - len(ended))))
+    return out
+
+
 def lead_times(run: RunResult) -> list[dict]:
-    """Per real breach: minutes between the first firing since the event's onset and the breach."""
+    """Per real breach: minutes from the start of the alert still firing at the breach to the breach.
+
+    Only an alert that began after the event's onset counts. One that fired and resolved before the
+    breach gave no warning anybody still saw: with none firing at the breach the lead is None (missed).
+    A faulty sensor's series is left out: it cannot warn, and the fault rules report it.
+    """
+    episodes = firing_episodes(run)
     rows = []
     for key, t_breach in sorted(run.breaches.items()):
         onset = run.onsets.get(key)
-        if onset is None:
+        if onset is None or key in run.faults:
             continue
-        rack, position = key.split("/")
-        fires = [t for t, r, p in run.fired if r == rack and p == position and onset <= t <= t_breach]
-        lead = (t_breach - fires[0]) / 60 if fires else None
+        active = [start for start, end in episodes.get(key, []) if onset <= start <= t_breach < end]
+        lead = (t_breach - active[0]) / 60 if active else None
         rows.append({"series": key, "onset_to_breach_min": (t_breach - onset) / 60, "lead_min": lead})
     return rows
+
+
+def alerts_on_faulty(run: RunResult) -> list[dict]:
+    """Alerts of faulty sensors firing at or after the start of their fault: each one an alert on bad readings."""
+    episodes = firing_episodes(run)
+    return [{"seed": run.seed, "series": key, "kind": run.fault_kinds.get(key), "fault_at": at, "fired_at": start,
+             "resolved_at": None if end == math.inf else end}
+            for key, at in sorted(run.faults.items()) for start, end in episodes.get(key, []) if end > at]
+
+
+def healthy_fired(run: RunResult) -> tuple[int, int]:
+    """(healthy series the run's event affects, those whose alert fired after the event's onset)."""
+    episodes = firing_episodes(run)
+    healthy = [(key, onset) for key, onset in run.onsets.items() if key not in run.faults]
+    return len(healthy), sum(any(start >= onset for start, _ in episodes.get(key, [])) for key, onset in healthy)
 
 
 def false_alerts(run: RunResult) -> list[tuple[float, str, str]]:
@@ -589,6 +726,27 @@ def summarize(runs: list[RunResult]) -> dict:
     }
 
 
+def stuck_silent_report(runs: list[RunResult]) -> dict:
+    """Alerts on faulty sensors (must be none) and the healthy sensors of the same failing room (must all fire)."""
+    healthy = [healthy_fired(r) for r in runs]
+    alerts = [a for r in runs for a in alerts_on_faulty(r)]
+    alerted = {(a["seed"], a["series"]): a["kind"] for a in alerts}  # a series may alert more than once
+    report = summarize(runs)  # leads and no-breach alerts of the healthy series (lead_times leaves faulty ones out)
+    report.update({
+        "room_rate_c_per_h": FAULT_ROOM_RATE,
+        "faults_after_room_onset_min": [d / 60 for d in FAULT_DELAY_S],
+        "faulty_series": sum(len(r.faults) for r in runs),
+        "faulty_series_by_kind": dict(Counter(kind for r in runs for kind in r.fault_kinds.values())),
+        "alerts_on_faulty_series": len(alerted),
+        "alerted_faulty_series_by_kind": dict(Counter(alerted.values())),
+        "faulty_alerts": alerts,
+        "healthy_series": sum(n for n, _ in healthy),
+        "healthy_series_fired": sum(fired for _, fired in healthy),
+        "final_status_of_faulty": sorted({r.statuses.get(key, "forgotten") for r in runs for key in r.faults}),
+    })
+    return report
+
+
 def by_rate(summary: dict) -> dict[str, dict]:
     """Per scenario rate: breaching series, median and worst lead, fastest onset-to-breach."""
     out: dict[str, dict] = {}
@@ -628,18 +786,7 @@ def run_all(seeds: int = 4, week: bool = True, cost_racks: int = 10_000, workers
     for name in ("cooling_failure", "hotspot", "abrupt_cooling_failure", "abrupt_hotspot"):
         report["scenarios"][name] = summarize(runs[name])
         report["scenarios"][name]["by_rate"] = by_rate(report["scenarios"][name])
-    faults = runs["stuck_silent"]
-    faulty = [(r.seed, key) for r in faults for key in r.onsets]
-    fault_alerts = [(r.seed, f"{rack}/{pos}", t) for r in faults for (t, rack, pos) in r.fired
-                    if f"{rack}/{pos}" in r.onsets and t >= r.onsets[f"{rack}/{pos}"]]
-    report["scenarios"]["stuck_silent"] = {
-        "runs": len(faults),
-        "faulty_series": len(faulty),
-        "alerts_on_faulty_series": len(fault_alerts),
-        "all_alerts": sum(len(r.fired) for r in faults),
-        "final_status_of_faulty": sorted({f"{r.statuses.get(key, 'forgotten')}" for r in faults for key in r.onsets}),
-        "wall_s": sum(r.wall_s for r in faults),
-    }
+    report["scenarios"]["stuck_silent"] = stuck_silent_report(runs["stuck_silent"])
     if week:
         fired = [a for c in week_chunks for a in false_alerts(c)]
         racks = sum(c.racks for c in week_chunks)
@@ -647,6 +794,10 @@ def run_all(seeds: int = 4, week: bool = True, cost_racks: int = 10_000, workers
             "racks": racks,
             "simulated_days": 7,
             "readings": sum(c.readings for c in week_chunks),
+            "glitches": {"spike_share": WEEK_GLITCHES.spike_share, "spike_c": WEEK_GLITCHES.spike_c,
+                         "lost_share": WEEK_GLITCHES.lost_share},
+            "spiked_readings": sum(c.spikes for c in week_chunks),
+            "lost_reports": sum(c.lost for c in week_chunks),
             "real_breaches": sum(len(c.breaches) for c in week_chunks),
             "false_alerts": len(fired),
             "false_alerts_per_40_racks_per_week": len(fired) * 40 / racks,
@@ -685,8 +836,11 @@ def verdicts(report: dict) -> dict[str, bool]:
     if "normal_week" in sc:
         out[f"simulator normal_week: < {FALSE_ALERT_TARGET:.0f} false alert per 40 racks per week"] = (
             sc["normal_week"]["false_alerts_per_40_racks_per_week"] < FALSE_ALERT_TARGET)
-    out["simulator stuck/silent: no forecast alert"] = (sc["stuck_silent"]["faulty_series"] > 0
-                                                        and sc["stuck_silent"]["alerts_on_faulty_series"] == 0)
+    s = sc["stuck_silent"]
+    out[f"simulator stuck/silent in a room failing at {s['room_rate_c_per_h']:g} °C/h: no alert on the "
+        f"{s['faulty_series']} faulty sensors, all {s['healthy_series']} healthy ones fire"] = (
+        s["faulty_series"] > 0 and s["alerts_on_faulty_series"] == 0
+        and s["healthy_series"] > 0 and s["healthy_series_fired"] == s["healthy_series"])
     return out
 
 
@@ -704,7 +858,15 @@ def format_table(report: dict) -> str:
              "abrupt_hotspot": f"  (info: rate={ABRUPT_RATE:g})",
              "generator_cooling_failure": "  (info: own minimal generator)",
              "generator_hot_spot": "  (info: own minimal generator)"}
-    for name in ("cooling_failure", "hotspot", "abrupt_cooling_failure", "abrupt_hotspot",
+    if "stuck_silent" in sc:
+        s = sc["stuck_silent"]
+        # Its breaches, leads and no-breach alerts are the healthy sensors'; the faulty ones are counted apart.
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(s["faulty_series_by_kind"].items()))
+        notes["stuck_silent"] = (f"  (healthy sensors of a room at {s['room_rate_c_per_h']:g} °C/h: "
+                                 f"{s['healthy_series_fired']}/{s['healthy_series']} fired; {s['faulty_series']} "
+                                 f"faulty ({kinds}): {s['alerts_on_faulty_series']} alerted, end status "
+                                 f"{', '.join(s['final_status_of_faulty'])})")
+    for name in ("cooling_failure", "hotspot", "abrupt_cooling_failure", "abrupt_hotspot", "stuck_silent",
                  "generator_cooling_failure", "generator_hot_spot"):
         if name not in sc:
             continue
@@ -713,15 +875,13 @@ def format_table(report: dict) -> str:
         span = f"{rng[0]:.0f}–{rng[1]:.0f}" if rng else "-"
         lines.append(f"{name:<27}{s['runs']:>5}{s['breaching_series']:>9}{span:>18}{_m(s['lead_median_min']):>12}"
                      f"{_m(s['lead_worst_min']):>11}{s['false_alerts']:>17}{s['wall_s']:>8.1f}{notes.get(name, '')}")
-    s = sc["stuck_silent"]
-    lines.append(f"{'stuck_silent':<27}{s['runs']:>5}{'':>9}{'':>18}{'':>12}{'':>11}{s['alerts_on_faulty_series']:>17}"
-                 f"{s['wall_s']:>8.1f}  ({s['faulty_series']} faulty series; end status "
-                 f"{', '.join(s['final_status_of_faulty'])})")
     if "normal_week" in sc:
         w = sc["normal_week"]
+        g = w["glitches"]
         lines.append(f"{'normal_week':<27}{1:>5}{w['real_breaches']:>9}{'':>18}{'':>12}{'':>11}{w['false_alerts']:>17}"
                      f"{w['wall_s']:>8.1f}  ({w['racks']} racks × 7 days: {w['false_alerts_per_40_racks_per_week']:.2f} "
-                     "false alerts per 40 racks per week)")
+                     f"false alerts per 40 racks per week; {w['spiked_readings']:,} readings spiked "
+                     f"+{g['spike_c']:g} °C, {w['lost_reports']:,} reports lost)")
     lines += ["", f"lead by rate (°C/h at onset): {'rate':>6}{'breaches':>9}{'median':>8}{'worst':>8}"
               f"{'fastest onset→breach':>22}   >= {LEAD_TARGET_MIN:.0f} min"]
     for name in ("cooling_failure", "abrupt_cooling_failure", "hotspot", "abrupt_hotspot"):
