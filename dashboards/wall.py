@@ -1,7 +1,7 @@
 """Data hall wall: the NOC screen. Summary stats, one tile per rack from Ditto's current state, a
 rack × position heat grid of the last hours from InfluxDB, and the rack positions the bridge's forecast
 sees heading for the recommended limit. Fits a 1080p screen in kiosk mode without
-scrolling (26 grid units of height) for a hall of 40 racks."""
+scrolling (27 grid units of height) for a hall of 40 racks."""
 
 from __future__ import annotations
 
