@@ -56,6 +56,16 @@ TOPICS = ["racktwin/telemetry/rack-1", "racktwin/telemetry/", "racktwin//", "/",
           "racktwin/telemetry/r\u00e9", "racktwin/telemetry/" + "z" * 400]
 
 
+def _in_range(readings) -> None:
+    for r in readings:
+        assert r.position in ("top", "bottom")
+        assert NOW - SETTINGS.max_age_s * 1000 <= r.ts_ms <= NOW + SETTINGS.max_future_s * 1000
+        for value, (low, high) in ((r.temperature, (SETTINGS.temp_min_c, SETTINGS.temp_max_c)),
+                                   (r.humidity, (SETTINGS.humidity_min_pct, SETTINGS.humidity_max_pct))):
+            if value is not None:
+                assert math.isfinite(value) and low <= value <= high
+
+
 def check_outcome(topic: str, payload: bytes) -> str:
     """Decode and map one message; returns 'accepted' or the reject reason, asserting the invariants."""
     try:
@@ -65,14 +75,44 @@ def check_outcome(topic: str, payload: bytes) -> str:
         assert rej.reason in REJECT_REASONS
         return rej.reason
     assert readings
-    for r in readings:
-        assert r.position in ("top", "bottom")
-        for value, (low, high) in ((r.temperature, (SETTINGS.temp_min_c, SETTINGS.temp_max_c)),
-                                   (r.humidity, (SETTINGS.humidity_min_pct, SETTINGS.humidity_max_pct))):
-            if value is not None:
-                assert math.isfinite(value) and low <= value <= high
-        assert NOW - SETTINGS.max_age_s * 1000 <= r.ts_ms <= NOW + SETTINGS.max_future_s * 1000
+    _in_range(readings)
     return "accepted"
+
+
+class _RecordingSinks:
+    """Both sinks of a Pipeline: what it hands on, never confirmed (accepted messages stay in flight)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.readings: list = []
+
+    def submit(self, item, on_done=None, *rest) -> None:
+        if isinstance(item, list):
+            self.lines.extend(item)
+        else:
+            self.readings.append(item)
+
+
+FUZZ_METRICS = Metrics()
+FUZZ_SINKS = _RecordingSinks()
+FUZZ_PIPELINE = Pipeline(SETTINGS, FUZZ_SINKS, FUZZ_SINKS, FUZZ_METRICS)
+
+
+def pipeline_outcome(topic: str, payload: bytes) -> str:
+    """The message through the real Pipeline: 'accepted' or the reason its reject was counted under, asserting
+    that nothing escaped, exactly one counter moved, and every reading handed on lies in the plausible range."""
+    counters = ["racktwin_messages_accepted_total", "racktwin_internal_errors_total"]
+    before = [FUZZ_METRICS.value(c) for c in counters]
+    before_rejected = {r: FUZZ_METRICS.value("racktwin_messages_rejected_total", {"reason": r}) for r in REJECT_REASONS}
+    handed_on = len(FUZZ_SINKS.readings)
+    FUZZ_PIPELINE.handle(topic, payload, lambda: None, now_ms=NOW)
+    accepted, errors = (FUZZ_METRICS.value(c) - b for c, b in zip(counters, before))
+    moved = [r for r, n in before_rejected.items()
+             if FUZZ_METRICS.value("racktwin_messages_rejected_total", {"reason": r}) != n]
+    assert errors == 0, "an exception got out of decoding or mapping"
+    assert accepted + len(moved) == 1, (accepted, moved)
+    _in_range(FUZZ_SINKS.readings[handed_on:])
+    return "accepted" if accepted else moved[0]
 
 
 def test_hostile_corpus_never_raises_and_every_message_is_counted():
@@ -97,6 +137,11 @@ def test_hostile_corpus_never_raises_and_every_message_is_counted():
     assert accepted + rejected == total
     assert len(acks) == rejected  # rejected ones are acknowledged at once; accepted ones wait for the sinks
     assert accepted == sum(1 for v in outcomes.values() if v == "accepted") > 0
+    # Every reject under its own reason: the counters say what decoding and mapping said of each message.
+    for reason in REJECT_REASONS:
+        expected = sum(1 for v in outcomes.values() if v == reason)
+        assert metrics.value("racktwin_messages_rejected_total", {"reason": reason}) == expected, reason
+    assert {v for v in outcomes.values()} >= {"invalid_json", "payload_too_large", "not_object"}
     assert outcomes[("racktwin/telemetry/rack-1", b'{"tempTop": "  25.5  "}')] == "accepted"
     assert outcomes[("racktwin/telemetry/rack-1", HOSTILE[3][:40])] == "invalid_json"
 
@@ -117,13 +162,13 @@ envelopes = st.fixed_dictionaries(
 @given(topic=st.sampled_from(TOPICS), doc=st.one_of(envelopes, values_dicts, st.lists(envelopes, max_size=3), json_values))
 def test_fuzzed_documents_keep_the_invariants(topic, doc):
     payload = json.dumps(doc, allow_nan=True).encode()
-    check_outcome(topic, payload)
+    assert pipeline_outcome(topic, payload) == check_outcome(topic, payload)
 
 
 @hsettings(max_examples=300, deadline=None)
 @given(payload=st.binary(max_size=200))
 def test_fuzzed_bytes_keep_the_invariants(payload):
-    check_outcome("racktwin/telemetry/rack-1", payload)
+    assert pipeline_outcome("racktwin/telemetry/rack-1", payload) == check_outcome("racktwin/telemetry/rack-1", payload)
 
 
 def test_reject_log_lines_are_rate_limited_per_device_not_per_topic(caplog):
