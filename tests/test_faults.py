@@ -59,6 +59,14 @@ def assert_twins_newest(ditto, racks: int, rounds: int, base_ts: int, timeout: f
     assert behind() == []
 
 
+def metric(bridge: BridgeProcess, name: str) -> float:
+    """A sample from the bridge's /metrics, by its name and labels as exposed (``name{label="x"}``)."""
+    for line in bridge.metrics().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -97,11 +105,16 @@ def test_sigkill_five_times_loses_nothing_and_duplicates_nothing(bridge_env, mos
     bridge = BridgeProcess(bridge_env, tmp_path / "bridge.log").start()
     publisher = Publisher(mosquitto.port)
     try:
-        sender = publish_in_background(publisher, items)
+        # Paced, so that the stream outlasts five kills and restarts: each kill must land mid-stream.
+        sender = publish_in_background(publisher, items, per_second=600)
+        written_at_kill = []
         for kill in range(5):
             time.sleep(rng.uniform(0.2, 1.5))
+            written_at_kill.append(point_count(influxd, influx_db))
             bridge.kill()
             bridge.start()
+        assert sender.is_alive(), f"seed {seed}: the stream ended before the last kill"
+        assert 0 < written_at_kill[0] and written_at_kill[-1] < 2 * racks * rounds, (seed, written_at_kill)
         sender.join(120)
         assert not sender.is_alive()
         try:
@@ -145,17 +158,18 @@ def test_influxdb_outage_backpressure_bounded_memory_nothing_lost(bridge_env, mo
         wait_until(lambda: requests.get(f"http://127.0.0.1:{bridge.port}/readyz", timeout=2).status_code == 503,
                    timeout=15, what="/readyz reports the outage")
         peak_in_flight, peak_rss = 0.0, rss_before
+        received_at_start = metric(bridge, "racktwin_messages_received_total")
         outage_end = time.monotonic() + 60
         while time.monotonic() < outage_end:
-            for line in bridge.metrics().splitlines():
-                if line.startswith("racktwin_messages_in_flight "):
-                    peak_in_flight = max(peak_in_flight, float(line.split()[1]))
+            peak_in_flight = max(peak_in_flight, metric(bridge, "racktwin_messages_in_flight"))
             peak_rss = max(peak_rss, rss_kib(bridge.proc.pid))
             assert requests.get(f"http://127.0.0.1:{bridge.port}/readyz", timeout=2).status_code == 503
             time.sleep(1)
         sender.join(60)
-        # Backpressure: the broker holds the backlog; the bridge never holds more than its receive maximum.
+        # Backpressure: the broker holds the backlog; the bridge never holds more than its receive maximum, so
+        # of the 3,000 messages published during the outage it took in at most that many.
         assert 0 < peak_in_flight <= 200
+        assert metric(bridge, "racktwin_messages_received_total") - received_at_start <= 200
         assert peak_rss - rss_before < 30 * 1024, f"RSS grew {peak_rss - rss_before} KiB during the outage"
         influxd.start()
         wait_until(lambda: point_count(influxd, "outage") == racks * 64 * 2, timeout=90, what="every point after")
@@ -181,16 +195,19 @@ def test_ditto_errors_and_timeouts_then_twins_converge(transport, bridge_env, mo
         wait_until(lambda: len(ditto.things) >= racks, what="twins created")
         for fault, rounds in (({"status": 503}, range(1, 10)), ({"status": 429}, range(10, 20)),
                               ({"delay": 1.5}, range(20, 30))):
-            ditto.inject(duration=3.0, **fault)
+            injected = ditto.inject(duration=3.0, **fault)
+            fault_ends = time.monotonic() + 3.0
             items = [(t, dict(p, ts=p["ts"] + rnd * 1000)) for rnd in rounds for t, p in stream(prefix, racks, 1, base)]
             publisher.publish_all(items)
-            # InfluxDB keeps receiving while Ditto misbehaves.
-            wait_until(lambda: point_count(influxd, influx_db) == racks * 2 * (rounds[-1] + 1), timeout=10,
-                       what=f"influx carries on during {fault}")
-            time.sleep(3.0)
+            # InfluxDB keeps receiving while Ditto misbehaves: all of this round's points before the fault ends.
+            wait_until(lambda: point_count(influxd, influx_db) == racks * 2 * (rounds[-1] + 1),
+                       timeout=max(0.5, fault_ends - time.monotonic()), what=f"influx carries on during {fault}")
+            time.sleep(max(0.0, fault_ends - time.monotonic()) + 0.2)
+            assert injected.used > 0, f"{fault} never reached a twin update"
         wait_until(lambda: all(
-            ditto.things[f"dc.test:rack-{r:03d}"]["features"]["environment"]["properties"]["tsTop"]
-            == iso_ms(base + 29_000) for r in range(racks)), timeout=30, what="twins converge to the newest")
+            {k: ditto.things[f"dc.test:rack-{r:03d}"]["features"]["environment"]["properties"].get(k)
+             for k in ("tsTop", "tsBottom")} == {"tsTop": iso_ms(base + 29_000), "tsBottom": iso_ms(base + 29_000)}
+            for r in range(racks)), timeout=30, what="twins converge to the newest")
         metrics = bridge.metrics()
         retries = [line for line in metrics.splitlines() if line.startswith('racktwin_ditto_updates_total{result="retry"}')]
         assert float(retries[0].split()[1]) > 0
@@ -210,9 +227,12 @@ def test_mosquitto_restart_mid_stream_loses_nothing(bridge_env, ditto, influxd, 
     bridge = BridgeProcess(env, tmp_path / "bridge.log").start()
     try:
         publisher = Publisher(broker.port)
+        ditto.inject(delay=0.02)  # twin updates take a while: messages are still unacknowledged at the restart
         publisher.publish_all(items[: len(items) // 2])  # all acknowledged by the broker
         publisher.close()
+        assert metric(bridge, "racktwin_messages_in_flight") > 0, "nothing in flight: the restart would not be mid-stream"
         broker.restart()  # while the bridge is still working through them
+        ditto.clear_faults()
         publisher = Publisher(broker.port)
         publisher.publish_all(items[len(items) // 2:])
         publisher.close()
@@ -240,13 +260,7 @@ def test_two_replicas_share_the_load_and_survive_one_kill(bridge_env, mosquitto,
     base = int(time.time() * 1000) - 100_000
     items = stream(prefix, racks, rounds, base)
     publisher = Publisher(mosquitto.port)
-
-    def count(bridge: BridgeProcess, name: str) -> float:
-        for line in bridge.metrics().splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
+    count = metric
     written_name = 'racktwin_influx_points_written_total{kind="reading"}'  # not the bridge's stats or forecasts
 
     try:
@@ -258,9 +272,12 @@ def test_two_replicas_share_the_load_and_survive_one_kill(bridge_env, mosquitto,
         wait_until(lambda: count(a, written_name) + count(b, written_name) >= len(items), what="both flushed")
         assert count(a, written_name) + count(b, written_name) == len(items)  # every point written exactly once
         a.kill()  # SIGKILL: no goodbye; the broker must route everything new to b at once
+        written_b = count(b, written_name)
         publisher.publish_all(items[len(items) // 2:])
         wait_until(lambda: point_count(influxd, influx_db) == 2 * len(items), timeout=60, what="second half via b")
         assert count(b, "racktwin_messages_accepted_total") == got_b + len(items) // 2
+        wait_until(lambda: count(b, written_name) - written_b >= len(items), what="b flushed the second half")
+        assert count(b, written_name) == written_b + len(items)  # b alone wrote all of it, each point once
         assert_twins_newest(ditto, racks, rounds, base)
     finally:
         publisher.close()
