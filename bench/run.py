@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -808,11 +809,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(result: dict[str, Any], output: Path, render: Callable[[dict[str, Any]], str]) -> None:
-    """Write the result as JSON and print its table."""
+    """Write the result as JSON, and a copy named by its start time so earlier runs stay comparable (e.g.
+    latest.json and latest-20261201T164132Z.json); print its table."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    text = json.dumps(result, indent=2) + "\n"
+    output.write_text(text)
+    stamp = re.sub(r"[^0-9T]", "", result["started"].split("+")[0]) + "Z"
+    (output.parent / f"{output.stem}-{stamp}.json").write_text(text)
     print(render(result))
-    print(f"wrote {output}")
+    print(f"wrote {output} (and {output.stem}-{stamp}.json)")
 
 
 if __name__ == "__main__":
