@@ -130,6 +130,10 @@ def test_sigkill_five_times_loses_nothing_and_duplicates_nothing(bridge_env, mos
         # Exactly one point per series and timestamp: 20,000 distinct, and each rack/position has `rounds` of them.
         per_series = influxd.rows("SELECT count(temperature) FROM rack_environment GROUP BY rack, position", influx_db)
         assert len(per_series) == 2 * racks and {int(r["count"]) for r in per_series} == {rounds}
+        # ... and with the values sent (a replay that wrote another reading's value at a timestamp would show here).
+        sent = sum(p["values"]["tempTop"] + p["values"]["tempBottom"] for _, p in items)
+        stored = influxd.rows("SELECT sum(temperature) FROM rack_environment", influx_db)[0]["sum"]
+        assert stored == pytest.approx(sent, abs=1e-6), seed
         assert_twins_newest(ditto, racks, rounds, base)
         assert bridge.terminate() == 0
     finally:

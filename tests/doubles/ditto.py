@@ -38,11 +38,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from ..harness.http import QuietHTTPServer
 from . import ditto_ws, rql
 from .contracts import find_contract
 
@@ -745,7 +746,7 @@ class _Stop(Exception):
 # ----------------------------------------------------------------------------------- HTTP plumbing
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(QuietHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
