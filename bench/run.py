@@ -33,6 +33,7 @@ import platform
 import random
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,18 @@ def proc_status(pid: int) -> dict[str, int]:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def host_cpu_ticks() -> tuple[int, int]:
+    """(ticks stolen by the hypervisor for other guests, all ticks) of every CPU so far (/proc/stat "cpu")."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
+
+
+def stolen_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the host's CPU time the hypervisor gave other guests in between: how noisy the run was."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (/proc/<pid>/stat fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -137,6 +150,24 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         return {name: cpu_seconds(pid) - self.started[name] for name, pid in self.pids.items()}
+
+
+def report_failure(bridge: BridgeProcess, ditto: "ServerProcess", influx: "ServerProcess") -> None:
+    """What a failed bench phase leaves to look at: the bridge's log and counters, the sink doubles' logs."""
+    sys.stderr.write(f"bridge log tail:\n{bridge.log()[-3000:]}\n")
+    try:
+        counters = {k: v for k, v in scrape(bridge).items()
+                    if any(w in k for w in ("in_flight", "received", "accepted", "ditto_updates", "points_written"))}
+        sys.stderr.write(f"bridge counters: {counters}\n")
+    except Exception as exc:  # noqa: BLE001 - the bridge may be the thing that broke
+        sys.stderr.write(f"bridge counters unavailable: {exc}\n")
+    for name, server in (("Ditto double", ditto), ("InfluxDB adapter", influx)):
+        sys.stderr.write(f"{name} log tail:\n{server.log_tail()}\n")
+    # A bridge that stopped delivering without a word is stuck somewhere: where its threads are, if py-spy is here.
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if bridge.proc.poll() is None and Path(spy).exists():
+        subprocess.run([spy, "dump", "-p", str(bridge.proc.pid)], stdout=sys.stderr, stderr=sys.stderr, timeout=60,
+                       check=False)
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -161,6 +192,10 @@ class ServerProcess:
             raise RuntimeError(f"bench.servers {args[0]} did not start: {log.read_text()[-2000:]}")
         self.url = json.loads(first)["url"]
         self.lock = threading.Lock()
+        self.log_path = log
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
 
     def call(self, command: str) -> dict[str, Any]:
         with self.lock:
@@ -510,6 +545,7 @@ def run_latency(bridge: BridgeProcess, broker: Mosquitto, stream: Stream, rate: 
     pub = Publisher(broker.port)
     total = int(rate * seconds)
     sent, tick = 0, 0.01
+    host_before = host_cpu_ticks()
     started = time.monotonic()
     try:
         while sent < total:
@@ -523,8 +559,10 @@ def run_latency(bridge: BridgeProcess, broker: Mosquitto, stream: Stream, rate: 
     finally:
         pub.close()
     wait_delivered(bridge, delivered_count(before) + total, timeout)
+    stolen = stolen_share(host_before, host_cpu_ticks())
     d, i = ditto.call("stats"), influx.call("stats")
     out: dict[str, Any] = {"messages": total, "offered_messages_per_s": offered, "seconds": seconds,
+                           "host_cpu_stolen_share": stolen,
                            "influx_points": len(i["latencies"]), "ditto_values": len(d["latencies"]),
                            "ditto_requests_per_message": d["requests_total"] / total}
     for sink, values in (("influx", i["latencies"]), ("ditto", d["latencies"])):
@@ -570,6 +608,8 @@ def figures(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for q in (50, 95, 99):
             key = f"latency_{sink}_p{q}_s"
             f[key] = figure(lat[f"{sink}_p{q}_s"], "s", f"Latency to {name} p{q}", key)
+    f["latency_host_cpu_stolen_pct"] = figure(100 * lat.get("host_cpu_stolen_share", 0.0), "%",
+                                              "Latency run: host CPU taken by other guests (steal)", "")
     ws = r["websocket"]
     f["bridge_ws_msgs_per_s"] = figure(ws["bridge"]["messages_per_s"], "msg/s",
                                        "Bridge over Ditto's WebSocket: fully delivered (warm twins)", "")
@@ -578,6 +618,8 @@ def figures(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for sink, name in (("influx", "InfluxDB"), ("ditto", "Ditto")):
         f[f"latency_ws_{sink}_p99_s"] = figure(ws["latency"][f"{sink}_p99_s"], "s",
                                                f"Latency to {name} p99, WebSocket transport", "")
+    f["latency_ws_host_cpu_stolen_pct"] = figure(100 * ws["latency"].get("host_cpu_stolen_share", 0.0), "%",
+                                                 "Latency run over WebSocket: host CPU taken by other guests", "")
     f["ditto_requests_per_msg_burst"] = figure(warm["ditto_requests_per_message"], "req/msg",
                                                f"Ditto requests per message, burst of {r['config']['burst_rounds']}"
                                                " rounds", "")
@@ -772,7 +814,7 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
             status = proc_status(bridge.proc.pid)
             result["bridge_memory"] = {"peak_rss_mb": status["VmHWM"] / 1024, "rss_mb": status["VmRSS"] / 1024}
         except Exception:
-            sys.stderr.write(f"bridge log tail:\n{bridge.log()[-3000:]}\n")
+            report_failure(bridge, ditto, influx)
             raise
         bridge.terminate()
 
@@ -786,7 +828,7 @@ def run(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
             ws["latency"] = run_latency(bridge, broker, stream, rate, cfg["latency_s"], ditto, influx, cfg["timeout_s"])
             result["websocket"] = ws
         except Exception:
-            sys.stderr.write(f"bridge log tail:\n{bridge.log()[-3000:]}\n")
+            report_failure(bridge, ditto, influx)
             raise
         bridge.terminate()
 

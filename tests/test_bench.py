@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 EXPECTED = [
     "ceiling_msgs_per_s", "bridge_msgs_per_s", "bridge_to_ceiling_ratio", "bridge_cold_msgs_per_s",
-    "latency_offered_msgs_per_s",
+    "latency_offered_msgs_per_s", "latency_host_cpu_stolen_pct", "latency_ws_host_cpu_stolen_pct",
     "latency_influx_p50_s", "latency_influx_p95_s", "latency_influx_p99_s",
     "latency_ditto_p50_s", "latency_ditto_p95_s", "latency_ditto_p99_s",
     "bridge_ws_msgs_per_s", "bridge_ws_to_ceiling_ratio", "latency_ws_influx_p99_s", "latency_ws_ditto_p99_s",
@@ -34,6 +34,16 @@ EXPECTED = [
     "ceiling_cpu_ms_per_msg", "cpu_ms_per_msg_bridge", "cpu_ms_per_msg_ditto_double", "cpu_ms_per_msg_rest",
     "cpu_ms_per_msg_bridge_ws", "cpu_ms_per_msg_ditto_double_ws",
 ]
+
+
+def test_stolen_share_is_the_steal_ticks_over_all_ticks():
+    from bench.run import host_cpu_ticks, stolen_share
+
+    # /proc/stat "cpu" user nice system idle iowait irq softirq steal: 10 of 200 ticks stolen in between
+    assert stolen_share((50, 1000), (60, 1200)) == pytest.approx(0.05)
+    assert stolen_share((5, 100), (5, 100)) == 0.0
+    steal, total = host_cpu_ticks()
+    assert 0 <= steal <= total and total > 0
 
 
 def test_percentile_is_nearest_rank():
@@ -64,8 +74,9 @@ def test_quick_bench_reports_every_figure(quick_result):
     assert sorted(figures) == sorted(EXPECTED)
     for key, f in figures.items():
         assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), (key, f)
-        # CPU time comes in clock ticks (10 ms): a light process may show none in the tiny run.
-        assert f["value"] >= 0 if "cpu_ms" in key else f["value"] > 0, (key, f)
+        # CPU time comes in clock ticks (10 ms): a light process may show none in the tiny run, nor the
+        # hypervisor steal anything from a quiet host.
+        assert f["value"] >= 0 if "cpu_ms" in key or "stolen" in key else f["value"] > 0, (key, f)
         assert f["label"] in stdout, key  # every figure is in the printed table
         if key in TARGETS:
             assert f["target"] and isinstance(f["ok"], bool), key
