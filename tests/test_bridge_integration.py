@@ -412,3 +412,33 @@ def test_stopping_while_influxdb_is_down_returns_in_time_and_confirms_nothing_un
     writer.stop(timeout=1.0)
     assert time.monotonic() - started < 5.0
     assert confirmed == [] and not writer.healthy
+
+
+def test_influx_writer_feeder_survives_a_client_that_raises(bridge_environ, influxd, influx_db):
+    """An exception out of the client's write() is logged and retried; it must not kill the feeder, which would
+    leave every later reading unwritten (and its message unacknowledged) without a word."""
+    from bridge.metrics import Metrics
+    from bridge.sinks import influx as influx_sink
+
+    metrics = Metrics()
+    writer = influx_sink.InfluxWriter(load_settings(), metrics)
+    writer.start()
+    client_write, failures = writer._batching.write, [RuntimeError("client bug")]
+
+    def flaky_write(**kwargs):
+        if failures:
+            raise failures.pop()
+        return client_write(**kwargs)
+
+    writer._batching.write = flaky_write
+    confirmed = []
+    ts = int(time.time() * 1000) - 60_000
+    try:
+        for i in range(3):
+            writer.submit([f"rack_environment,rack=r{i},position=top temperature=21.5 {ts + i}"],
+                          lambda i=i: confirmed.append(i))
+            wait_until(lambda: len(confirmed) == i + 1, what=f"message {i} written")
+    finally:
+        writer.stop(timeout=5)
+    assert confirmed == [0, 1, 2] and metrics.value("racktwin_internal_errors_total") == 1
+    assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 3

@@ -240,9 +240,22 @@ class InfluxWriter:
                         else:
                             waiting.append(entry)
             if entries:
-                self._write([line for entry in entries for line in entry.lines])
+                self._hand_to_client([line for entry in entries for line in entry.lines])
             elif self._stop.is_set():
                 return
+
+    def _hand_to_client(self, lines: list[bytes]) -> None:
+        """``_write``, again after a back-off if the client raises: a dead feeder would stall every reading after."""
+        while True:
+            try:
+                self._write(lines)
+                return
+            except Exception:  # noqa: BLE001 - a client bug must not take the feeder (and all later points) down
+                log.exception("handing %d lines to the InfluxDB client failed; trying again", len(lines))
+                self.metrics.internal_errors.inc()
+            if self._abandon.wait(self._backoff):
+                return
+            self._backoff = min(self._backoff * 2, RESUBMIT_BACKOFF_S[1])
 
     def _write(self, lines: list[bytes]) -> None:
         batching = self._batching
