@@ -58,11 +58,11 @@ class InFlight:
     def count(self) -> int:
         return len(self._since)
 
-    def oldest_age_s(self, now: float | None = None) -> float:
+    def oldest_age_s(self) -> float:
         """Seconds the oldest unfinished message has waited; 0 when none is."""
         with self._cond:
             oldest = next(iter(self._since.values()), None)
-        return 0.0 if oldest is None else max(0.0, (time.monotonic() if now is None else now) - oldest)
+        return 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
 
     def wait_empty(self, timeout: float) -> bool:
         with self._cond:

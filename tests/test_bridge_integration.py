@@ -210,6 +210,16 @@ def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_e
     assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 6
 
 
+def _writer_with_client_write(metrics, wrap):
+    """A started InfluxWriter whose client write() goes through ``wrap(the client's own write)``."""
+    from bridge.sinks.influx import InfluxWriter
+
+    writer = InfluxWriter(load_settings(), metrics)
+    writer.start()
+    writer._batching.write = wrap(writer._batching.write)
+    return writer
+
+
 def test_influx_writer_hands_a_burst_to_the_client_in_few_items(bridge_environ, influxd, influx_db):
     """Messages that arrive while the feeder is busy go to the client together, cut into items of at most
     MAX_LINES_PER_ITEM lines: the client's per-item cost is paid per pass, not per message."""
@@ -218,17 +228,17 @@ def test_influx_writer_hands_a_burst_to_the_client_in_few_items(bridge_environ, 
     from bridge.metrics import Metrics
     from bridge.sinks import influx as influx_sink
 
-    writer = influx_sink.InfluxWriter(load_settings(), Metrics())
-    writer.start()
-    client_write, release, calls = writer._batching.write, threading.Event(), []
+    release, calls = threading.Event(), []
 
-    def held_write(**kwargs):
-        record = kwargs["record"]
-        calls.append(record if isinstance(record, list) else [record])
-        release.wait(10)  # the first pass blocks the feeder while the burst arrives
-        return client_write(**kwargs)
+    def held(client_write):
+        def write(**kwargs):
+            record = kwargs["record"]
+            calls.append(record if isinstance(record, list) else [record])
+            release.wait(10)  # the first pass blocks the feeder while the burst arrives
+            return client_write(**kwargs)
+        return write
 
-    writer._batching.write = held_write
+    writer = _writer_with_client_write(Metrics(), held)
     confirmed = []
     ts = int(time.time() * 1000) - 60_000
     try:
@@ -418,19 +428,18 @@ def test_influx_writer_feeder_survives_a_client_that_raises(bridge_environ, infl
     """An exception out of the client's write() is logged and retried; it must not kill the feeder, which would
     leave every later reading unwritten (and its message unacknowledged) without a word."""
     from bridge.metrics import Metrics
-    from bridge.sinks import influx as influx_sink
+
+    failures = [RuntimeError("client bug")]
+
+    def flaky(client_write):
+        def write(**kwargs):
+            if failures:
+                raise failures.pop()
+            return client_write(**kwargs)
+        return write
 
     metrics = Metrics()
-    writer = influx_sink.InfluxWriter(load_settings(), metrics)
-    writer.start()
-    client_write, failures = writer._batching.write, [RuntimeError("client bug")]
-
-    def flaky_write(**kwargs):
-        if failures:
-            raise failures.pop()
-        return client_write(**kwargs)
-
-    writer._batching.write = flaky_write
+    writer = _writer_with_client_write(metrics, flaky)
     confirmed = []
     ts = int(time.time() * 1000) - 60_000
     try:

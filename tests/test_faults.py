@@ -264,24 +264,23 @@ def test_two_replicas_share_the_load_and_survive_one_kill(bridge_env, mosquitto,
     base = int(time.time() * 1000) - 100_000
     items = stream(prefix, racks, rounds, base)
     publisher = Publisher(mosquitto.port)
-    count = metric
     written_name = 'racktwin_influx_points_written_total{kind="reading"}'  # not the bridge's stats or forecasts
 
     try:
         publisher.publish_all(items[: len(items) // 2])
         wait_until(lambda: point_count(influxd, influx_db) == len(items), timeout=60, what="first half")
-        got_a = count(a, "racktwin_messages_accepted_total")
-        got_b = count(b, "racktwin_messages_accepted_total")
+        got_a = metric(a, "racktwin_messages_accepted_total")
+        got_b = metric(b, "racktwin_messages_accepted_total")
         assert got_a > 0 and got_b > 0 and got_a + got_b == len(items) // 2  # split, and nothing taken twice
-        wait_until(lambda: count(a, written_name) + count(b, written_name) >= len(items), what="both flushed")
-        assert count(a, written_name) + count(b, written_name) == len(items)  # every point written exactly once
+        wait_until(lambda: metric(a, written_name) + metric(b, written_name) >= len(items), what="both flushed")
+        assert metric(a, written_name) + metric(b, written_name) == len(items)  # every point written exactly once
         a.kill()  # SIGKILL: no goodbye; the broker must route everything new to b at once
-        written_b = count(b, written_name)
+        written_b = metric(b, written_name)
         publisher.publish_all(items[len(items) // 2:])
         wait_until(lambda: point_count(influxd, influx_db) == 2 * len(items), timeout=60, what="second half via b")
-        assert count(b, "racktwin_messages_accepted_total") == got_b + len(items) // 2
-        wait_until(lambda: count(b, written_name) - written_b >= len(items), what="b flushed the second half")
-        assert count(b, written_name) == written_b + len(items)  # b alone wrote all of it, each point once
+        assert metric(b, "racktwin_messages_accepted_total") == got_b + len(items) // 2
+        wait_until(lambda: metric(b, written_name) - written_b >= len(items), what="b flushed the second half")
+        assert metric(b, written_name) == written_b + len(items)  # b alone wrote all of it, each point once
         assert_twins_newest(ditto, racks, rounds, base)
     finally:
         publisher.close()

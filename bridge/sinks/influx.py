@@ -253,9 +253,8 @@ class InfluxWriter:
             except Exception:  # noqa: BLE001 - a client bug must not take the feeder (and all later points) down
                 log.exception("handing %d lines to the InfluxDB client failed; trying again", len(lines))
                 self.metrics.internal_errors.inc()
-            if self._abandon.wait(self._backoff):
+            if not self._backed_off():
                 return
-            self._backoff = min(self._backoff * 2, RESUBMIT_BACKOFF_S[1])
 
     def _write(self, lines: list[bytes]) -> None:
         batching = self._batching
@@ -327,10 +326,15 @@ class InfluxWriter:
 
     def _resubmit(self, lines: list[bytes]) -> None:
         """After a back-off, give unwritten lines back to the client (their entries are still registered)."""
+        if self._backed_off():
+            self._write(lines)
+
+    def _backed_off(self) -> bool:
+        """Wait the current back-off and double it; False when the shutdown abandoned the writes meanwhile."""
         if self._abandon.wait(self._backoff):
-            return
+            return False
         self._backoff = min(self._backoff * 2, RESUBMIT_BACKOFF_S[1])
-        self._write(lines)
+        return True
 
     def _entries_of(self, lines: list[bytes]) -> list[tuple[_Entry, list[bytes]]]:
         """The batch's lines grouped by the entry each one would confirm, in submit order."""
