@@ -434,9 +434,15 @@ def influx_writer_cost(url: str, token: str, points: int) -> dict[str, Any]:
 # -- the bridge -----------------------------------------------------------------------------------------
 
 
-def scrape(bridge: BridgeProcess) -> dict[str, float]:
+# What the drain polls ask for, 20 times a second: rendering all of /metrics each time cost the bridge under
+# test about 1 ms of CPU per poll (2-5 % of its time while draining), a load no Prometheus puts on it.
+DELIVERY_METRICS = ["racktwin_messages_accepted_total", "racktwin_messages_rejected_total",
+                    "racktwin_messages_in_flight", "racktwin_ditto_coalesced_total"]
+
+
+def scrape(bridge: BridgeProcess, names: list[str] | None = None) -> dict[str, float]:
     values: dict[str, float] = {}
-    for line in bridge.metrics().splitlines():
+    for line in bridge.metrics(names).splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
@@ -451,7 +457,7 @@ def delivered_count(metrics: dict[str, float]) -> float:
 
 def wait_delivered(bridge: BridgeProcess, total: float, timeout: float) -> dict[str, float]:
     def check() -> dict[str, float] | None:
-        m = scrape(bridge)
+        m = scrape(bridge, DELIVERY_METRICS)
         return m if delivered_count(m) >= total and m.get("racktwin_messages_in_flight", 1) == 0 else None
 
     return wait_for(check, timeout, f"the bridge to deliver {total:.0f} messages", interval=0.05)

@@ -177,6 +177,12 @@ def test_ops_endpoints(running_bridge, bridge_env, publisher, influxd, influx_db
                  "racktwin_messages_in_flight", "racktwin_oldest_in_flight_seconds",
                  "racktwin_end_to_end_lag_seconds_bucket"):
         assert name in text
+    # A poller can ask for only what it needs (the bench polls this way, many times a second).
+    some = requests.get(base + "/metrics", timeout=5, params={
+        "name[]": ["racktwin_messages_rejected_total", "racktwin_messages_in_flight"]}).text
+    samples = {line.split("{")[0].split(" ")[0] for line in some.splitlines() if line and not line.startswith("#")}
+    assert samples == {"racktwin_messages_rejected_total", "racktwin_messages_in_flight"}, some
+    assert 'racktwin_messages_rejected_total{reason="invalid_json"} 1.0' in some
     # The bridge's own counters land in InfluxDB for the health dashboard.
     rows = wait_until(lambda: influxd.rows("SELECT received, rejected, ready, oldest_in_flight_s FROM racktwin_bridge",
                                            influx_db), what="stats point")

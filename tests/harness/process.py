@@ -41,8 +41,10 @@ class BridgeProcess:
         except requests.RequestException:
             return False
 
-    def metrics(self) -> str:
-        return requests.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
+    def metrics(self, names: list[str] | None = None) -> str:
+        """/metrics, or only the named samples (``name[]``: cheaper for the bridge when polled often)."""
+        params = {"name[]": names} if names else None
+        return requests.get(f"http://127.0.0.1:{self.port}/metrics", params=params, timeout=5).text
 
     def terminate(self, timeout: float = 30) -> int:
         assert self.proc is not None
