@@ -247,9 +247,11 @@ def test_bind_mount_sources_exist():
     checked = 0
     for name, svc in model["services"].items():
         for vol in svc.get("volumes", []):
-            source = str(vol).split(":")[0]
+            source, _, rest = str(vol).partition(":")
             if source.startswith((".", "/")):
                 assert (COMPOSE_DIR / source).resolve().exists(), f"{name}: bind source {source} missing"
+                # Read-only, and labelled for hosts that enforce SELinux (else: permission denied there).
+                assert {"ro", "z"} <= set(rest.partition(":")[2].split(",")), f"{name}: mount {vol} needs ro,z"
                 checked += 1
         if "build" in svc:
             ctx = COMPOSE_DIR / svc["build"]["context"]
@@ -1046,6 +1048,34 @@ def test_make_up_names_a_published_port_another_program_holds(tmp_path):
         assert external.returncode == 1 and "MOSQUITTO_HOST_PORT" in external.stderr
     finally:
         holder.close()
+
+
+def test_make_up_refuses_configuration_the_containers_cannot_read(tmp_path):
+    """Containers read the bind-mounted configuration as non-root users: a clone made under umask 077 is caught
+    before the start, naming the files (the Ditto gateway would silently skip its extension file)."""
+    compose = tmp_path / "compose"
+    for part in ("scripts", "thingsboard", "mosquitto", "ditto", "grafana"):
+        shutil.copytree(COMPOSE_DIR / part, compose / part)
+    env_file = tmp_path / ".env"
+    env_file.write_text("TB_MODE=demo\n")
+    _fake_docker(tmp_path / "bin", buildx="0.29.1")
+
+    def preflight() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(compose / "scripts" / "preflight.sh"), str(env_file)],
+                              env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+                              capture_output=True, text=True)
+
+    assert preflight().returncode == 0, preflight().stderr
+    private = compose / "ditto" / "gateway-extension.conf"
+    private.chmod(0o600)
+    (compose / "grafana").chmod(0o700)
+    refused = preflight()
+    assert refused.returncode == 1
+    assert str(private) in refused.stderr and str(compose / "grafana") in refused.stderr
+    assert "chmod -R o+rX" in refused.stderr
+    private.chmod(0o644)
+    (compose / "grafana").chmod(0o755)
+    assert preflight().returncode == 0
 
 
 @pytest.mark.parametrize("buildx, warned", [("0.29.1", False), ("0.17.0", False), ("0.12.1", True), ("", True)])

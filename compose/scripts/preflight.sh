@@ -5,6 +5,10 @@
 #   this only warns.
 # - Ports, when the stack is not running: are the host ports it publishes free? Typical culprit: the Mosquitto
 #   (1883) and InfluxDB 1.x (8086) that `make test` installs from apt, if their services are enabled.
+# - Permissions: the containers read the configuration bind-mounted from compose/ as non-root users (Grafana,
+#   ThingsBoard, the Ditto gateway, nginx workers). A clone made under umask 077 gives files they cannot read;
+#   most then fail to start, the Ditto gateway ignores an unreadable extension file (HOCON includes are
+#   optional) and never reports healthy.
 # Usage: compose/scripts/preflight.sh [env file]
 set -euo pipefail
 
@@ -19,6 +23,15 @@ buildx=$(docker buildx version 2>/dev/null | awk '{print $2}' | sed 's/^v//' || 
 if [ -z "$buildx" ] || version_before "$buildx" 0 17; then
     echo "Warning: Docker Buildx ${buildx:-is not installed}${buildx:+ is older than 0.17}; newer Compose releases need" \
          "Buildx 0.17+ to build the bridge image (package docker-buildx-plugin)." >&2
+fi
+
+mounted=("$compose_dir/thingsboard" "$compose_dir/mosquitto" "$compose_dir/ditto" "$compose_dir/grafana")
+unreadable=$(find "${mounted[@]}" \( \( -type f ! -perm -o=r \) -o \( -type d ! -perm -o=rx \) \) -print)
+if [ -n "$unreadable" ]; then
+    echo "These files are mounted into the containers but only their owner may read them:" >&2
+    echo "$unreadable" | sed 's/^/  /' >&2
+    echo "Fix: chmod -R o+rX ${mounted[*]}" >&2
+    exit 1
 fi
 
 # Our own running containers hold these ports: nothing to check then (make up only updates the stack).
