@@ -37,7 +37,8 @@ class Metrics:
             "racktwin_messages_rejected", "Messages rejected, by reason", ["reason"], registry=r
         )
         self.internal_errors = Counter(
-            "racktwin_internal_errors", "Messages left unacknowledged because of a bridge bug", registry=r
+            "racktwin_internal_errors", "Unexpected errors inside the bridge (bugs), each logged with its traceback",
+            registry=r,
         )
         self.readings = Counter("racktwin_readings_accepted", "Sensor readings accepted", registry=r)
         self.influx_points = Counter(

@@ -169,8 +169,9 @@ def newer_than_condition(pending: dict[Position, PositionState]) -> str:
 
 def known_from_thing(thing: dict[str, Any]) -> dict[Position, PositionState]:
     """Read the twin's per-position state back from a thing JSON (as GET returns it)."""
-    props = thing.get("features", {}).get(FEATURE, {}).get("properties", {}) or {}
-    devices = thing.get("attributes", {}).get("tbDevices", {}) or {}
+    # Anyone with WRITE on the twin may have edited it into another shape: read what fits, skip the rest.
+    props = _object(_object(_object(_object(thing).get("features")).get(FEATURE)).get("properties"))
+    devices = _object(_object(_object(thing).get("attributes")).get("tbDevices"))
     known: dict[Position, PositionState] = {}
     for position in POSITIONS:
         sfx = SUFFIX[position]
@@ -184,6 +185,10 @@ def known_from_thing(thing: dict[str, Any]) -> dict[Position, PositionState]:
             device=devices.get(position) if isinstance(devices.get(position), str) else None,
         )
     return known
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _num(value: Any) -> float | None:

@@ -291,6 +291,47 @@ def test_failed_update_is_not_lost_to_an_older_reading_that_arrived_meanwhile(br
         updater.stop(timeout=2)
 
 
+def test_an_unexpected_error_in_a_twin_update_is_retried_then_given_up_and_never_kills_a_worker(
+        bridge_environ, monkeypatch, ditto):
+    """A bug, or a twin we cannot read, raising out of an update: the workers live on, the rack's readings are
+    retried with the twin read afresh, and a rack that keeps failing is given up (its messages acknowledged:
+    the readings are in InfluxDB) instead of stranding them and, once the receive window fills, the bridge."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.metrics import Metrics
+    from bridge.sinks import ditto as ditto_sink
+
+    failing = {"rack-flaky": 2, "rack-broken": 10**6}
+    real_patch = ditto_sink.DittoClient.patch_thing
+
+    def patch_thing(self, tid, patch, condition):  # noqa: ANN001, ANN202
+        rack = tid.split(":", 1)[1]
+        if failing.get(rack, 0) > 0:
+            failing[rack] -= 1
+            raise KeyError("a bug")
+        return real_patch(self, tid, patch, condition)
+
+    monkeypatch.setattr(ditto_sink.DittoClient, "patch_thing", patch_thing)
+    metrics = Metrics()
+    updater = ditto_sink.DittoUpdater(load_settings(ditto_concurrency=2), metrics)
+    updater.start()
+    now = int(time.time() * 1000)
+    confirmed: list[str] = []
+    try:
+        for rack in ("rack-flaky", "rack-broken", "rack-fine"):
+            loc = RackLocation("site1", "room1", "row1", rack)
+            updater.submit(SensorReading(loc, "top", rack, now, 21.5, 40.0), lambda r=rack: confirmed.append(r))
+        wait_until(lambda: len(confirmed) == 3, timeout=20, what="every rack's message released")
+        assert all(worker.is_alive() for worker in updater._workers)
+        assert props(ditto, "dc.test:rack-flaky")["tempTop"] == 21.5  # retried until it went through
+        assert props(ditto, "dc.test:rack-fine")["tempTop"] == 21.5
+        assert "tempTop" not in props(ditto, "dc.test:rack-broken")  # given up (created empty, never patched)
+        assert metrics.internal_errors._value.get() == 2 + ditto_sink.MAX_UNEXPECTED_FAILURES
+        assert metrics.ditto_updates.labels("error")._value.get() == 1
+        assert updater.healthy  # one rack's bug says nothing about Ditto
+    finally:
+        updater.stop(timeout=2)
+
+
 def test_tag_values_with_separators_and_control_characters_reach_influxdb_intact(influxd, influx_db):
     """Config-supplied room/row names and pattern-matched device names may hold any of these; each point must
     still parse, and read back with its tags (control characters as spaces)."""

@@ -68,6 +68,15 @@ def test_known_state_round_trips_through_thing_json():
     assert back == known
 
 
+def test_known_state_reads_what_fits_from_a_twin_edited_into_other_shapes():
+    good = {"tsTop": "2026-12-01T10:00:00.000Z", "tempTop": 25.0, "humidityTop": "45"}
+    assert twin.known_from_thing({"attributes": {"tbDevices": "dev-t"}, "features": {"environment": {
+        "properties": good}}}) == {"top": twin.PositionState(1796119200000, 25.0, None, None)}
+    for odd in ([], None, "x", {"features": []}, {"features": {"environment": None}}, {"attributes": 5},
+                {"features": {"environment": {"properties": ["tsTop"]}}}):
+        assert twin.known_from_thing(odd) == {}
+
+
 def test_drop_stale():
     pending = {"top": twin.PositionState(10), "bottom": twin.PositionState(10)}
     fresh, stale = twin.drop_stale(pending, {"top": twin.PositionState(10), "bottom": twin.PositionState(9)})
@@ -155,3 +164,15 @@ def test_a_real_condition_quotes_like_urllib():
     condition = twin.newer_than_condition({"top": twin.PositionState(1_790_000_000_123, 24.1, 40.0, "dev"),
                                            "bottom": twin.PositionState(1_790_000_000_456)})
     assert quote_component(condition) == quote(condition, safe="") and "%22" in quote_component(condition)
+
+
+@pytest.mark.parametrize("status, retried", [
+    (None, True), (500, True), (502, True), (503, True), (429, True), (408, True),
+    (424, True),  # twin-persisted acknowledgement failed or timed out (ditto.md): Ditto could not persist it then
+    (401, True), (403, True), (404, True),  # policy or thing not there yet, nginx user being rolled out
+    (400, False), (413, False), (415, False),  # a request Ditto will never take
+])
+def test_which_ditto_answers_are_waited_out(status, retried):
+    from bridge.sinks.ditto import retryable
+
+    assert retryable(status) is retried

@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
-RETRY_STATUSES = {401, 403, 404, 408, 429}  # and every 5xx: see retryable()
+# 424: an acknowledgement (twin-persisted) failed or timed out, i.e. Ditto could not persist it just then.
+RETRY_STATUSES = {401, 403, 404, 408, 424, 429}  # and every 5xx: see retryable()
+# A twin update that raised something unexpected (a bug, or a twin edited into a shape we cannot read) is retried
+# this many times, reading the twin afresh each time, and then given up: its readings stay in InfluxDB.
+MAX_UNEXPECTED_FAILURES = 3
 
 
 def retryable(status: int | None) -> bool:
@@ -117,6 +121,7 @@ class _Thing:
     waiters: list[_Waiter] = field(default_factory=list)
     scheduled: bool = False
     attempts: int = 0
+    unexpected_failures: int = 0
 
 
 class DittoClient:
@@ -353,6 +358,11 @@ class DittoUpdater:
         except (requests.RequestException, DittoError) as exc:
             self._retry_later(thing, pending, waiters, exc)
             return
+        except Exception:  # noqa: BLE001 - the worker must survive it, and the rack's readings must not be
+            # stranded: left pending and scheduled, they would never be sent nor their messages acknowledged
+            self._failed_unexpectedly(thing, pending, waiters)
+            return
+        thing.unexpected_failures = 0
         self._mark_healthy()
         self._count(outcome)
         now = time.time()
@@ -422,20 +432,41 @@ class DittoUpdater:
                 thing.devices.setdefault(position, state.device)
         thing.ensured = True
 
+    def _give_up(self, thing: _Thing, waiters: list[_Waiter]) -> None:
+        """Drop this update (its readings are in InfluxDB already) and release its messages."""
+        self._count("error")
+        for waiter in waiters:
+            if waiter.on_confirmed:
+                waiter.on_confirmed()
+        with self._cond:
+            thing.attempts = 0
+            if thing.pending:
+                self._ready.append(thing.tid)
+                self._cond.notify()
+            else:
+                thing.scheduled = False
+
+    def _failed_unexpectedly(self, thing: _Thing, pending: dict, waiters: list[_Waiter]) -> None:
+        """Called from an except block: log the traceback, re-read the twin next time, retry a few times."""
+        self.metrics.internal_errors.inc()
+        thing.ensured = False
+        thing.unexpected_failures += 1
+        if thing.unexpected_failures >= MAX_UNEXPECTED_FAILURES:
+            log.exception("giving up the twin update of %s after %d unexpected errors (its readings are in "
+                          "InfluxDB)", thing.tid, thing.unexpected_failures)
+            thing.unexpected_failures = 0
+            self._give_up(thing, waiters)
+            return
+        log.exception("unexpected error updating the twin %s; will retry", thing.tid)
+        self._count("retry")
+        self._requeue(thing, pending, waiters)
+
     def _retry_later(self, thing: _Thing, pending: dict, waiters: list[_Waiter], exc: Exception) -> None:
         status = getattr(exc, "status", None)
         if not retryable(status) and status != 412:
             # A request Ditto will never accept (bad id, body too large): it cannot succeed by waiting.
-            self._count("error")
             log.error("Ditto refused update of %s for good: %s", thing.tid, exc)
-            for waiter in waiters:
-                if waiter.on_confirmed:
-                    waiter.on_confirmed()
-            with self._cond:
-                if thing.pending:
-                    self._ready.append(thing.tid)
-                else:
-                    thing.scheduled = False
+            self._give_up(thing, waiters)
             return
         self._count("retry")
         error = str(exc)
@@ -445,6 +476,10 @@ class DittoUpdater:
         self.last_error = error
         if status in (401, 403, 404):
             thing.ensured = False
+        self._requeue(thing, pending, waiters)
+
+    def _requeue(self, thing: _Thing, pending: dict, waiters: list[_Waiter]) -> None:
+        """Put a failed update back, after a back-off that grows with the thing's failures in a row."""
         with self._cond:
             # Fold what we failed to send back in with what arrived meanwhile; per position the newest wins,
             # whichever of the two it is (a reading that arrived meanwhile may be older than the failed one).
