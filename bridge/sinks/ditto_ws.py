@@ -6,6 +6,12 @@ channel; each sends its thing's merge command and waits for the answer with the 
 the rule "one update in flight per thing" and the newer-than condition work exactly as over HTTP.
 A dropped connection fails every command waiting on it (the updater retries them, the condition makes a
 resend safe) and the next command reconnects.
+
+Nothing here waits without a limit. A send into a peer that stopped reading would block in the socket write
+for good, holding the library's connection lock (so its keep-alive pings and its reader stop too): the socket
+gets the channel's timeout, and a write that outlasts it breaks the connection. A peer that reads but answers
+nothing costs each command its timeout; after ``TIMEOUTS_BEFORE_RECONNECT`` of them in a row the connection is
+dropped and the next command opens a new one.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from .ditto import MERGE_PATCH, DittoError, basic_auth
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a twin answer is a few KiB; anything near this is a bug on one side
+TIMEOUTS_BEFORE_RECONNECT = 3
 
 
 def merge_command(thing_id: str, patch: dict[str, Any], condition: str | None, correlation_id: str) -> str:
@@ -72,6 +79,7 @@ class DittoWebSocket:
         self._calls: dict[str, _Call] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._timeouts_in_a_row = 0
 
     def merge(self, thing_id: str, patch: dict[str, Any], condition: str | None) -> tuple[int, Any]:
         """Send one merge command; returns (status, value) of Ditto's answer. Raises DittoError when the
@@ -88,7 +96,11 @@ class DittoWebSocket:
         if not call.done.wait(self.timeout):
             with self._lock:
                 self._calls.pop(cid, None)
-            raise DittoError(None, f"TimeoutError: no answer to a merge of {thing_id} within {self.timeout:.0f} s")
+                self._timeouts_in_a_row += 1
+                silent = self._timeouts_in_a_row >= TIMEOUTS_BEFORE_RECONNECT
+            if silent:
+                self._drop(connection, f"no answer to {TIMEOUTS_BEFORE_RECONNECT} commands in a row")
+            raise DittoError(None, f"TimeoutError: no answer to a merge of {thing_id} within {self.timeout:g} s")
         if call.error is not None:
             raise call.error
         if call.status is None:
@@ -117,8 +129,11 @@ class DittoWebSocket:
             raise DittoError(status, f"WebSocket handshake refused: {body}") from None
         except (InvalidHandshake, InvalidURI, OSError, TimeoutError) as exc:
             raise DittoError(None, f"{type(exc).__name__}: {exc}") from None
+        # The library leaves its socket blocking: a write into a peer that stopped reading would never return.
+        connection.socket.settimeout(self.timeout)
         log.info("Ditto WebSocket connected: %s", self.url)
         self._connection = connection
+        self._timeouts_in_a_row = 0
         threading.Thread(target=self._receive, args=(connection,), name="ditto-ws-receive", daemon=True).start()
         return connection
 
@@ -137,6 +152,7 @@ class DittoWebSocket:
                 cid, status, value = answer
                 with self._lock:
                     call = self._calls.pop(cid, None)
+                    self._timeouts_in_a_row = 0
                 if call is not None:
                     call.status, call.value = status, value
                     call.done.set()
