@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from .thresholds import DEFAULT_CLASS, DEFAULT_RH_CAP, FORECAST_HORIZON_MIN, check_rh_cap
 
@@ -512,6 +512,16 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:  # a complex field (JSON) that does not even parse, before validation
+        raise ConfigError(_describe_unparsable(exc)) from None
+
+
+def _describe_unparsable(exc: SettingsError) -> str:
+    named = re.search(r'field "(\w+)"', str(exc))
+    field = named.group(1) if named else "?"
+    cause = exc.__cause__
+    reason = f"not valid JSON ({cause})" if isinstance(cause, json.JSONDecodeError) else str(cause or exc)
+    return f"invalid configuration:\n  {field} (env {ENV_PREFIX}{field.upper()}): {reason}"
 
 
 def _field_of_env(env: str) -> str | None:

@@ -35,6 +35,13 @@ def test_env_overrides_and_shared_subscription(monkeypatch):
     assert s.subscription_topic == "$share/bridges/racktwin/telemetry/#"
 
 
+@pytest.mark.parametrize("name, value", [("MAPPING", "{bad"), ("DITTO_POLICY_SUBJECTS", "[1,")])
+def test_json_that_does_not_parse_names_its_variable_without_a_traceback(monkeypatch, name, value):
+    monkeypatch.setenv("RACKTWIN_" + name, value)
+    with pytest.raises(ConfigError, match=rf"{name.lower()} \(env RACKTWIN_{name}\): not valid JSON \(Expecting"):
+        load_settings()
+
+
 def test_unknown_env_key_is_named(monkeypatch):
     monkeypatch.setenv("RACKTWIN_MQTT_HOTS", "x")
     with pytest.raises(ConfigError, match="RACKTWIN_MQTT_HOTS: unknown setting"):
