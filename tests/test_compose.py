@@ -1050,6 +1050,17 @@ def test_make_up_names_a_published_port_another_program_holds(tmp_path):
         holder.close()
 
 
+def test_docker_gives_the_bridge_time_to_drain_on_stop():
+    """`docker compose stop` sends SIGTERM, then SIGKILL after the grace period: the bridge's shutdown (waiting
+    for in-flight readings, then stopping its sinks, 2 s each) must fit in it."""
+    from bridge.config import Settings
+
+    model, _ = load_model("demo")
+    grace = model["services"]["bridge"].get("stop_grace_period", "10s")
+    seconds = int(re.fullmatch(r"(\d+)s", grace).group(1))
+    assert seconds >= Settings.model_fields["shutdown_timeout_s"].default + 3 * 2.0 + 5, grace
+
+
 def test_make_up_refuses_configuration_the_containers_cannot_read(tmp_path):
     """Containers read the bind-mounted configuration as non-root users: a clone made under umask 077 is caught
     before the start, naming the files (the Ditto gateway would silently skip its extension file)."""
