@@ -158,12 +158,14 @@ def build_patch(
 
 
 def newer_than_condition(pending: dict[Position, PositionState]) -> str:
-    """RQL that holds only where every pending position is newer than the twin's (or the twin has none)."""
+    """RQL that holds only where no pending position is older than the twin's (or the twin has none). Equal
+    is allowed: a device may send temperature and humidity as two messages with one timestamp, and the second
+    must still reach the twin (``drop_stale`` has merged it with what the twin holds)."""
     parts = []
     for position in POSITIONS:
         if position in pending:
             path = f"{PROPS_PATH}/ts{SUFFIX[position]}"
-            parts.append(f'or(not(exists({path})),lt({path},"{iso_ms(pending[position].ts_ms)}"))')
+            parts.append(f'or(not(exists({path})),le({path},"{iso_ms(pending[position].ts_ms)}"))')
     return parts[0] if len(parts) == 1 else f"and({','.join(parts)})"
 
 
@@ -222,13 +224,22 @@ def policy_body(subjects: dict[str, list[str]]) -> dict[str, Any]:
 def drop_stale(
     pending: dict[Position, PositionState], twin: dict[Position, PositionState]
 ) -> tuple[dict[Position, PositionState], list[Position]]:
-    """Split pending positions into those still newer than the twin and those the twin already beats."""
+    """Split pending positions into those that still change the twin and those it already has or beats. At an
+    equal timestamp a position changes the twin only if it brings a value the twin lacks or holds otherwise
+    (the other half of a reading sent as two messages); it then goes merged with the twin's."""
     fresh: dict[Position, PositionState] = {}
     stale: list[Position] = []
     for position, state in pending.items():
         current = twin.get(position)
-        if current is not None and current.ts_ms >= state.ts_ms:
-            stale.append(position)
-        else:
+        if current is None or current.ts_ms < state.ts_ms:
             fresh[position] = state
+        elif current.ts_ms == state.ts_ms and _adds_to(state, current):
+            fresh[position] = newest_of(state, current)
+        else:
+            stale.append(position)
     return fresh, stale
+
+
+def _adds_to(state: PositionState, current: PositionState) -> bool:
+    return any(new is not None and new != old for new, old in
+               ((state.temperature, current.temperature), (state.humidity, current.humidity)))

@@ -291,6 +291,32 @@ def test_failed_update_is_not_lost_to_an_older_reading_that_arrived_meanwhile(br
         updater.stop(timeout=2)
 
 
+def test_a_reading_sent_as_two_messages_with_one_timestamp_reaches_the_twin_whole(bridge_environ, ditto):
+    """Temperature and humidity in two messages with the same ts (a device posting them apart, or ThingsBoard
+    stamping both in one millisecond): the twin gets both, whether the second arrives while the first is still
+    pending or after it reached Ditto; a copy of either changes nothing."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.metrics import Metrics
+    from bridge.sinks.ditto import DittoUpdater
+
+    updater = DittoUpdater(load_settings(), Metrics())
+    updater.start()
+    ts = int(time.time() * 1000) - 5_000
+    confirmed: list[str] = []
+    try:
+        loc = RackLocation("site1", "room1", "row1", "rack-split")
+        updater.submit(SensorReading(loc, "top", "dev", ts, 23.5, None), lambda: confirmed.append("temp"))
+        wait_until(lambda: confirmed == ["temp"], what="the temperature half confirmed")
+        updater.submit(SensorReading(loc, "top", "dev", ts, None, 44.0), lambda: confirmed.append("rh"))
+        updater.submit(SensorReading(loc, "top", "dev", ts, None, 44.0), lambda: confirmed.append("copy"))
+        wait_until(lambda: len(confirmed) == 3, what="both halves and the copy confirmed")
+        top = props(ditto, "dc.test:rack-split")
+        assert (top["tempTop"], top["humidityTop"], top["tsTop"]) == (23.5, 44.0, iso_ms(ts))
+        assert "dewPointTop" in top
+    finally:
+        updater.stop(timeout=2)
+
+
 def test_an_unexpected_error_in_a_twin_update_is_retried_then_given_up_and_never_kills_a_worker(
         bridge_environ, monkeypatch, ditto):
     """A bug, or a twin we cannot read, raising out of an update: the workers live on, the rack's readings are

@@ -50,8 +50,8 @@ def test_condition_guards_every_pending_position():
     pending = {"top": twin.PositionState(1000), "bottom": twin.PositionState(2000)}
     cond = twin.newer_than_condition(pending)
     assert cond.startswith("and(")
-    assert 'lt(features/environment/properties/tsTop,"1970-01-01T00:00:01.000Z")' in cond
-    assert 'lt(features/environment/properties/tsBottom,"1970-01-01T00:00:02.000Z")' in cond
+    assert 'le(features/environment/properties/tsTop,"1970-01-01T00:00:01.000Z")' in cond
+    assert 'le(features/environment/properties/tsBottom,"1970-01-01T00:00:02.000Z")' in cond
     assert twin.newer_than_condition({"top": twin.PositionState(1000)}).startswith("or(not(exists(")
 
 
@@ -81,6 +81,16 @@ def test_drop_stale():
     pending = {"top": twin.PositionState(10), "bottom": twin.PositionState(10)}
     fresh, stale = twin.drop_stale(pending, {"top": twin.PositionState(10), "bottom": twin.PositionState(9)})
     assert list(fresh) == ["bottom"] and stale == ["top"]
+
+
+def test_drop_stale_at_an_equal_timestamp_keeps_only_what_adds_to_the_twin():
+    twin_has = {"top": twin.PositionState(10, 22.0, None), "bottom": twin.PositionState(10, 20.0, 41.0)}
+    pending = {"top": twin.PositionState(10, None, 45.0),  # the humidity half of a reading sent in two messages
+               "bottom": twin.PositionState(10, 20.0, None)}  # a redelivered copy: nothing new
+    fresh, stale = twin.drop_stale(pending, twin_has)
+    assert fresh == {"top": twin.PositionState(10, 22.0, 45.0)} and stale == ["bottom"]
+    changed, _ = twin.drop_stale({"bottom": twin.PositionState(10, 20.5, None)}, twin_has)  # same ts, other value
+    assert changed == {"bottom": twin.PositionState(10, 20.5, 41.0)}
 
 
 def test_thing_path_escapes_names():

@@ -3,7 +3,7 @@
 Ditto is slower than the input, so each rack thing has a pending merge patch. While a request for
 that thing is in flight, new readings fold into the pending patch; when the request ends the
 pending patch goes next. Workers run different things concurrently over kept-alive connections.
-Every PATCH carries a condition that the twin's source timestamps are older than ours, so an older
+Every PATCH carries a condition that the twin's source timestamps are not newer than ours, so an older
 reading can never overwrite a newer one; a failed condition is "stale", not an error.
 """
 
@@ -301,7 +301,8 @@ class DittoUpdater:
             current = thing.pending.get(reading.position)
             if thing.pending:
                 self._coalesced += 1
-            if current is None or reading.ts_ms > current.ts_ms:
+            # At an equal timestamp too: the other half of a reading sent as two messages (fields it lacks are kept).
+            if current is None or reading.ts_ms >= current.ts_ms:
                 thing.pending[reading.position] = twin.merge_reading(current, reading)
             thing.waiters.append(_Waiter(reading.ts_ms, on_confirmed))
             if not thing.scheduled:
