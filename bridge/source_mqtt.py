@@ -4,6 +4,11 @@ The fixed client id plus session expiry makes the broker keep our subscription a
 while the bridge is away. Acks are manual: a message is acknowledged only after both sinks
 confirmed it, so a crash at any moment leads to redelivery, never loss. The broker sends at most
 ``receive_maximum`` unacknowledged messages, which bounds our memory when a sink is down.
+
+A message still being processed when the connection drops cannot be acked any more (packet ids belong to their
+connection), so the broker redelivers it on the next one. Processing that copy again would add a second entry
+per message to what is in flight with every reconnect while a sink is down; instead the copy's new packet id is
+handed to the message already in flight, which acks it when both sinks confirm.
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, bytes, Callable[[], None]], None]
 
 
+class _Delivery:
+    """The broker's latest copy of one unacknowledged message: whose packet id to ack, on which connection."""
+
+    __slots__ = ("mid", "generation", "finished")
+
+    def __init__(self, mid: int, generation: int):
+        self.mid, self.generation, self.finished = mid, generation, False
+
+
 class MqttSource:
     def __init__(self, settings: Settings, metrics: Metrics, handler: MessageHandler):
         self.settings = settings
@@ -36,6 +50,7 @@ class MqttSource:
         self._generation = 0
         self._accepting = True
         self._lock = threading.Lock()
+        self._unacked: dict[tuple[str, bytes], _Delivery] = {}  # QoS 1 messages in flight, by topic and payload
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.mqtt_client_id,
@@ -104,16 +119,33 @@ class MqttSource:
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:  # noqa: ANN001
         if not self._accepting:
             return  # shutting down: leave it unacknowledged, the broker redelivers it to our next session
-        generation = self._generation
-        mid, qos = message.mid, message.qos
+        topic, payload, qos = message.topic, message.payload, message.qos
+        if qos == 0:
+            self.handler(topic, payload, lambda: None)
+            return
+        key = (topic, payload)
+        with self._lock:
+            generation = self._generation
+            earlier = self._unacked.get(key) if message.dup else None
+            if earlier is not None and not earlier.finished and earlier.generation != generation:
+                # A redelivery of a message we are still processing from a closed connection.
+                earlier.mid, earlier.generation = message.mid, generation
+                self.metrics.redelivered_in_flight.inc()
+                return
+            delivery = self._unacked[key] = _Delivery(message.mid, generation)
 
         def ack() -> None:
+            with self._lock:
+                delivery.finished = True
+                if self._unacked.get(key) is delivery:
+                    del self._unacked[key]
+                mid, current = delivery.mid, delivery.generation == self._generation
             # Packet ids of a closed connection may be reused by the broker: never ack across connections.
             # (Not gated on the subscription: a resumed session redelivers before SUBACK arrives.)
-            if qos > 0 and generation == self._generation:
+            if current:
                 client.ack(mid, qos)
 
-        self.handler(message.topic, message.payload, ack)
+        self.handler(topic, payload, ack)
 
     def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
         self._unsubscribed.set()

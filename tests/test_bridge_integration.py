@@ -524,3 +524,40 @@ def test_influx_writer_feeder_survives_a_client_that_raises(bridge_environ, infl
         writer.stop(timeout=5)
     assert confirmed == [0, 1, 2] and metrics.value("racktwin_internal_errors_total") == 1
     assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 3
+
+
+def test_a_reconnect_while_a_sink_is_down_does_not_take_in_the_redelivered_window_again(mosquitto):
+    """Messages in flight when the connection drops come again on the next one (their packet ids died with it).
+    Taken in as new, every reconnect during an outage would add another receive window to what the bridge holds;
+    instead each copy's packet id goes to the message already in flight, which acks it once confirmed."""
+    import socket as socket_module
+
+    from bridge.metrics import Metrics
+    from bridge.source_mqtt import MqttSource
+
+    window = 20
+    settings = load_settings(mqtt_host="127.0.0.1", mqtt_port=mosquitto.port, mqtt_receive_maximum=window,
+                             mqtt_topic="redeliver/#", mqtt_client_id=f"redeliver-{time.monotonic_ns()}")
+    held: list[tuple[bytes, object]] = []  # a sink that confirms nothing until we say so
+    metrics = Metrics()
+    source = MqttSource(settings, metrics, lambda topic, payload, ack: held.append((payload, ack)))
+    source.start()
+    publisher = Publisher(mosquitto.port)
+    try:
+        assert source.connected.wait(10)
+        publisher.publish_all([("redeliver/x", f"m{i}".encode()) for i in range(100)])
+        wait_until(lambda: len(held) == window, what="one receive window in flight")
+        for reconnect in range(1, 4):
+            source.client.socket().shutdown(socket_module.SHUT_RDWR)  # a network blip or broker restart
+            wait_until(lambda r=reconnect: metrics.redelivered_in_flight._value.get() == window * r, timeout=20,
+                       what=f"the window redelivered after reconnect {reconnect}")
+            assert len(held) == window  # nothing taken in twice
+        for _, ack in list(held):
+            ack()  # the sink recovers: each ack goes out on the current connection
+        wait_until(lambda: len(held) == 100, timeout=20, what="the rest delivered once the window was acked")
+        assert sorted(int(p[1:]) for p, _ in held) == list(range(100))
+        for _, ack in held[window:]:
+            ack()
+    finally:
+        source.stop()
+        publisher.close()
