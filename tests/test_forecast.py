@@ -267,7 +267,8 @@ def test_short_evaluation_on_the_simulator_lead_time_and_false_alerts():
         assert all(row["lead_min"] is not None and row["lead_min"] >= 10 for row in leads), leads
     abrupt = ev.simulate_simulator(hall, [("cooling_failure:hall1,rate=30", onset)], ev.START_S,
                                    ev.WARMUP_S + 1800, settings, racks=[hottest.name])
-    assert min(row["lead_min"] or -1 for row in ev.lead_times(abrupt)) < 10  # physics: too fast to warn 10 min ahead
+    # A total loss (30 °C/h) outruns the forecast's detection delay (5-7 min after the onset): not 10 min ahead.
+    assert min(row["lead_min"] or -1 for row in ev.lead_times(abrupt)) < 10
     normal = ev.simulate_simulator(hall, [], ev.START_S, 6 * 3600.0, settings, racks=[r.name for r in hall.racks[::5]],
                                    glitches=ev.WEEK_GLITCHES)
     assert normal.readings > 30_000 and normal.spikes > 10 and normal.lost > 20

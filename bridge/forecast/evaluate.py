@@ -24,8 +24,9 @@ Runs (PASS/FAIL comes from these):
   them quiet: with it switched off the same runs alert on faulty sensors. (One frozen at its own
   value reads low in a warming room and stays quiet either way.)
 For information, not held to the 10 min target: abrupt failures (``rate=30``: total cooling loss, a
-blanking panel pulled). Rising that fast, a rack reaches 27 °C within minutes, before any trend
-is measurable; the table shows how much of that time the forecast still recovers.
+blanking panel pulled). Rising that fast, a rack reaches 27 °C 7-23 minutes after the onset, while the
+forecast alert needs 5-7 minutes to fire (bucket, fit, publishing, the rule's evaluation and pending
+period); the table shows how much warning is left.
 
 "Real breach" = the simulator's noise-free inlet temperature reaching the recommended maximum.
 Lead = breach time minus the start of that series' alert episode still firing at the breach (an alert
