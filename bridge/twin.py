@@ -76,9 +76,20 @@ class PositionState:
     device: str | None = None
 
 
+# The twin holds temperature and RH to a tenth (°C, %), what such sensors resolve and finer than they are accurate
+# (InfluxDB keeps what was sent): Grafana shows a wall tile's numbers as the raw text of the twin's values, with
+# no decimals setting of its own, and the tile has room for no more.
+TEMPERATURE_DECIMALS, HUMIDITY_DECIMALS = 1, 1
+
+
+def _rounded(value: float | None, decimals: int) -> float | None:
+    return None if value is None else float(round(value, decimals))
+
+
 def merge_reading(state: PositionState | None, reading: SensorReading) -> PositionState:
     """Fold a newer reading into a position; fields it lacks keep their value (as a merge-PATCH would)."""
-    fresh = PositionState(reading.ts_ms, reading.temperature, reading.humidity, reading.device)
+    fresh = PositionState(reading.ts_ms, _rounded(reading.temperature, TEMPERATURE_DECIMALS),
+                          _rounded(reading.humidity, HUMIDITY_DECIMALS), reading.device)
     return fresh if state is None else newest_of(fresh, state)
 
 

@@ -5,6 +5,8 @@ scrolling (27 grid units of height) for a hall of 40 racks."""
 
 from __future__ import annotations
 
+import re
+
 from grafanalib.core import Dashboard
 
 from bridge.thresholds import ENVELOPE_STATES, FORECAST_ALERT_QUERY_RANGE_S
@@ -107,9 +109,14 @@ TILE_COLUMNS = [
 ]
 # Title: rack, ▲top/▼bottom °C and RH top/bottom; the tile value is the rack's envelope state (worst of
 # temperature, humidity and dew point over both positions, computed by the bridge), coloured by band.
-# ${__cell_N} is column N's display text, so the decimals below apply to the title too.
+# ${__cell_N} is column N's raw value as text (fieldDisplay.ts: toString(value)): no unit or decimals apply, the
+# twin's values show as stored. The title is the envelope field's display name, set by an override on that field
+# alone: the stat panel picks its fields by a regex on display names, so a title in the defaults would rename every
+# field and the regex would match none ("no twin" for the whole hall).
 TILE_TITLE = "${__cell_0}  ▲${__cell_3}° ▼${__cell_4}°  ${__cell_5}/${__cell_6}\u00a0%RH"  # no break before %RH
-TILE_DECIMALS = {"tempTop": 1, "tempBottom": 1, "humidityTop": 0, "humidityBottom": 0}
+# The envelope field's display name is that template, uninterpolated (the cells are filled per tile, later); its own
+# name too, should a Grafana ever match on that.
+TILE_FIELDS = "/^(?:envelope|" + re.sub(r"[\\^$.|?*+()\[\]{}/]", lambda m: "\\" + m.group(0), TILE_TITLE) + ")$/"
 # Fixed text sizes (Grafana's automatic ones follow the longest title): at 1080p, 40 tiles in 14 columns of about
 # 108 px text width, the title wraps into rack / temperatures / humidity and the state word takes up to two lines
 # (VERY HUMID); tests/test_wall_layout.py checks that it all fits on 1080p and 4K screens.
@@ -230,14 +237,14 @@ def build(t: Thresholds, site: Site = Site()) -> dict:
         alert_count("Alerts firing", grid(20, 0, 4, 4)),
         stat("Racks (current twin state)", grid(0, TILES_Y, 24, TILES_H), [infinity_target(
             "/api/2/search/things", SEARCH_PARAMS, TILE_COLUMNS, root_selector="items")],
-            field_defaults("none", [{"color": COLORS["unknown"], "value": None}], None, displayName=TILE_TITLE,
+            field_defaults("none", [{"color": COLORS["unknown"], "value": None}], None,
                            noValue="no twin", mappings=envelope_mappings()),
             datasource=DITTO, max_data_points=500,
-            options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "/^envelope$/", "values": True,
+            options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": TILE_FIELDS, "values": True,
                                        "limit": TILE_LIMIT},
                      "textMode": "value_and_name", "text": TILE_TEXT},
-            overrides=[{"matcher": {"id": "byName", "options": name}, "properties": [{"id": "decimals", "value": d}]}
-                       for name, d in TILE_DECIMALS.items()],
+            overrides=[{"matcher": {"id": "byName", "options": "envelope"},
+                        "properties": [{"id": "displayName", "value": TILE_TITLE}]}],
             links=[data_link("Rack detail", RACK_LINK)],
             description="One tile per rack from Ditto's current twin state (one search request): title = rack, "
                         "top/bottom °C, top/bottom RH; value and colour = the worst ASHRAE band of temperature, "

@@ -327,3 +327,38 @@ def gjson_get(doc: Any, path: str) -> tuple[bool, Any]:
         else:
             return False, None
     return True, node
+
+
+# --------------------------------------------------------------------------- stat panel field selection
+
+
+def js_regex(pattern: str) -> re.Pattern:
+    """Grafana's stringToJsRegex: "/body/flags" as written, anything else anchored as ^...$."""
+    if not pattern.startswith("/"):
+        return re.compile("^" + pattern + "$")
+    body, flags = re.fullmatch(r"/(.*?)/([gimsy]*)", pattern, re.S).groups()
+    return re.compile(body, re.I if "i" in flags else 0)
+
+
+def field_display_name(panel: dict, field_name: str) -> str:
+    """A field's display name once Grafana applied the panel's field config (fieldOverrides.ts, fieldState.ts):
+    displayName from the defaults, then from any byName override that matches the field (by its display name so
+    far or by its name), else the field's own name. Templates in it stay as written: ${__cell_N} is filled per
+    value later, when the title is drawn."""
+    config = panel["fieldConfig"]
+    name = config["defaults"].get("displayName") or field_name
+    for override in config.get("overrides", []):
+        matcher = override["matcher"]
+        if matcher["id"] == "byName" and matcher["options"] in (name, field_name):
+            for prop in override["properties"]:
+                if prop["id"] == "displayName":
+                    name = prop["value"]
+    return name
+
+
+def stat_fields(panel: dict, field_names: list[str]) -> list[str]:
+    """The fields a stat panel shows (fieldDisplay.ts getFieldDisplayValues): reduceOptions.fields is a regex
+    tested against each field's display name, not its name."""
+    pattern = js_regex(panel["options"]["reduceOptions"]["fields"])
+    return [name for name in field_names if pattern.search(field_display_name(panel, name))]
+

@@ -194,7 +194,13 @@ def test_wall_reads_ditto_with_one_search_request():
     from bridge.thresholds import ENVELOPE_CRITICAL, ENVELOPE_STATES
 
     tiles = next(p for p in wall["panels"] if p.get("targets") and p["targets"][0] is t)
-    assert tiles["options"]["reduceOptions"]["fields"] == "/^envelope$/"
+    # Grafana picks the shown fields by a regex on display names: the envelope field, titled by its override (a
+    # title in the defaults would rename every field, so the regex would match none and the hall show "no twin").
+    from tests.grafana_sim import field_display_name, stat_fields
+
+    columns = [c["text"] for c in t["columns"]]
+    assert stat_fields(tiles, columns) == ["envelope"]
+    assert "__cell_0" in field_display_name(tiles, "envelope") and "displayName" not in tiles["fieldConfig"]["defaults"]
     # One page of Ditto's search (200 at most) and as many tiles, sorted so a room's racks stay together;
     # the panel says so, for the site with more racks than that.
     assert tiles["options"]["reduceOptions"]["limit"] == 200

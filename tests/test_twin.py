@@ -61,6 +61,15 @@ def test_merge_reading_keeps_fields_the_newer_reading_lacks():
     assert (second.ts_ms, second.temperature, second.humidity) == (2, 21.0, 40.0)
 
 
+def test_the_twin_holds_tenths_and_influxdb_what_was_sent():
+    """The wall's tiles show the twin's numbers as their raw text: the twin keeps a tenth, the history all of it."""
+    from bridge.sinks.influx import reading_line
+
+    reading = SensorReading(LOC, "top", "d", 1000, 23.456, 45.249)
+    assert twin.merge_reading(None, reading) == twin.PositionState(1000, 23.5, 45.2, "d")
+    assert "temperature=23.456" in reading_line(reading) and "humidity=45.249" in reading_line(reading)
+
+
 def test_known_state_round_trips_through_thing_json():
     known = {"top": twin.PositionState(5000, 25.0, 45.0, "dev-t"), "bottom": twin.PositionState(4000, 20.0, None, "dev-b")}
     patch = twin.build_patch(known, known, twin.attributes_for(LOC, {"top": "dev-t", "bottom": "dev-b"}))

@@ -15,6 +15,7 @@ import pytest
 
 from bridge.config import Settings
 from bridge.simulator.run import hall_of
+from bridge.twin import HUMIDITY_DECIMALS, TEMPERATURE_DECIMALS
 from dashboards.panels import ROW_NAME_PX
 from tests.dashboard_data import DASHBOARDS
 from tests.grafana_layout import (DEFAULT_VALUES_LIMIT, FontMissing, Screen, cap_height_px, dashboard_height_px,
@@ -42,31 +43,36 @@ def inter_font():
         pytest.skip(f"{exc} (make deps-system installs it)")
 
 
-def display_text(value: float, decimals: int) -> str:
-    """Grafana's display text of a number with fixed decimals (toFixed)."""
-    return f"{value:.{decimals}f}"
-
 
 def widest(chars: str, size: float) -> str:
     return max(chars, key=lambda ch: text_width(ch, size))
 
 
+def tile_title_template() -> str:
+    [title] = [p["value"] for o in TILES["fieldConfig"]["overrides"] if o["matcher"] == {"id": "byName",
+               "options": "envelope"} for p in o["properties"] if p["id"] == "displayName"]
+    return title
+
+
 def worst_titles() -> list[str]:
-    """The tile title (${__cell_N} = column N's display text) for the demo's racks and for a 10-character name,
-    with the widest digits the decimals allow, from the generated panel itself."""
+    """The tile title for the demo's racks and for a 10-character name, with the widest digits the twin's values can
+    have, from the generated panel itself. ${__cell_N} is column N's raw value as text (fieldDisplay.ts:
+    toString), so what counts is the precision the twin stores (bridge/twin.py), not a decimals option: two
+    digits before the point for a temperature, an RH up to 100."""
     columns = [c["text"] for c in TILES["targets"][0]["columns"]]
-    decimals = {o["matcher"]["options"]: p["value"] for o in TILES["fieldConfig"]["overrides"]
-                for p in o["properties"] if p["id"] == "decimals"}
     digit = widest("0123456789", TILES["options"]["text"]["titleSize"])
     names = [r.name for r in hall_of(Settings()).racks] + ["hall12-a10"]
     out = []
     for name in names:
-        row = {"rack": name, "room": "hall1", "row": "a"}
-        for col in columns:
-            if col in decimals:
-                row[col] = display_text(float(digit * 2 + "." + digit * 3), decimals[col])
-        title = TILES["fieldConfig"]["defaults"]["displayName"]
-        out.append(re.sub(r"\$\{__cell_(\d+)\}", lambda m: str(row[columns[int(m.group(1))]]), title))
+        for whole in (digit * 2, "100"):
+            row = {"rack": name, "room": "hall1", "row": "a"}
+            for col in ("tempTop", "tempBottom", "humidityTop", "humidityBottom"):
+                decimals = TEMPERATURE_DECIMALS if col.startswith("temp") else HUMIDITY_DECIMALS
+                # An RH of exactly 100 is the number 100, whose text has no decimals.
+                row[col] = (digit * 2 if col.startswith("temp") else whole) + (
+                    "." + digit * decimals if decimals and not (whole == "100" and col.startswith("hum")) else "")
+            out.append(re.sub(r"\$\{__cell_(\d+)\}", lambda m: str(row[columns[int(m.group(1))]]),
+                              tile_title_template()))
     return out
 
 
@@ -85,7 +91,7 @@ def test_the_wall_fits_the_screen_without_scrolling(screen):
 def test_every_rack_tile_shows_its_text_inside_the_tile(screen, header):
     assert TILES["options"]["reduceOptions"].get("limit", DEFAULT_VALUES_LIMIT) >= RACKS  # 25 unless told otherwise
     titles, states = worst_titles(), state_texts()
-    assert len(titles) == RACKS + 1 and {"VERY HUMID", "OK", "no twin"} <= set(states)
+    assert len(titles) == 2 * (RACKS + 1) and {"VERY HUMID", "OK", "no twin"} <= set(states)
     for title in titles:
         for state in states:
             fit = fit_tile(TILES, screen, header, RACKS, title, state)
