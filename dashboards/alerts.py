@@ -129,8 +129,8 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
                  f"{{{{ if $values }}}}{WHERE_SENSOR} sent no reading for {t.silent_after_s} s "
                  f"({{{{ printf \"%.0f\" $values.B.Value }}}} readings in 3 intervals of {t.reading_interval_s} s)"
-                 f"{{{{ else }}}}No rack sensor has reported for {SILENT_LOOKBACK_S // 3600} h: is ThingsBoard's "
-                 f"rule chain forwarding telemetry?{{{{ end }}}}",
+                 f"{{{{ else }}}}No rack sensor has reported in the last {SILENT_LOOKBACK_S // 3600} h (on a new "
+                 f"install: none yet): is ThingsBoard's rule chain forwarding telemetry?{{{{ end }}}}",
                  no_data="NoData"),  # no sensor reported all day: say so
         RuleSpec("racktwin-sensor-stuck", "Sensor stuck (reports the same values)",
                  stuck_sensors_per_series(), STUCK_WINDOW_S, "last", "lt", (0.001,), "warning",
