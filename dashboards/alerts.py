@@ -7,7 +7,7 @@ query (A) -> reduce (B) -> threshold (C), multi-dimensional by the query's GROUP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bridge.thresholds import FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, FORECAST_ALERT_QUERY_RANGE_S
 
@@ -44,6 +44,9 @@ class RuleSpec:
     exec_err: str = "KeepLast"
     labels: dict[str, str] = field(default_factory=dict)
     group: str = "rack-environment"
+    # How long an alert stays firing after its condition cleared: a reading hovering at a limit would otherwise
+    # resolve and fire again with every bit of sensor noise, a pair of notifications each time.
+    keep_firing_for: str | None = None
     dashboard_uid: str = RACK_UID
 
 
@@ -81,7 +84,24 @@ def forecast_rule(t: Thresholds) -> RuleSpec:
         for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"})
 
 
+ENVELOPE_KEEP_FIRING = "10m"
+
+
 def rule_specs(t: Thresholds) -> list[RuleSpec]:
+    return [replace(spec, keep_firing_for=ENVELOPE_KEEP_FIRING) if spec.uid in ENVELOPE_RULES else spec
+            for spec in _rule_specs(t)]
+
+
+# The rules on a reading against an ASHRAE limit: these flap at the threshold (the silent, stuck, rate, forecast
+# and bridge rules judge a window, not a single reading).
+ENVELOPE_RULES = frozenset({
+    "racktwin-inlet-recommended", "racktwin-inlet-allowable", "racktwin-dewpoint-recommended",
+    "racktwin-dewpoint-allowable", "racktwin-humidity-recommended", "racktwin-humidity-allowable",
+    "racktwin-dry-dewpoint-recommended", "racktwin-dry-dewpoint-allowable", "racktwin-dry-humidity-allowable",
+    "racktwin-recirculation"})
+
+
+def _rule_specs(t: Thresholds) -> list[RuleSpec]:
     (t_rec_lo, t_rec_hi), (t_all_lo, t_all_hi) = t.temp_recommended, t.temp_allowable
     (dp_rec_lo, dp_rec_hi), (dp_all_lo, dp_all_hi) = t.dew_point_recommended, t.dew_point_allowable
     rh_lo, rh_hi = t.rh_allowable
@@ -131,7 +151,9 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  f"({{{{ printf \"%.0f\" $values.B.Value }}}} readings in 3 intervals of {t.reading_interval_s} s)"
                  f"{{{{ else }}}}No rack sensor has reported in the last {SILENT_LOOKBACK_S // 3600} h (on a new "
                  f"install: none yet): is ThingsBoard's rule chain forwarding telemetry?{{{{ end }}}}",
-                 no_data="NoData"),  # no sensor reported all day: say so
+                 # no sensor reported all day: say so. The 5 min give a fresh stack time for its first reading
+                 # (a window of no data at all also waits out "for") and a sensor a minute's hiccup.
+                 for_="5m", no_data="NoData"),
         RuleSpec("racktwin-sensor-stuck", "Sensor stuck (reports the same values)",
                  stuck_sensors_per_series(), STUCK_WINDOW_S, "last", "lt", (0.001,), "warning",
                  f"{WHERE_SENSOR} reported identical temperature and humidity for {STUCK_WINDOW_S // 60} min "
@@ -187,6 +209,7 @@ def rule(spec: RuleSpec) -> dict:
         "noDataState": spec.no_data,
         "execErrState": spec.exec_err,
         "for": spec.for_,
+        **({"keepFiringFor": spec.keep_firing_for} if spec.keep_firing_for else {}),
         "isPaused": False,
         "labels": {"severity": spec.severity, **spec.labels},
         "annotations": annotations,

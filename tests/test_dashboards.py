@@ -376,6 +376,18 @@ def test_rule_fields_and_expression_chain(rule):
         assert rule["dashboardUid"] in {d["uid"] for d in DASHBOARDS.values()}
 
 
+def test_rules_on_a_single_reading_keep_firing_a_while_after_it_clears():
+    """A reading hovering at a limit must not resolve and fire again with every bit of sensor noise."""
+    from dashboards.alerts import ENVELOPE_RULES
+
+    assert ENVELOPE_RULES <= {r["uid"] for r in RULES}
+    for rule in RULES:
+        if rule["uid"] in ENVELOPE_RULES:
+            assert DURATION.match(rule["keepFiringFor"]) and rule["keepFiringFor"] != "0s", rule["uid"]
+        else:  # window rules (silent, stuck, rate, forecast, bridge) resolve when the window says so
+            assert "keepFiringFor" not in rule, rule["uid"]
+
+
 def test_contact_points_and_policy_grouped_by_room():
     cps = load("alerting/contact-points.yaml")["contactPoints"]
     receivers = {r["type"]: r for cp in cps for r in cp["receivers"]}
