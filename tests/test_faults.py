@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from bridge.twin import iso_ms
+from bridge.twin import TEMPERATURE_DECIMALS, iso_ms
 from tests.harness.mqtt import Publisher, wait_until
 from tests.harness.process import BridgeProcess
 from tests.harness.services import InfluxD, InfluxV2Adapter, Mosquitto
@@ -50,7 +50,9 @@ def assert_twins_newest(ditto, racks: int, rounds: int, base_ts: int, timeout: f
         for rack in range(racks):
             props = ditto.things.get(f"dc.test:rack-{rack:03d}", {}).get("features", {}).get("environment", {}) \
                 .get("properties", {})
-            expected = (last_ts, last_ts, round(22 + (rack % 7) + (rounds - 1) * 0.01, 2))
+            # Sent to a hundredth, held in the twin to its precision: the timestamps tell the newest reading.
+            sent = round(22 + (rack % 7) + (rounds - 1) * 0.01, 2)
+            expected = (last_ts, last_ts, round(sent, TEMPERATURE_DECIMALS))
             if (props.get("tsTop"), props.get("tsBottom"), props.get("tempTop")) != expected:
                 out.append(f"rack-{rack:03d}: {props.get('tsTop')} {props.get('tempTop')}")
         return out
