@@ -67,16 +67,16 @@ class Metrics:
         self.stale = Counter(
             "racktwin_ditto_stale", "Readings older than the twin's state, not written", registry=r
         )
+        # These two are set by the pipeline to read its in-flight bookkeeping when collected.
         self.in_flight = Gauge("racktwin_messages_in_flight", "Messages not yet confirmed by all sinks", registry=r)
+        self.oldest_in_flight = Gauge("racktwin_oldest_in_flight_seconds",
+                                      "How long the oldest message not yet confirmed by all sinks has waited",
+                                      registry=r)
         self.redelivered_in_flight = Counter(
             "racktwin_mqtt_redelivered_in_flight",
             "Broker redeliveries (after a reconnect) of messages still in flight: acked with them, not processed twice",
             registry=r,
         )
-        # These two are set by the pipeline to read its in-flight bookkeeping when collected.
-        self.oldest_in_flight = Gauge("racktwin_oldest_in_flight_seconds",
-                                      "How long the oldest message not yet confirmed by all sinks has waited",
-                                      registry=r)
         self.lag = Histogram(
             "racktwin_end_to_end_lag_seconds",
             "From the reading's source timestamp to the sink's confirmation",

@@ -7,7 +7,8 @@ query (A) -> reduce (B) -> threshold (C), multi-dimensional by the query's GROUP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 from bridge.thresholds import FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, FORECAST_ALERT_QUERY_RANGE_S
 
@@ -84,62 +85,55 @@ def forecast_rule(t: Thresholds) -> RuleSpec:
         for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"})
 
 
+# How long a rule on a single reading against an ASHRAE limit keeps firing after it cleared (the silent, stuck,
+# rate, forecast and bridge rules judge a window, not a single reading, and do without).
 ENVELOPE_KEEP_FIRING = "10m"
 
 
+def limit_rule(*args: Any, **kwargs: Any) -> RuleSpec:
+    """A rule on the last reading against an ASHRAE (or top − bottom) limit: it flaps at the threshold."""
+    return RuleSpec(*args, keep_firing_for=ENVELOPE_KEEP_FIRING, **kwargs)
+
+
 def rule_specs(t: Thresholds) -> list[RuleSpec]:
-    return [replace(spec, keep_firing_for=ENVELOPE_KEEP_FIRING) if spec.uid in ENVELOPE_RULES else spec
-            for spec in _rule_specs(t)]
-
-
-# The rules on a reading against an ASHRAE limit: these flap at the threshold (the silent, stuck, rate, forecast
-# and bridge rules judge a window, not a single reading).
-ENVELOPE_RULES = frozenset({
-    "racktwin-inlet-recommended", "racktwin-inlet-allowable", "racktwin-dewpoint-recommended",
-    "racktwin-dewpoint-allowable", "racktwin-humidity-recommended", "racktwin-humidity-allowable",
-    "racktwin-dry-dewpoint-recommended", "racktwin-dry-dewpoint-allowable", "racktwin-dry-humidity-allowable",
-    "racktwin-recirculation"})
-
-
-def _rule_specs(t: Thresholds) -> list[RuleSpec]:
     (t_rec_lo, t_rec_hi), (t_all_lo, t_all_hi) = t.temp_recommended, t.temp_allowable
     (dp_rec_lo, dp_rec_hi), (dp_all_lo, dp_all_hi) = t.dew_point_recommended, t.dew_point_allowable
     rh_lo, rh_hi = t.rh_allowable
     cls = t.ashrae_class
     return [
-        RuleSpec("racktwin-inlet-recommended", "Inlet temperature outside recommended envelope", latest("temperature"),
-                 600, "last", "outside_range", (t_rec_lo, t_rec_hi), "warning",
-                 f"{WHERE_SENSOR} inlet {VALUE} °C outside recommended {num(t_rec_lo)}–{num(t_rec_hi)} °C",
-                 for_="5m"),
-        RuleSpec("racktwin-inlet-allowable", f"Inlet temperature outside {cls} allowable", latest("temperature"),
-                 600, "last", "outside_range", (t_all_lo, t_all_hi), "critical",
-                 f"{WHERE_SENSOR} inlet {VALUE} °C outside {cls} allowable {num(t_all_lo)}–{num(t_all_hi)} °C",
-                 for_="1m"),
-        RuleSpec("racktwin-dewpoint-recommended", "Dew point above recommended", latest("dew_point"),
-                 600, "last", "gt", (dp_rec_hi,), "warning",
-                 f"{WHERE_SENSOR} dew point {VALUE} °C above recommended {num(dp_rec_hi)} °C", for_="5m"),
-        RuleSpec("racktwin-dewpoint-allowable", f"Dew point above {cls} allowable", latest("dew_point"),
-                 600, "last", "gt", (dp_all_hi,), "critical",
-                 f"{WHERE_SENSOR} dew point {VALUE} °C above {cls} allowable {num(dp_all_hi)} °C", for_="1m"),
-        RuleSpec("racktwin-humidity-recommended", "Relative humidity above recommended cap", latest("humidity"),
-                 600, "last", "gt", (t.rh_cap,), "warning",
-                 f"{WHERE_SENSOR} RH {VALUE} % above recommended {num(t.rh_cap)} %", for_="5m"),
-        RuleSpec("racktwin-humidity-allowable", f"Relative humidity above {cls} allowable", latest("humidity"),
-                 600, "last", "gt", (rh_hi,), "critical",
-                 f"{WHERE_SENSOR} RH {VALUE} % above {cls} allowable {num(rh_hi)} %", for_="1m"),
-        RuleSpec("racktwin-dry-dewpoint-recommended", "Dry air: dew point below recommended", latest("dew_point"),
-                 600, "last", "lt", (dp_rec_lo,), "warning",
-                 f"{WHERE_SENSOR} dew point {VALUE} °C below recommended {num(dp_rec_lo)} °C", for_="5m"),
-        RuleSpec("racktwin-dry-dewpoint-allowable", "Dry air: dew point below allowable", latest("dew_point"),
-                 600, "last", "lt", (dp_all_lo,), "critical",
-                 f"{WHERE_SENSOR} dew point {VALUE} °C below allowable {num(dp_all_lo)} °C", for_="1m"),
-        RuleSpec("racktwin-dry-humidity-allowable", "Dry air: RH below allowable", latest("humidity"),
-                 600, "last", "lt", (rh_lo,), "critical",
-                 f"{WHERE_SENSOR} RH {VALUE} % below allowable {num(rh_lo)} %", for_="1m"),
-        RuleSpec("racktwin-recirculation", "Top − bottom inlet difference (recirculation)",
-                 delta_per_rack("", RACK_TAGS), 300, "last", "gt", (t.delta_t_limit_c,), "warning",
-                 f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C above {num(t.delta_t_limit_c)} °C "
-                 f"for {t.delta_t_for} (recirculation?)", for_=t.delta_t_for, labels={"position": "top-bottom"}),
+        limit_rule("racktwin-inlet-recommended", "Inlet temperature outside recommended envelope",
+                   latest("temperature"), 600, "last", "outside_range", (t_rec_lo, t_rec_hi), "warning",
+                   f"{WHERE_SENSOR} inlet {VALUE} °C outside recommended {num(t_rec_lo)}–{num(t_rec_hi)} °C",
+                   for_="5m"),
+        limit_rule("racktwin-inlet-allowable", f"Inlet temperature outside {cls} allowable", latest("temperature"),
+                   600, "last", "outside_range", (t_all_lo, t_all_hi), "critical",
+                   f"{WHERE_SENSOR} inlet {VALUE} °C outside {cls} allowable {num(t_all_lo)}–{num(t_all_hi)} °C",
+                   for_="1m"),
+        limit_rule("racktwin-dewpoint-recommended", "Dew point above recommended", latest("dew_point"),
+                   600, "last", "gt", (dp_rec_hi,), "warning",
+                   f"{WHERE_SENSOR} dew point {VALUE} °C above recommended {num(dp_rec_hi)} °C", for_="5m"),
+        limit_rule("racktwin-dewpoint-allowable", f"Dew point above {cls} allowable", latest("dew_point"),
+                   600, "last", "gt", (dp_all_hi,), "critical",
+                   f"{WHERE_SENSOR} dew point {VALUE} °C above {cls} allowable {num(dp_all_hi)} °C", for_="1m"),
+        limit_rule("racktwin-humidity-recommended", "Relative humidity above recommended cap", latest("humidity"),
+                   600, "last", "gt", (t.rh_cap,), "warning",
+                   f"{WHERE_SENSOR} RH {VALUE} % above recommended {num(t.rh_cap)} %", for_="5m"),
+        limit_rule("racktwin-humidity-allowable", f"Relative humidity above {cls} allowable", latest("humidity"),
+                   600, "last", "gt", (rh_hi,), "critical",
+                   f"{WHERE_SENSOR} RH {VALUE} % above {cls} allowable {num(rh_hi)} %", for_="1m"),
+        limit_rule("racktwin-dry-dewpoint-recommended", "Dry air: dew point below recommended", latest("dew_point"),
+                   600, "last", "lt", (dp_rec_lo,), "warning",
+                   f"{WHERE_SENSOR} dew point {VALUE} °C below recommended {num(dp_rec_lo)} °C", for_="5m"),
+        limit_rule("racktwin-dry-dewpoint-allowable", "Dry air: dew point below allowable", latest("dew_point"),
+                   600, "last", "lt", (dp_all_lo,), "critical",
+                   f"{WHERE_SENSOR} dew point {VALUE} °C below allowable {num(dp_all_lo)} °C", for_="1m"),
+        limit_rule("racktwin-dry-humidity-allowable", "Dry air: RH below allowable", latest("humidity"),
+                   600, "last", "lt", (rh_lo,), "critical",
+                   f"{WHERE_SENSOR} RH {VALUE} % below allowable {num(rh_lo)} %", for_="1m"),
+        limit_rule("racktwin-recirculation", "Top − bottom inlet difference (recirculation)",
+                   delta_per_rack("", RACK_TAGS), 300, "last", "gt", (t.delta_t_limit_c,), "warning",
+                   f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C above {num(t.delta_t_limit_c)} °C "
+                   f"for {t.delta_t_for} (recirculation?)", for_=t.delta_t_for, labels={"position": "top-bottom"}),
         RuleSpec("racktwin-rate-of-change", "Inlet temperature changing too fast",
                  f'SELECT spread("temperature") AS "spread" FROM "{MEASUREMENT}" WHERE $timeFilter '
                  f"GROUP BY {SENSOR_TAGS}", RATE_WINDOW_S, "last", "gt", (t.rate_limit_c,), "warning",
