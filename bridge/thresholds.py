@@ -30,8 +30,10 @@ DEFAULT_RH_CAP = 70.0
 # when the newest forecast (at most FORECAST_ALERT_QUERY_RANGE_S old) has minutes_to_recommended below the
 # horizon at every evaluation for FORECAST_ALERT_FOR_S. bridge.forecast.evaluate simulates exactly this.
 FORECAST_HORIZON_MIN = 30.0  # default of Settings.forecast_horizon_min
-FORECAST_ALERT_INTERVAL_S = 60  # rule group evaluation interval ("1m")
-FORECAST_ALERT_FOR_S = 60  # rule "for" ("1m"): two consecutive evaluations
+# Its own rule group, evaluated every 10 s with a 30 s pending period: a total cooling loss gives minutes, and the
+# 1-minute evaluation and pending period of the other rules would spend two of them (bridge/forecast/estimator.py).
+FORECAST_ALERT_INTERVAL_S = 10  # rule group evaluation interval ("10s"; Grafana's default minimum)
+FORECAST_ALERT_FOR_S = 30  # rule "for" ("30s"): four consecutive evaluations
 FORECAST_ALERT_QUERY_RANGE_S = 90  # relativeTimeRange.from: three 30 s publish intervals
 
 

@@ -18,6 +18,11 @@ from .wall import (SENSOR_TAGS, STUCK_MIN_READINGS, STUCK_WINDOW_S, delta_per_ra
                    stuck_sensors_per_series)
 
 FOLDER = "RackTwin"
+RACK_GROUP = "rack-environment"
+FORECAST_GROUP = "rack-forecast"  # evaluated more often than the rest (bridge/thresholds.py says why)
+RACK_GROUPS = (RACK_GROUP, FORECAST_GROUP)  # rules per rack and position: their annotations link the rack detail
+GROUP_INTERVAL_S = 60
+GROUP_INTERVALS_S = {FORECAST_GROUP: FORECAST_ALERT_INTERVAL_S}  # bridge.forecast.evaluate replays the forecast's
 RACK_TAGS = '"site", "room", "row", "rack"'
 RECEIVER = "racktwin-noc"
 RACK_LINK = "${GRAFANA_ROOT_URL}" + RACK_PATH + "?var-rack={{ $labels.rack }}"
@@ -44,7 +49,7 @@ class RuleSpec:
     # than resolve or fire it; the bridge-down rule alone reports the error, so a blind wall pages once.
     exec_err: str = "KeepLast"
     labels: dict[str, str] = field(default_factory=dict)
-    group: str = "rack-environment"
+    group: str = RACK_GROUP
     # How long an alert stays firing after its condition cleared: a reading hovering at a limit would otherwise
     # resolve and fire again with every bit of sensor noise, a pair of notifications each time.
     keep_firing_for: str | None = None
@@ -64,7 +69,6 @@ SILENT_LOOKBACK_S = 24 * 3600
 
 VALUE = '{{ printf "%.1f" $values.B.Value }}'
 MINUTES = '{{ printf "%.0f" $values.B.Value }}'
-GROUP_INTERVAL_S = FORECAST_ALERT_INTERVAL_S  # every group; bridge.forecast.evaluate assumes it for the forecast
 
 
 def duration(seconds: int) -> str:
@@ -82,7 +86,7 @@ def forecast_rule(t: Thresholds) -> RuleSpec:
         f"WHERE $timeFilter GROUP BY {SENSOR_TAGS}",
         FORECAST_ALERT_QUERY_RANGE_S, "last", "lt", (t.forecast_horizon_min,), "warning",
         f"{WHERE_SENSOR} forecast to pass {num(limit)} °C in {MINUTES} min",
-        for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"})
+        for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"}, group=FORECAST_GROUP)
 
 
 # How long a rule on a single reading against an ASHRAE limit keeps firing after it cleared (the silent, stuck,
@@ -179,7 +183,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
 def rule(spec: RuleSpec) -> dict:
     expr_ds = {"type": "__expr__", "uid": "__expr__"}
     annotations = {"summary": spec.summary}
-    if spec.group == "rack-environment":
+    if spec.group in RACK_GROUPS:
         annotations["rack_detail_url"] = RACK_LINK
     return {
         "uid": spec.uid,
@@ -215,7 +219,8 @@ def rules_file(t: Thresholds) -> dict:
     for spec in rule_specs(t):
         groups.setdefault(spec.group, []).append(rule(spec))
     return {"apiVersion": 1, "groups": [
-        {"orgId": 1, "name": name, "folder": FOLDER, "interval": duration(GROUP_INTERVAL_S), "rules": rules}
+        {"orgId": 1, "name": name, "folder": FOLDER, "interval": duration(GROUP_INTERVALS_S.get(name, GROUP_INTERVAL_S)),
+         "rules": rules}
         for name, rules in groups.items()]}
 
 

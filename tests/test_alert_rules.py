@@ -58,7 +58,7 @@ def fed(bridge_env, monkeypatch, mosquitto, influxd, influx_db, ditto):
 
 
 def test_expectations_cover_every_rack_rule():
-    rack_rules = {s.uid for s in alerts.rule_specs(Thresholds()) if s.group == "rack-environment"}
+    rack_rules = {s.uid for s in alerts.rule_specs(Thresholds()) if s.group in alerts.RACK_GROUPS}
     assert rack_rules == set(EXPECTED)
 
 

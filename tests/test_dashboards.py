@@ -233,6 +233,16 @@ def test_forecast_panels_use_the_class_limits_and_the_horizon():
     assert forecast["data"][2]["model"]["conditions"][0]["evaluator"] == {"type": "lt", "params": [20.0]}
     assert f'FROM "{FORECAST_MEASUREMENT}"' in forecast["data"][0]["model"]["query"]
     assert forecast["noDataState"] == "OK" and forecast["labels"] == {"severity": "warning", "kind": "forecast"}
+    # The timing bridge.forecast.evaluate replays to measure lead time: its own group every 10 s, pending 30 s,
+    # the newest forecast of the last 90 s; the other rack rules keep their 1-minute group.
+    from bridge.forecast.limits import ALERT_FOR_S, ALERT_INTERVAL_S, ALERT_QUERY_RANGE_S
+
+    groups = {g["name"]: g for g in yaml.safe_load(files["alerting/rules.yaml"])["groups"]}
+    home = next(g for g in groups.values() if forecast in g["rules"])
+    assert [r["uid"] for r in home["rules"]] == ["racktwin-forecast-recommended"]
+    assert (home["interval"], forecast["for"]) == ("10s", "30s") == (f"{ALERT_INTERVAL_S:.0f}s", f"{ALERT_FOR_S:.0f}s")
+    assert forecast["data"][0]["relativeTimeRange"] == {"from": ALERT_QUERY_RANGE_S, "to": 0}
+    assert groups["rack-environment"]["interval"] == "1m"
     rack = json.loads(files["dashboards/operations/racktwin-rack.json"])
     inlet = next(p for p in rack["panels"] if p["title"].startswith("Inlet temperature"))
     assert [s["value"] for s in inlet["fieldConfig"]["defaults"]["thresholds"]["steps"]][-2:] == [27.0, 40.0]
