@@ -184,9 +184,13 @@ def test_ops_endpoints(running_bridge, bridge_env, publisher, influxd, influx_db
     assert samples == {"racktwin_messages_rejected_total", "racktwin_messages_in_flight"}, some
     assert 'racktwin_messages_rejected_total{reason="invalid_json"} 1.0' in some
     # The bridge's own counters land in InfluxDB for the health dashboard.
-    rows = wait_until(lambda: influxd.rows("SELECT received, rejected, ready, oldest_in_flight_s FROM racktwin_bridge",
-                                           influx_db), what="stats point")
-    assert rows[-1]["received"] >= 1 and rows[-1]["rejected"] >= 1 and rows[-1]["oldest_in_flight_s"] is not None
+    # The first points may predate the message: wait for one written after it was counted.
+    def newest_stats():
+        rows = influxd.rows("SELECT received, rejected, ready, oldest_in_flight_s FROM racktwin_bridge", influx_db)
+        return rows and (rows[-1]["received"] or 0) >= 1 and (rows[-1]["rejected"] or 0) >= 1 and rows[-1]
+
+    newest = wait_until(newest_stats, what="a stats point counting the message")
+    assert newest["ready"] in (0.0, 1.0) and newest["oldest_in_flight_s"] is not None, newest
 
 
 def test_influx_writer_sheds_only_side_points_and_counts_readings_apart(bridge_environ, monkeypatch, influxd,
