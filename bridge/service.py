@@ -50,8 +50,8 @@ class Bridge:
         tracker = ForecastTracker.from_settings(settings)
         client = DittoClient(settings)  # its own connection: forecasts must not queue behind readings
 
-        def patch_thing(tid: str, patch: dict) -> None:
-            client.patch_existing(tid, patch)
+        def patch_thing(tid: str, patch: dict) -> bool:
+            return client.patch_existing(tid, patch)  # False: the readings have not created the twin yet
 
         publisher = ForecastPublisher(
             tracker, settings, lambda lines: self.influx.submit(lines, None, kind="forecast"), patch_thing

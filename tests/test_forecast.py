@@ -284,6 +284,23 @@ def test_publisher_writes_lines_and_patches_twins_only_on_change():
     assert pub.publish_once(T0 + 30).heading == 1  # 29.5 min < 29.75
 
 
+def test_publisher_tries_again_a_twin_that_did_not_exist_yet():
+    """A new rack's forecast can be ready before its first reading has created the twin: that patch is not sent,
+    so the next round sends it even though the forecast has not changed."""
+    tracker = tracked_ramp()
+    exists, tried = False, []
+
+    def patch(tid: str, p: dict) -> bool:
+        tried.append(tid)
+        return exists
+
+    pub = ForecastPublisher(tracker, Settings(forecast_twin_refresh_s=300), None, patch)
+    assert pub.publish_once(T0).patches == 0
+    exists = True
+    assert pub.publish_once(T0 + 1).patches == 1  # the same outlook, sent now that the twin is there
+    assert pub.publish_once(T0 + 2).patches == 0 and tried == ["dc.site1:rack-a01"] * 2
+
+
 def test_publisher_refreshes_an_unchanged_twin_after_the_refresh_interval():
     tracker = ForecastTracker()
     t = T0 - 1200

@@ -30,6 +30,9 @@ def test_rising_rack_gets_forecast_in_influx_and_twin(bridge_env, monkeypatch, m
         publisher.publish_all(items)
         publisher.close()
         wait_until(lambda: bridge.metrics.value("racktwin_readings_accepted_total") == 4 * 21, what="readings in")
+        # The forecast goes only into twins that exist: wait until the readings have created both.
+        wait_until(lambda: all(ditto.things.get(f"dc.test:{rack}", {}).get("features", {}).get("environment")
+                               for rack in ("rack-hot", "rack-flat")), what="both twins created")
         result = bridge.forecast_publisher.publish_once()
         assert result.heading == 1
         rows = wait_until(lambda: influxd.rows('SELECT minutes_to_recommended, trend_c_per_h FROM rack_forecast '

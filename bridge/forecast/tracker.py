@@ -279,6 +279,8 @@ class ForecastPublisher:
     ``submit_lines(lines)`` and ``patch_thing(thing_id, merge_patch)`` are the bridge's sinks,
     passed in so this class has no I/O of its own. A twin is patched when its rounded forecast
     changed, or ``forecast_twin_refresh_s`` after the last patch (so computedAt stays fresh).
+    ``patch_thing`` returns False when the thing does not exist yet (a new rack whose first reading
+    is still on its way to Ditto); that patch is tried again next round.
     """
 
     def __init__(
@@ -286,7 +288,7 @@ class ForecastPublisher:
         tracker: ForecastTracker,
         settings: Settings,
         submit_lines: Callable[[list[str]], None] | None,
-        patch_thing: Callable[[str, dict[str, Any]], None] | None,
+        patch_thing: Callable[[str, dict[str, Any]], bool | None] | None,
         clock: Callable[[], float] = time.time,
     ):
         self.tracker = tracker
@@ -332,7 +334,8 @@ class ForecastPublisher:
             if previous is not None and previous[0] == content and now - previous[1] < refresh:
                 continue
             try:
-                self.patch_thing(tid, {"features": {FEATURE: {"properties": props}}})  # type: ignore[misc]
+                if self.patch_thing(tid, {"features": {FEATURE: {"properties": props}}}) is False:  # type: ignore[misc]
+                    continue  # no such thing yet: not sent, so tried again next round
             except Exception:  # noqa: BLE001 - one twin failing must not stop the others
                 log.exception("forecast patch of %s failed", tid)
                 continue
