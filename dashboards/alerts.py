@@ -25,7 +25,7 @@ GROUP_INTERVAL_S = 60
 GROUP_INTERVALS_S = {FORECAST_GROUP: FORECAST_ALERT_INTERVAL_S}  # bridge.forecast.evaluate replays the forecast's
 RACK_TAGS = '"site", "room", "row", "rack"'
 RECEIVER = "racktwin-noc"
-RACK_LINK = "${GRAFANA_ROOT_URL}" + RACK_PATH + "?var-rack={{ $labels.rack }}"
+RACK_LINK = "${GRAFANA_ROOT_URL}" + RACK_PATH + "?var-rack={{ urlquery $labels.rack }}"  # rack names may hold & # +
 WHERE_SENSOR = "{{ $labels.rack }} {{ $labels.position }}"
 
 

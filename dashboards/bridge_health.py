@@ -58,7 +58,8 @@ def build(t: Thresholds) -> dict:
             max_data_points=1000),
         timeseries("Rejects by reason (per minute)", grid(12, 4, 12, 9), [influx_target(
             f'SELECT non_negative_derivative(last("count"), 1m) AS "rejects" FROM "{REJECTS}" WHERE $timeFilter '
-            'GROUP BY time($__interval), "reason" fill(none)', alias="$tag_reason")],
+            # Per instance too: with two replicas, last() over both would mix their counters.
+            'GROUP BY time($__interval), "reason", "instance" fill(none)', alias="$tag_reason $tag_instance")],
             field_defaults("none", None, 1), datasource=INFLUX, interval=STATS_INTERVAL, max_data_points=1000,
             custom={"drawStyle": "bars", "fillOpacity": 80, "stacking": {"mode": "normal", "group": "A"}}),
         timeseries("Sink errors and stale updates (per minute)", grid(0, 13, 12, 9), [influx_target(

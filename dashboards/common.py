@@ -110,9 +110,12 @@ def constant_variable(name: str, value: str, label: str) -> Template:
 
 
 def tag_variable(name: str, label: str, where: str = "", multi: bool = True) -> Template:
+    """A query variable over a tag of the readings, re-queried on every (auto-)refresh (refresh 2, "on time range
+    change"): with 1 ("on load") a kiosk that was opened before the first reading, or before a room or row was
+    added, would keep its empty or old list ("All" expands to what was known then) until somebody reloads it."""
     query = f'SHOW TAG VALUES FROM "{MEASUREMENT}" WITH KEY = "{name}"' + (f" WHERE {where}" if where else "")
     return Template(name=name, label=label, query=query, dataSource=INFLUX, type="query",
-                    multi=multi, includeAll=multi, default="$__all" if multi else "", refresh=1, sort=1)
+                    multi=multi, includeAll=multi, default="$__all" if multi else "", refresh=2, sort=1)
 
 
 def thresholds(steps: list[dict]) -> dict:

@@ -20,7 +20,7 @@ from .thresholds import COLORS, ENVELOPE_COLORS, Thresholds
 # Newest forecasts only: three 30 s publish intervals, the range the forecast alert rule looks at too.
 FORECAST_RANGE = f"{FORECAST_ALERT_QUERY_RANGE_S}s"
 HEADING_ROWS = 6  # rows of about 36 px (cell height sm) under the header fit 9 grid rows with room to spare
-RACK_LINK = RACK_PATH + "?var-rack=${__data.fields.rack}&${__url_time_range}"
+RACK_LINK = RACK_PATH + "?var-rack=${__data.fields.rack:percentencode}&${__url_time_range}"  # names may hold & # +
 
 
 def num(value: float) -> str:

@@ -142,6 +142,27 @@ def test_every_link_resolves_to_a_provisioned_dashboard():
     assert links >= 3
 
 
+def test_query_variables_are_re_queried_by_the_auto_refresh():
+    """A kiosk is never reloaded: a variable queried only on load would keep the rooms and racks of that moment
+    (none at all on a wall opened before the first reading), with "All" meaning only those."""
+    checked = 0
+    for name, dash in DASHBOARDS.items():
+        for var in dash["templating"]["list"]:
+            if var["type"] == "query":
+                assert dash.get("refresh") and var["refresh"] == 2, f"{name}: {var['name']}"
+                checked += 1
+    assert checked >= 3
+
+
+def test_links_carrying_a_rack_name_encode_it():
+    """Rack names may hold & # + (bridge/mapping.py accepts them); raw in a query string they would cut the link."""
+    found = []
+    for path in sorted(PROVISIONING.rglob("*")):
+        if path.suffix in (".json", ".yaml"):
+            found += re.findall(r"var-rack=([^\"&\n]*)", path.read_text())
+    assert found and set(found) == {"${__data.fields.rack:percentencode}", "{{ urlquery $labels.rack }}"}, found
+
+
 def test_every_variable_used_is_defined():
     builtin = {"timeFilter", "__interval", "interval", "__interval_ms", "__data", "__url_time_range", "__cell_0",
                "__cell_3", "__cell_4", "__cell_5", "__cell_6", "tag_rack", "tag_position", "tag_instance",
