@@ -74,7 +74,10 @@ def state_timeline(title: str, pos: GridPos, targets: list, defaults: dict, *, d
 
 
 def alert_count(title: str, pos: GridPos, description: str = "") -> RawPanel:
-    """Grafana's (unified) alert list in stat view: the number of firing RackTwin alert instances."""
+    """Grafana's (unified) alert list in stat view: how many RackTwin alert rules are firing.
+
+    The stat view shows the number of rules left after the filters (rules.length in UnifiedAlertList.tsx), not
+    of their instances, and the folder filter compares the rules' folder title."""
     return RawPanel(panelType="alertlist", title=title, gridPos=pos, description=description, extraJson={
         "fieldConfig": {"defaults": {}, "overrides": []},
         "options": {"viewMode": "stat", "groupMode": "default", "groupBy": [], "maxItems": 50, "sortOrder": 1,

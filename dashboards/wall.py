@@ -234,7 +234,10 @@ def build(t: Thresholds, site: Site = Site()) -> dict:
             field_defaults("celsius", t.delta_t_steps()), datasource=INFLUX, time_from="15m",
             description=f"Largest top minus bottom inlet difference; above {num(t.delta_t_limit_c)} °C "
                         "suggests recirculation."),
-        alert_count("Alerts firing", grid(20, 0, 4, 4)),
+        alert_count("Alert rules firing", grid(20, 0, 4, 4),
+                    description="How many RackTwin alert rules are firing. Grafana's alert list counts rules, not "
+                                "their instances: ten racks over the same limit count once; the counts to the left "
+                                "and the tiles say which racks."),
         stat("Racks (current twin state)", grid(0, TILES_Y, 24, TILES_H), [infinity_target(
             "/api/2/search/things", SEARCH_PARAMS, TILE_COLUMNS, root_selector="items")],
             field_defaults("none", [{"color": COLORS["unknown"], "value": None}], None,
