@@ -170,6 +170,15 @@ def test_fast_fit_ignores_one_bad_minute_and_a_sensor_that_jumps_and_freezes():
     assert stepped.slope_per_h() > 30.0 and stepped.minutes_to(27.0, T0 + 120) < 30.0
     assert frozen.slope_per_h() < 10.0
     assert frozen.minutes_to(27.0, T0 + 120) is None or frozen.minutes_to(27.0, T0 + 120) > 30.0
+    # Repeating is judged in time: a sensor reporting every 2 s at 0.1 °C resolution repeats its value a few
+    # readings in a row even while rising 30 °C/h, and keeps the fast fit.
+    fine = TrendWindow()
+    feed(fine, T0 - 1800, T0, dither)
+    t = T0 + 2
+    while t <= T0 + 238:  # the rounded value changes every 12 s; 238 s is the 6th reading of one value
+        fine.add(t, round(22.05 + 30.0 * (t - T0) / 3600.0, 1))
+        t += 2
+    assert fine._same_count >= 5 and fine.status(T0 + 238) == "ok" and fine.slope_per_h() > 10.0
 
 
 def test_silent_sensor_gets_no_forecast():

@@ -24,9 +24,9 @@ Choice of estimator: **Theil–Sen over per-bucket medians**.
   10 s evaluation and 30 s pending period the alert fires 3–4 min after the onset instead of 5–7
   (``make evaluate``). A 5-bucket fit is noisy (about 1.5 °C/h for the simulator's sensors), hence
   the floor: below 10 °C/h the slower fits give 13 min or more of warning anyway. It still ignores
-  one bad bucket of 5. A sensor that has repeated one value for its last ``FAST_MAX_REPEATS``
-  readings gets no fast fit: one that jumps to a wrong value and freezes there is a step, which the
-  fast fit would read as a steep rise before ``stuck`` holds it back (2 min).
+  one bad bucket of 5. A sensor that has repeated one value for ``FAST_REPEAT_S`` (30 s) gets no
+  fast fit: one that jumps to a wrong value and freezes there is a step, which the fast fit would
+  read as a steep rise before ``stuck`` holds it back (2 min).
 
 Why this is robust: a single spike can move only the median of its own bucket, and then only by
 one rank (the median of 6 readings ignores one extreme one). Theil–Sen then tolerates up to about
@@ -78,7 +78,9 @@ LEVEL_POINTS = 5  # the line is anchored on the newest buckets (see the module d
 RECENT_POINTS = 10  # the short fit that catches the onset of a rise (see the module docstring)
 FAST_POINTS = 5  # the fast fit for abrupt rises, trusted only when at least this steep (°C/h):
 FAST_MIN_C_PER_H = 10.0
-FAST_MAX_REPEATS = 4  # ... and not from a sensor that has repeated one value this many readings in a row
+# ... and not from a sensor that has repeated one value for this long (and at least 3 readings): in time, not in
+# readings, because a sensor reporting every 2 s at 0.1 °C resolution repeats itself a few times even at 30 °C/h.
+FAST_REPEAT_S = 30.0
 
 
 def median(values: list[float]) -> float:
@@ -226,8 +228,7 @@ class TrendWindow:
             return "warming_up"
         if now - self.last_ts > self.silent_after_s:
             return "silent"
-        if (self._same_since is not None and self.last_ts - self._same_since >= self.stuck_after_s
-                and self._same_count >= self.stuck_min_readings):
+        if self._repeating(self.stuck_after_s, self.stuck_min_readings):
             return "stuck"
         if len(self._ts) < self.min_points or self._ts[-1] - self._ts[0] < self.min_span_s:
             return "warming_up"
@@ -253,9 +254,14 @@ class TrendWindow:
                 fast_slope, fast_level = theil_sen(self._ts[-FAST_POINTS:], self._vs[-FAST_POINTS:], LEVEL_POINTS)
                 if fast_slope * SECONDS_PER_HOUR >= FAST_MIN_C_PER_H and fast_slope > slope:
                     self._fast_fit = Fit(self._ts[-1], fast_level, fast_slope)
-        if self._fast_fit is not None and self._same_count < FAST_MAX_REPEATS:
+        if self._fast_fit is not None and not self._repeating(FAST_REPEAT_S, 3):
             return self._fast_fit
         return self._fit
+
+    def _repeating(self, for_s: float, min_readings: int) -> bool:
+        """The newest readings have all had one value, for at least ``for_s`` and ``min_readings`` of them."""
+        return (self._same_since is not None and self.last_ts is not None
+                and self.last_ts - self._same_since >= for_s and self._same_count >= min_readings)
 
     def slope_per_h(self) -> float | None:
         fit = self.fit()
