@@ -35,6 +35,10 @@ FORECAST_HORIZON_MIN = 30.0  # default of Settings.forecast_horizon_min
 FORECAST_ALERT_INTERVAL_S = 10  # rule group evaluation interval ("10s"; Grafana's default minimum)
 FORECAST_ALERT_FOR_S = 30  # rule "for" ("30s"): four consecutive evaluations
 FORECAST_ALERT_QUERY_RANGE_S = 90  # relativeTimeRange.from: three 30 s publish intervals
+# keepFiringFor: a forecast near the horizon goes above it and back as the fit moves, and each time the alert would
+# resolve and fire again (in the evaluation, 2 in 5 alerted series did, mostly 1-2 min apart).
+FORECAST_ALERT_KEEP_FIRING_S = 600
+GRAFANA_MISSING_SERIES_EVALS_TO_RESOLVE = 2  # Grafana's default: a series absent from 2 evaluations resolves
 
 
 def check_class(ashrae_class: str) -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.thresholds import FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, FORECAST_ALERT_QUERY_RANGE_S
+from bridge.thresholds import (FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, FORECAST_ALERT_KEEP_FIRING_S,
+                               FORECAST_ALERT_QUERY_RANGE_S)
 
 from .common import BRIDGE_UID, FORECAST_MEASUREMENT, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID
 from .thresholds import RATE_WINDOW_S, Thresholds
@@ -84,13 +85,17 @@ def forecast_rule(t: Thresholds) -> RuleSpec:
         "racktwin-forecast-recommended", "Rack heading for the recommended temperature limit",
         f'SELECT last("minutes_to_recommended") AS "minutes_to_recommended" FROM "{FORECAST_MEASUREMENT}" '
         f"WHERE $timeFilter GROUP BY {SENSOR_TAGS}",
-        FORECAST_ALERT_QUERY_RANGE_S, "last", "lt", (t.forecast_horizon_min,), "warning",
+        # Within (0, horizon): 0 means the line is already above the limit, which the inlet rule reports; counted
+        # in, the alert would fire and resolve after the breach as the trend of a rack at its peak wavers.
+        FORECAST_ALERT_QUERY_RANGE_S, "last", "within_range", (0, t.forecast_horizon_min), "warning",
         f"{WHERE_SENSOR} forecast to pass {num(limit)} °C in {MINUTES} min",
-        for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"}, group=FORECAST_GROUP)
+        for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"}, group=FORECAST_GROUP,
+        keep_firing_for=duration(FORECAST_ALERT_KEEP_FIRING_S))
 
 
 # How long a rule on a single reading against an ASHRAE limit keeps firing after it cleared (the silent, stuck,
-# rate, forecast and bridge rules judge a window, not a single reading, and do without).
+# rate and bridge rules judge a window, not a single reading, and do without; the forecast keeps firing too,
+# bridge/thresholds.py says why).
 ENVELOPE_KEEP_FIRING = "10m"
 
 

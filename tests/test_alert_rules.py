@@ -108,8 +108,8 @@ def test_forecast_rule_fires_for_the_fast_riser_only(fed, influxd, influx_db):
     later = evaluate_rule(rule, make_runner(influxd, influx_db, fed.forecast_ms + 1000 * (rule["data"][0][
         "relativeTimeRange"]["from"] + 60)))
     assert later.state == "NoData" and rule["noDataState"] == "OK"
-    # The threshold is the forecast horizon the bridge uses for "heading for trouble".
-    assert rule["data"][2]["model"]["conditions"][0]["evaluator"]["params"] == [Settings.model_fields[
+    # The threshold is the forecast horizon the bridge uses for "heading for trouble", above 0 (0 = already over).
+    assert rule["data"][2]["model"]["conditions"][0]["evaluator"]["params"] == [0, Settings.model_fields[
         "forecast_horizon_min"].default]
 
 

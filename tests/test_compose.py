@@ -490,7 +490,7 @@ def test_the_namespace_and_ui_addresses_in_env_reach_the_dashboards(tmp_path):
     rules = yaml.safe_load(files["alerting/rules.yaml"])
     forecast = next(r for g in rules["groups"] for r in g["rules"] if r["uid"] == "racktwin-forecast-recommended")
     threshold = next(d["model"] for d in forecast["data"] if d["model"].get("type") == "threshold")
-    assert threshold["conditions"][0]["evaluator"] == {"params": [20.0], "type": "lt"}
+    assert threshold["conditions"][0]["evaluator"] == {"params": [0, 20.0], "type": "within_range"}
     # External mode: the device links go to the user's ThingsBoard.
     external = {**example_env(), "TB_MODE": "external", "TB_URL": "https://tb.example.com"}
     gen = load_model("external", external)[0]["services"]["grafana-provisioning"]

@@ -406,8 +406,10 @@ def test_alert_replay_needs_the_condition_for_the_whole_for_duration():
     publish(150, 19)
     replay.evaluate(180)
     assert replay.fired == [(180, "rack-a01", "top")]
-    replay.evaluate(400)  # the newest forecast is too old for the query: resolved
-    assert replay.firing == set() and math.isfinite(replay.fired[0][0])
+    replay.evaluate(400)  # the newest forecast is too old for the query: the series is missing, once
+    assert replay.firing == {("rack-a01", "top")}
+    replay.evaluate(410)  # missing from a second evaluation: resolved (Grafana's default)
+    assert replay.firing == set() and replay.resolved == [(410, "rack-a01", "top")]
 
 
 def test_alert_replay_reads_the_newest_point_that_has_minutes_to_recommended():
@@ -425,5 +427,43 @@ def test_alert_replay_reads_the_newest_point_that_has_minutes_to_recommended():
     replay.evaluate(60)  # last() still returns the 25 written at t=0
     assert replay.fired == [(60, "rack-a01", "top")]
     publish(90, None)
-    replay.evaluate(120)  # that 25 is now 120 s old, outside the 90 s range: no series, resolved
-    assert replay.firing == set() and replay.resolved == [(120, "rack-a01", "top")]
+    replay.evaluate(120)  # that 25 is now 120 s old, outside the 90 s range: no series
+    replay.evaluate(130)  # ... at a second evaluation: resolved
+    assert replay.firing == set() and replay.resolved == [(130, "rack-a01", "top")]
+
+
+def test_alert_replay_keeps_firing_for_its_keep_firing_for_once_the_forecast_moves_above_the_horizon():
+    replay = ev.AlertReplay(horizon_min=30, for_s=30, query_range_s=90, keep_firing_for_s=600)
+
+    def publish(t, minutes):
+        replay.publish([Forecast(LOC, "top", "ok", round(t * 1000), trend_c_per_h=6.0, minutes_to_recommended=minutes)])
+
+    publish(0, 25)
+    replay.evaluate(0)
+    replay.evaluate(30)
+    assert replay.fired == [(30, "rack-a01", "top")]
+    publish(40, 35)
+    replay.evaluate(50)  # above the horizon: recovering, still firing
+    publish(60, 25)
+    replay.evaluate(70)  # below it again: firing on, not a second firing
+    publish(80, 35)
+    replay.evaluate(90)  # above it: recovering from here
+    for t in range(100, 690, 10):
+        publish(t - 5, 35)
+        replay.evaluate(t)
+    assert replay.fired == [(30, "rack-a01", "top")] and replay.resolved == []  # 590 s above the horizon
+    publish(685, 35)
+    replay.evaluate(690)  # 600 s after the first evaluation above it
+    assert replay.firing == set() and replay.resolved == [(690, "rack-a01", "top")]
+    # 0 minutes means the line is already above the limit: the inlet rule's business, so no (new) forecast alert.
+    over = ev.AlertReplay(horizon_min=30, for_s=30, query_range_s=90, keep_firing_for_s=600)
+    for t in (0, 10, 20, 30, 40):
+        over.publish([Forecast(LOC, "top", "ok", round(t * 1000), trend_c_per_h=6.0, minutes_to_recommended=0.0)])
+        over.evaluate(t)
+    assert over.fired == [] and over.pending_since == {}
+    # Without keepFiringFor the first evaluation above the horizon resolves it.
+    plain = ev.AlertReplay(horizon_min=30, for_s=30, query_range_s=90, keep_firing_for_s=0)
+    for t, minutes in ((0, 25), (30, 25), (50, 35)):
+        plain.publish([Forecast(LOC, "top", "ok", round(t * 1000), trend_c_per_h=6.0, minutes_to_recommended=minutes)])
+        plain.evaluate(t)
+    assert plain.fired == [(30, "rack-a01", "top")] and plain.resolved == [(50, "rack-a01", "top")]

@@ -8,7 +8,10 @@ the real ``ForecastTracker``; forecasts are computed on the publisher's schedule
 (``forecast_publish_interval_s``). The Grafana forecast rule is then replayed exactly: every
 ``ALERT_INTERVAL_S`` its query takes ``last("minutes_to_recommended")`` over the last
 ``ALERT_QUERY_RANGE_S``, i.e. the newest point that has the field, and the instance fires once that
-value has been below ``ALERT_HORIZON_MIN`` at every evaluation for ``ALERT_FOR_S``.
+value has been within (0, ``ALERT_HORIZON_MIN``) at every evaluation for ``ALERT_FOR_S``; it keeps
+firing until the condition has been false for ``ALERT_KEEP_FIRING_S``, or the series has been missing
+from ``ALERT_MISSING_EVALS_TO_RESOLVE`` evaluations (``AlertReplay``). The table counts refires: a
+series that resolved and fired again, two more notifications for one event.
 
 Runs (PASS/FAIL comes from these):
 - cooling_failure: one room loses part of its cooling, warming at 3-12 °C/h (a CRAH of several, or a
@@ -60,6 +63,8 @@ from .limits import (
     ALERT_FOR_S,
     ALERT_HORIZON_MIN,
     ALERT_INTERVAL_S,
+    ALERT_KEEP_FIRING_S,
+    ALERT_MISSING_EVALS_TO_RESOLVE,
     ALERT_QUERY_RANGE_S,
     ForecastLimits,
 )
@@ -99,15 +104,26 @@ FAULT_KINDS = ("stuck", "stuck:/bottom", "silent", "silent:/top", "silent:/botto
 
 @dataclass
 class AlertReplay:
-    """Grafana's pending → firing state machine for one alert instance per (rack, position)."""
+    """Grafana's state machine for one alert instance per (rack, position): pending, firing, recovering.
+
+    As Grafana's state manager does it: the condition must hold at every evaluation for ``for_s`` to fire;
+    a firing instance whose condition turns false keeps firing (Recovering) until it has been false for
+    ``keep_firing_for_s`` counted from that first false evaluation, and fires on if it comes back; a series
+    missing from the query's result is left as it is, and resolved once it has been missing from
+    ``missing_evals_to_resolve`` evaluations.
+    """
 
     horizon_min: float = ALERT_HORIZON_MIN
     for_s: float = ALERT_FOR_S
     query_range_s: float = ALERT_QUERY_RANGE_S
+    keep_firing_for_s: float = ALERT_KEEP_FIRING_S
+    missing_evals_to_resolve: int = ALERT_MISSING_EVALS_TO_RESOLVE
     # Per series the newest point that has minutes_to_recommended: what last("minutes_to_recommended") returns
     # when it lies within the query range (every older point with the field is older still).
     latest: dict[tuple[str, str], Forecast] = field(default_factory=dict)
     pending_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    recovering_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    missing: dict[tuple[str, str], int] = field(default_factory=dict)
     firing: set[tuple[str, str]] = field(default_factory=set)
     fired: list[tuple[float, str, str]] = field(default_factory=list)  # (t, rack, position)
     resolved: list[tuple[float, str, str]] = field(default_factory=list)  # (t, rack, position) a firing ended
@@ -119,17 +135,30 @@ class AlertReplay:
             if f.status == "ok" and f.minutes_to_recommended is not None:
                 self.latest[(f.rack, f.position)] = f
 
+    def _resolve(self, key: tuple[str, str], t: float) -> None:
+        self.pending_since.pop(key, None)
+        self.recovering_since.pop(key, None)
+        if key in self.firing:
+            self.firing.discard(key)
+            self.resolved.append((t, key[0], key[1]))
+
     def evaluate(self, t: float) -> None:
         for key, f in self.latest.items():
-            fresh = t - f.computed_at_ms / 1000 <= self.query_range_s
-            # The value as written: forecast_line rounds it to 3 decimals.
-            condition = fresh and round(f.minutes_to_recommended, 3) < self.horizon_min
-            if not condition:
-                self.pending_since.pop(key, None)
-                if key in self.firing:
-                    self.firing.discard(key)
-                    self.resolved.append((t, key[0], key[1]))
+            if t - f.computed_at_ms / 1000 > self.query_range_s:  # no point with the field: no series
+                self.missing[key] = self.missing.get(key, 0) + 1
+                if self.missing[key] >= self.missing_evals_to_resolve:
+                    self._resolve(key, t)
                 continue
+            self.missing[key] = 0
+            # The value as written: forecast_line rounds it to 3 decimals.
+            if not 0 < round(f.minutes_to_recommended, 3) < self.horizon_min:  # the rule's within_range (0, horizon)
+                if key in self.firing and self.keep_firing_for_s > 0:
+                    since = self.recovering_since.setdefault(key, t)
+                    if t - since < self.keep_firing_for_s:
+                        continue
+                self._resolve(key, t)
+                continue
+            self.recovering_since.pop(key, None)
             since = self.pending_since.setdefault(key, t)
             if key not in self.firing and t - since >= self.for_s:
                 self.firing.add(key)
@@ -723,6 +752,9 @@ def summarize(runs: list[RunResult]) -> dict:
         "onset_to_breach_min_range": [min(r["onset_to_breach_min"] for r in leads),
                                       max(r["onset_to_breach_min"] for r in leads)] if leads else None,
         "false_alerts": sum(len(false_alerts(r)) for r in runs),
+        # Firings after a series' first: each one a resolve and a fire again, two notifications for one event.
+        "refires": sum(len(eps) - 1 for r in runs for eps in firing_episodes(r).values()),
+        "alerted_series": sum(len(firing_episodes(r)) for r in runs),
         "wall_s": sum(r.wall_s for r in runs),
         "simulated_h": sum(r.simulated_h for r in runs),
         "series": leads,
@@ -775,6 +807,8 @@ def run_all(seeds: int = 4, week: bool = True, cost_racks: int = 10_000, workers
     settings = Settings()
     report: dict = {"settings": {k: v for k, v in settings.model_dump().items() if k.startswith("forecast_")},
                     "alert": {"horizon_min": settings.forecast_horizon_min, "for_s": ALERT_FOR_S,
+                              "keep_firing_for_s": ALERT_KEEP_FIRING_S,
+                              "missing_evals_to_resolve": ALERT_MISSING_EVALS_TO_RESOLVE,
                               "interval_s": ALERT_INTERVAL_S, "query_range_s": ALERT_QUERY_RANGE_S},
                     "source": "bridge.simulator.hall",
                     "scenarios": {}}
@@ -860,10 +894,11 @@ def _m(v: float | None) -> str:
 
 def format_table(report: dict) -> str:
     sc = report["scenarios"]
-    lines = ["forecast evaluation on bridge.simulator.hall (simulated time; alert: minutes_to_recommended < "
-             f"{report['alert']['horizon_min']:.0f} for {report['alert']['for_s']:.0f} s)", "",
+    lines = ["forecast evaluation on bridge.simulator.hall (simulated time; alert: 0 < minutes_to_recommended < "
+             f"{report['alert']['horizon_min']:.0f} for {report['alert']['for_s']:.0f} s, keeps firing "
+             f"{report['alert']['keep_firing_for_s'] / 60:.0f} min)", "",
              f"{'scenario':<27}{'runs':>5}{'breaches':>9}{'onset→breach min':>18}{'lead median':>12}{'lead worst':>11}"
-             f"{'no-breach alerts':>17}{'wall s':>8}"]
+             f"{'no-breach alerts':>17}{'refires':>8}{'wall s':>8}"]
     steep = f"{min(STEEP_RATES):g}-{max(STEEP_RATES):g}"
     notes = {"steep_cooling_failure": f"  (info: rate={steep}; {max(STEEP_RATES):g} is a total loss)",
              "steep_hotspot": f"  (info: rate={steep})",
@@ -885,12 +920,13 @@ def format_table(report: dict) -> str:
         rng = s["onset_to_breach_min_range"]
         span = f"{rng[0]:.0f}–{rng[1]:.0f}" if rng else "-"
         lines.append(f"{name:<27}{s['runs']:>5}{s['breaching_series']:>9}{span:>18}{_m(s['lead_median_min']):>12}"
-                     f"{_m(s['lead_worst_min']):>11}{s['false_alerts']:>17}{s['wall_s']:>8.1f}{notes.get(name, '')}")
+                     f"{_m(s['lead_worst_min']):>11}{s['false_alerts']:>17}{s['refires']:>8}{s['wall_s']:>8.1f}"
+                     f"{notes.get(name, '')}")
     if "normal_week" in sc:
         w = sc["normal_week"]
         g = w["glitches"]
         lines.append(f"{'normal_week':<27}{1:>5}{w['real_breaches']:>9}{'':>18}{'':>12}{'':>11}{w['false_alerts']:>17}"
-                     f"{w['wall_s']:>8.1f}  ({w['racks']} racks × 7 days: {w['false_alerts_per_40_racks_per_week']:.2f} "
+                     f"{'':>8}{w['wall_s']:>8.1f}  ({w['racks']} racks × 7 days: {w['false_alerts_per_40_racks_per_week']:.2f} "
                      f"false alerts per 40 racks per week; {w['spiked_readings']:,} readings spiked "
                      f"+{g['spike_c']:g} °C, {w['lost_reports']:,} reports lost)")
     lines += ["", f"lead by rate (°C/h at onset): {'rate':>6}{'breaches':>9}{'median':>8}{'worst':>8}"

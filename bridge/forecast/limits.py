@@ -14,8 +14,10 @@ from ..thresholds import (
     DEFAULT_CLASS,
     FORECAST_ALERT_FOR_S,
     FORECAST_ALERT_INTERVAL_S,
+    FORECAST_ALERT_KEEP_FIRING_S,
     FORECAST_ALERT_QUERY_RANGE_S,
     FORECAST_HORIZON_MIN,
+    GRAFANA_MISSING_SERIES_EVALS_TO_RESOLVE,
     RECOMMENDED_DEW_POINT_C,
     RECOMMENDED_TEMP_C,
     allowable,
@@ -26,12 +28,16 @@ ALLOWABLE_MAX_C = allowable(DEFAULT_CLASS)["temp_max"]  # default class A1
 RECOMMENDED_DEW_POINT_MAX_C = RECOMMENDED_DEW_POINT_C[1]
 
 # The Grafana alert rule "rack heading for the recommended limit" (dashboards/alerts.py provisions it):
-# it fires when minutes_to_recommended < ALERT_HORIZON_MIN at every evaluation for ALERT_FOR_S.
+# it fires when 0 < minutes_to_recommended < ALERT_HORIZON_MIN (0: already above the limit, the inlet rule's business)
+# at every evaluation for ALERT_FOR_S, and keeps firing
+# until the condition has been false for ALERT_KEEP_FIRING_S (or the series is gone from the query's result).
 # bridge.forecast.evaluate simulates exactly this condition to measure lead time and false alerts.
 ALERT_HORIZON_MIN = FORECAST_HORIZON_MIN
 ALERT_INTERVAL_S = float(FORECAST_ALERT_INTERVAL_S)
 ALERT_FOR_S = float(FORECAST_ALERT_FOR_S)
 ALERT_QUERY_RANGE_S = FORECAST_ALERT_QUERY_RANGE_S
+ALERT_KEEP_FIRING_S = float(FORECAST_ALERT_KEEP_FIRING_S)
+ALERT_MISSING_EVALS_TO_RESOLVE = GRAFANA_MISSING_SERIES_EVALS_TO_RESOLVE
 
 
 @dataclass(frozen=True, slots=True)
