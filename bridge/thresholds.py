@@ -27,16 +27,18 @@ DEFAULT_CLASS = "A1"
 DEFAULT_RH_CAP = 70.0
 
 # The Grafana alert rule "rack heading for the recommended temperature limit" (dashboards/alerts.py) fires
-# when the newest forecast (at most FORECAST_ALERT_QUERY_RANGE_S old) has minutes_to_recommended below the
-# horizon at every evaluation for FORECAST_ALERT_FOR_S. bridge.forecast.evaluate simulates exactly this.
+# when the newest forecast (at most FORECAST_ALERT_QUERY_RANGE_S old) has minutes_to_recommended within
+# (0, horizon) at every evaluation for FORECAST_ALERT_FOR_S, and keeps firing FORECAST_ALERT_KEEP_FIRING_S after
+# that stops. bridge.forecast.evaluate replays exactly this.
 FORECAST_HORIZON_MIN = 30.0  # default of Settings.forecast_horizon_min
 # Its own rule group, evaluated every 10 s with a 30 s pending period: a total cooling loss gives minutes, and the
 # 1-minute evaluation and pending period of the other rules would spend two of them (bridge/forecast/estimator.py).
 FORECAST_ALERT_INTERVAL_S = 10  # rule group evaluation interval ("10s"; Grafana's default minimum)
 FORECAST_ALERT_FOR_S = 30  # rule "for" ("30s"): four consecutive evaluations
 FORECAST_ALERT_QUERY_RANGE_S = 90  # relativeTimeRange.from: three 30 s publish intervals
-# keepFiringFor: a forecast near the horizon goes above it and back as the fit moves, and each time the alert would
-# resolve and fire again (in the evaluation, 2 in 5 alerted series did, mostly 1-2 min apart).
+# keepFiringFor: a forecast near the horizon can move above it and back as the fit moves; the alert must not resolve
+# and page again each time. (The refires the evaluation counted came after the breach, from 0 minutes, which the
+# within_range condition keeps out; this holds the alert through the wavering before it.)
 FORECAST_ALERT_KEEP_FIRING_S = 600
 GRAFANA_MISSING_SERIES_EVALS_TO_RESOLVE = 2  # Grafana's default: a series absent from 2 evaluations resolves
 

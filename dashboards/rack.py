@@ -36,6 +36,10 @@ OPTIONAL_TWIN_SELECTORS = frozenset({"attributes.tbDeviceIds.top", "attributes.t
 TWIN_PARAMS = [("fields", "thingId,attributes,features/environment/properties")]
 
 
+# The thing's path; the rack name percent-encoded, because rack names may hold # ? & (bridge/mapping.py).
+TWIN_PATH = "/api/2/things/${namespace}:${rack:percentencode}"
+
+
 def history(field: str) -> str:
     return (f'SELECT mean("{field}") FROM "{MEASUREMENT}" WHERE $timeFilter AND {RACK_FILTER} '
             'GROUP BY time($__interval), "position" fill(null)')
@@ -75,7 +79,7 @@ DASHED = {"matcher": {"id": "byRegexp", "options": "/projected/"}, "properties":
 
 def twin_stat(title: str, pos, field: str, defaults: dict, links: list | None = None):
     # values=True: the twin's one row as it is, so data links can use its other fields (${__data.fields.x}).
-    return stat(title, pos, [infinity_target("/api/2/things/${namespace}:${rack}", TWIN_PARAMS, TWIN_COLUMNS)],
+    return stat(title, pos, [infinity_target(TWIN_PATH, TWIN_PARAMS, TWIN_COLUMNS)],
                 defaults, datasource=DITTO, links=links,
                 options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{field}$/", "values": True},
                          "textMode": "value"})
@@ -151,7 +155,7 @@ def build(t: Thresholds, site: Site = Site()) -> dict:
     ).auto_panel_ids()
     links = [
         dashboard_link("Data hall wall", WALL_PATH, "Back to the NOC wall", keep_time=True),
-        dashboard_link("Twin in Ditto", "${ditto}/api/2/things/${namespace}:${rack}",
+        dashboard_link("Twin in Ditto", "${ditto}" + TWIN_PATH,
                        "Thing ${namespace}:${rack} as Ditto stores it (JSON; Ditto login)", target_blank=True),
         # Our nginx serves the UI an environment pointing at its own /api (compose/ditto/nginx.conf).
         dashboard_link("Ditto UI", "${ditto}/ui/?primaryEnvironmentName=racktwin"

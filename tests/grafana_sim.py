@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,8 @@ def interpolate(text: str, variables: dict[str, Variable], default_format: str =
             return doublequote_format(var)
         if fmt == "raw":
             return raw_format(var)
+        if fmt == "percentencode":  # encodeURIComponentStrict
+            return urllib.parse.quote(raw_format(var), safe="-_.~")
         raise ValueError(f"format {fmt!r} not emulated")
 
     return _VAR.sub(repl, text)

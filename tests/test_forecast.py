@@ -240,6 +240,8 @@ def test_tracker_forecasts_each_position():
     assert bottom.minutes_to_recommended is None and bottom.minutes_to_dew_point_limit is None
     assert [f.position for f in heading_for_trouble(forecasts.values(), 30.01)] == ["top"]
     assert heading_for_trouble(forecasts.values(), 29.99) == []
+    over = Forecast(LOC, "top", "ok", 0, trend_c_per_h=6.0, minutes_to_recommended=0.0)  # already over the limit
+    assert heading_for_trouble([over], 30) == []  # as the alert rule: the inlet rule reports it
 
 
 def test_tracker_ignores_readings_without_temperature_and_forgets_old_racks():

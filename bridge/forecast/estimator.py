@@ -19,14 +19,16 @@ Choice of estimator: **Theil–Sen over per-bucket medians**.
   27 °C. The long fit still catches a slow creep that the short fit cannot separate from noise.
   The short fit tolerates 2 bad buckets out of 10; a frozen sensor is caught by ``stuck`` first.
 - A third, fast fit covers the newest 5 buckets and counts only when it is steep: at least
-  ``FAST_MIN_C_PER_H`` (10 °C/h). It needs 2 rising buckets where the 10-bucket fit needs 3, so a
-  total cooling loss (30 °C/h) is caught 3 min after the onset instead of 4–5; with the alert rule's
-  10 s evaluation and 30 s pending period the alert fires 3–4 min after the onset instead of 5–7
-  (``make evaluate``). A 5-bucket fit is noisy (about 1.5 °C/h for the simulator's sensors), hence
+  ``FAST_MIN_C_PER_H`` (10 °C/h). On a 30 °C/h ramp it is past that floor after 3 rising buckets
+  where the 10-bucket fit needs 4 (after 2 its median slope is 8.4 °C/h: 3 of its 10 pairs are flat);
+  with the alert rule's 10 s evaluation and 30 s pending period the alert fires 3–4 min after the
+  onset of a total cooling loss instead of 5–7, 4–6 min at 15 °C/h (``make evaluate``). A 5-bucket fit is noisy (about 1.5 °C/h for the simulator's sensors), hence
   the floor: below 10 °C/h the slower fits give 13 min or more of warning anyway. It still ignores
   one bad bucket of 5. A sensor that has repeated one value for ``FAST_REPEAT_S`` (30 s) gets no
   fast fit: one that jumps to a wrong value and freezes there is a step, which the fast fit would
-  read as a steep rise before ``stuck`` holds it back (2 min).
+  read as a steep rise before ``stuck`` holds it back (2 min). A quiet sensor at 0.1 °C resolution
+  rising 10–12 °C/h sits on one value for 30–36 s and loses the fast fit for those readings; at
+  those rates the slower fits warn 13 min or more ahead anyway, and from 15 °C/h on it never does.
 
 Why this is robust: a single spike can move only the median of its own bucket, and then only by
 one rank (the median of 6 readings ignores one extreme one). Theil–Sen then tolerates up to about

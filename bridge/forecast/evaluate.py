@@ -29,8 +29,9 @@ Runs (PASS/FAIL comes from these):
 For information, not held to the 10 min target: steep rises at 15-30 °C/h (``rate=30``: a total
 cooling loss, a blanking panel pulled). The fastest of those sensors pass 27 °C 7 minutes after the onset,
 and no forecast can warn 10 minutes ahead of a breach that comes sooner than that plus the time it takes
-to see the rise: the forecast alert fires 3-4 minutes after a steep onset (two one-minute buckets for the
-fast fit, 30 s publishing, the rule's 10 s evaluation and 30 s pending period). The table shows how much
+to see the rise: the forecast alert fires 3-4 minutes after the onset at 30 °C/h, 4-6 at 15 °C/h (three
+rising one-minute buckets for the fast fit, 30 s publishing, the rule's 10 s evaluation and 30 s pending
+period). The table shows how much
 warning is left, and up to which onset-to-breach time the short warnings reach.
 
 "Real breach" = the simulator's noise-free inlet temperature reaching the recommended maximum.

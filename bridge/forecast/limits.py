@@ -30,7 +30,8 @@ RECOMMENDED_DEW_POINT_MAX_C = RECOMMENDED_DEW_POINT_C[1]
 # The Grafana alert rule "rack heading for the recommended limit" (dashboards/alerts.py provisions it):
 # it fires when 0 < minutes_to_recommended < ALERT_HORIZON_MIN (0: already above the limit, the inlet rule's business)
 # at every evaluation for ALERT_FOR_S, and keeps firing
-# until the condition has been false for ALERT_KEEP_FIRING_S (or the series is gone from the query's result).
+# until the condition has been false for ALERT_KEEP_FIRING_S (or the series has been missing from the query's result
+# at ALERT_MISSING_EVALS_TO_RESOLVE evaluations).
 # bridge.forecast.evaluate simulates exactly this condition to measure lead time and false alerts.
 ALERT_HORIZON_MIN = FORECAST_HORIZON_MIN
 ALERT_INTERVAL_S = float(FORECAST_ALERT_INTERVAL_S)

@@ -257,8 +257,9 @@ def projection_line(f: Forecast) -> str | None:
 
 
 def heading_for_trouble(forecasts: Iterable[Forecast], horizon_min: float) -> list[Forecast]:
-    """Positions whose recommended limit is less than ``horizon_min`` away, soonest first (the alert's condition)."""
-    hits = [f for f in forecasts if f.minutes_to_recommended is not None and f.minutes_to_recommended < horizon_min]
+    """Positions less than ``horizon_min`` from the recommended limit and not over it yet, soonest first (the alert's
+    condition: 0 means already over, which the inlet rule reports)."""
+    hits = [f for f in forecasts if f.minutes_to_recommended is not None and 0 < f.minutes_to_recommended < horizon_min]
     return sorted(hits, key=lambda f: (f.minutes_to_recommended, f.rack, f.position))
 
 
