@@ -27,11 +27,11 @@ T0 = 1_764_000_000.0  # a whole minute, so buckets start at T0 - 20 min
 STEP = 10.0
 
 
-def feed(window: TrendWindow, start: float, end: float, value_at) -> None:
+def feed(window: TrendWindow, start: float, end: float, value_at, step: float = STEP) -> None:
     t = start
     while t <= end + 1e-9:
         window.add(t, value_at(t))
-        t += STEP
+        t += step
 
 
 def ramp(rate_per_h: float, level_at_t0: float):
@@ -174,10 +174,8 @@ def test_fast_fit_ignores_one_bad_minute_and_a_sensor_that_jumps_and_freezes():
     # readings in a row even while rising 30 °C/h, and keeps the fast fit.
     fine = TrendWindow()
     feed(fine, T0 - 1800, T0, dither)
-    t = T0 + 2
-    while t <= T0 + 238:  # the rounded value changes every 12 s; 238 s is the 6th reading of one value
-        fine.add(t, round(22.05 + 30.0 * (t - T0) / 3600.0, 1))
-        t += 2
+    # The rounded value changes every 12 s; 238 s is the 6th reading of one value.
+    feed(fine, T0 + 2, T0 + 238, lambda t: round(22.05 + 30.0 * (t - T0) / 3600.0, 1), step=2)
     assert fine._same_count >= 5 and fine.status(T0 + 238) == "ok" and fine.slope_per_h() > 10.0
 
 

@@ -283,8 +283,7 @@ class Stack:
     rule_node: dict  # the rule chain's MQTT node configuration
 
     def env(self, service: str) -> dict[str, str]:
-        return {k: "" if v is None else str(v)
-                for k, v in (self.model["services"][service].get("environment") or {}).items()}
+        return service_env(self.model, service)
 
     @property
     def rule_topic_source(self) -> str:
@@ -294,6 +293,11 @@ class Stack:
     @property
     def bridge_topic_source(self) -> str:
         return env_origin(self.env(BRIDGE), "mqtt_topic", BRIDGE)
+
+
+def service_env(model: dict, service: str) -> dict[str, str]:
+    """A service's environment as its container sees it (a key without a value is empty)."""
+    return {k: "" if v is None else str(v) for k, v in (model["services"][service].get("environment") or {}).items()}
 
 
 def bridge_settings(env: Mapping[str, str]) -> Settings:
@@ -314,8 +318,7 @@ def rule_chain_node(bootstrap_env: Mapping[str, str]) -> tuple[bootstrap.Bootstr
 @lru_cache(maxsize=1)
 def stack() -> Stack:
     model, _ = load_model("demo")
-    envs = {name: {k: "" if v is None else str(v) for k, v in (svc.get("environment") or {}).items()}
-            for name, svc in model["services"].items()}
+    envs = {name: service_env(model, name) for name in model["services"]}
     cfg, node = rule_chain_node(envs[BOOTSTRAP_SVC])
     return Stack(
         model=model,

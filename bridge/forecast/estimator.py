@@ -22,9 +22,10 @@ Choice of estimator: **Theil–Sen over per-bucket medians**.
   ``FAST_MIN_C_PER_H`` (10 °C/h). On a 30 °C/h ramp it is past that floor after 3 rising buckets
   where the 10-bucket fit needs 4 (after 2 its median slope is 8.4 °C/h: 3 of its 10 pairs are flat);
   with the alert rule's 10 s evaluation and 30 s pending period the alert fires 3–4 min after the
-  onset of a total cooling loss instead of 5–7, 4–6 min at 15 °C/h (``make evaluate``). A 5-bucket fit is noisy (about 1.5 °C/h for the simulator's sensors), hence
-  the floor: below 10 °C/h the slower fits give 13 min or more of warning anyway. It still ignores
-  one bad bucket of 5. A sensor that has repeated one value for ``FAST_REPEAT_S`` (30 s) gets no
+  onset of a total cooling loss instead of 5–7, 4–6 min at 15 °C/h (``make evaluate``). A 5-bucket
+  fit is noisy (about 1.5 °C/h for the simulator's sensors), hence the floor: below 10 °C/h the
+  slower fits give 13 min or more of warning anyway. It still ignores one bad bucket of 5. A sensor
+  that has repeated one value for ``FAST_REPEAT_S`` (30 s, ``FAST_REPEAT_MIN_READINGS``) gets no
   fast fit: one that jumps to a wrong value and freezes there is a step, which the fast fit would
   read as a steep rise before ``stuck`` holds it back (2 min). A quiet sensor at 0.1 °C resolution
   rising 10–12 °C/h sits on one value for 30–36 s and loses the fast fit for those readings; at
@@ -36,9 +37,9 @@ one rank (the median of 6 readings ignores one extreme one). Theil–Sen then to
 
 Why it is cheap: per reading we append one float to the open bucket (O(1)). Closing a bucket
 takes the median of about 6 values. The O(B²) Theil–Sen fit over B ≤ 30 points (435 pairwise
-slopes, plus 45 and 10 for the short and fast fits) runs lazily, at most once per closed bucket, and only when someone asks. The bridge asks
-once per publish interval, so a fit costs about 435 slopes per sensor per minute, not per reading.
-Running Theil–Sen over the raw window instead would cost 180² / 2 ≈ 16,000 slopes per fit. An
+slopes, plus 45 and 10 for the short and fast fits) runs lazily, at most once per closed bucket,
+and only when someone asks. The bridge asks once per publish interval, so a fit costs about 435
+slopes per sensor per minute, not per reading. Running Theil–Sen over the raw window instead would cost 180² / 2 ≈ 16,000 slopes per fit. An
 incremental sorted-slope structure saves CPU but needs ~3.5 KB per window; for 40,000 windows
 (10,000 racks × top/bottom × temperature/dew point) that memory costs more than the CPU it saves.
 The window stores its points in two ``array('d')`` (8 bytes per number).
@@ -80,9 +81,9 @@ LEVEL_POINTS = 5  # the line is anchored on the newest buckets (see the module d
 RECENT_POINTS = 10  # the short fit that catches the onset of a rise (see the module docstring)
 FAST_POINTS = 5  # the fast fit for abrupt rises, trusted only when at least this steep (°C/h):
 FAST_MIN_C_PER_H = 10.0
-# ... and not from a sensor that has repeated one value for this long (and at least 3 readings): in time, not in
+# ... and not from a sensor that has repeated one value for this long (and this many readings): in time, not in
 # readings, because a sensor reporting every 2 s at 0.1 °C resolution repeats itself a few times even at 30 °C/h.
-FAST_REPEAT_S = 30.0
+FAST_REPEAT_S, FAST_REPEAT_MIN_READINGS = 30.0, 3
 
 
 def median(values: list[float]) -> float:
@@ -256,7 +257,7 @@ class TrendWindow:
                 fast_slope, fast_level = theil_sen(self._ts[-FAST_POINTS:], self._vs[-FAST_POINTS:], LEVEL_POINTS)
                 if fast_slope * SECONDS_PER_HOUR >= FAST_MIN_C_PER_H and fast_slope > slope:
                     self._fast_fit = Fit(self._ts[-1], fast_level, fast_slope)
-        if self._fast_fit is not None and not self._repeating(FAST_REPEAT_S, 3):
+        if self._fast_fit is not None and not self._repeating(FAST_REPEAT_S, FAST_REPEAT_MIN_READINGS):
             return self._fast_fit
         return self._fit
 

@@ -31,8 +31,8 @@ cooling loss, a blanking panel pulled). The fastest of those sensors pass 27 °C
 and no forecast can warn 10 minutes ahead of a breach that comes sooner than that plus the time it takes
 to see the rise: the forecast alert fires 3-4 minutes after the onset at 30 °C/h, 4-6 at 15 °C/h (three
 rising one-minute buckets for the fast fit, 30 s publishing, the rule's 10 s evaluation and 30 s pending
-period). The table shows how much
-warning is left, and up to which onset-to-breach time the short warnings reach.
+period). The table shows how much warning is left, and up to which onset-to-breach time the short warnings
+reach.
 
 "Real breach" = the simulator's noise-free inlet temperature reaching the recommended maximum.
 Lead = breach time minus the start of that series' alert episode still firing at the breach (an alert
@@ -68,6 +68,7 @@ from .limits import (
     ALERT_MISSING_EVALS_TO_RESOLVE,
     ALERT_QUERY_RANGE_S,
     ForecastLimits,
+    heading_for_limit,
 )
 from .tracker import Forecast, ForecastTracker, WindowSettings
 
@@ -152,7 +153,7 @@ class AlertReplay:
                 continue
             self.missing[key] = 0
             # The value as written: forecast_line rounds it to 3 decimals.
-            if not 0 < round(f.minutes_to_recommended, 3) < self.horizon_min:  # the rule's within_range (0, horizon)
+            if not heading_for_limit(round(f.minutes_to_recommended, 3), self.horizon_min):
                 if key in self.firing and self.keep_firing_for_s > 0:
                     since = self.recovering_since.setdefault(key, t)
                     if t - since < self.keep_firing_for_s:
@@ -744,6 +745,7 @@ def summarize(runs: list[RunResult]) -> dict:
     """Lead times over every series that really breached after its scenario started."""
     leads = [row | {"seed": r.seed, "rate_c_per_h": r.rates.get(row["series"])} for r in runs for row in lead_times(r)]
     values = [row["lead_min"] if row["lead_min"] is not None else -math.inf for row in leads]
+    episodes_per_run = [firing_episodes(r) for r in runs]
     return {
         "runs": len(runs),
         "breaching_series": len(leads),
@@ -754,8 +756,8 @@ def summarize(runs: list[RunResult]) -> dict:
                                       max(r["onset_to_breach_min"] for r in leads)] if leads else None,
         "false_alerts": sum(len(false_alerts(r)) for r in runs),
         # Firings after a series' first: each one a resolve and a fire again, two notifications for one event.
-        "refires": sum(len(eps) - 1 for r in runs for eps in firing_episodes(r).values()),
-        "alerted_series": sum(len(firing_episodes(r)) for r in runs),
+        "refires": sum(len(eps) - 1 for episodes in episodes_per_run for eps in episodes.values()),
+        "alerted_series": sum(len(episodes) for episodes in episodes_per_run),
         "wall_s": sum(r.wall_s for r in runs),
         "simulated_h": sum(r.simulated_h for r in runs),
         "series": leads,

@@ -40,7 +40,7 @@ from ..mapping import POSITIONS, Position, RackLocation, SensorReading
 from ..sinks.influx import escape_tag, format_float
 from ..twin import SUFFIX, dew_point, iso_ms, thing_id
 from .estimator import Status, TrendWindow, minutes_until
-from .limits import ForecastLimits
+from .limits import ForecastLimits, heading_for_limit
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,8 @@ def projection_line(f: Forecast) -> str | None:
 
 def heading_for_trouble(forecasts: Iterable[Forecast], horizon_min: float) -> list[Forecast]:
     """Positions less than ``horizon_min`` from the recommended limit and not over it yet, soonest first (the alert's
-    condition: 0 means already over, which the inlet rule reports)."""
-    hits = [f for f in forecasts if f.minutes_to_recommended is not None and 0 < f.minutes_to_recommended < horizon_min]
+    condition)."""
+    hits = [f for f in forecasts if heading_for_limit(f.minutes_to_recommended, horizon_min)]
     return sorted(hits, key=lambda f: (f.minutes_to_recommended, f.rack, f.position))
 
 
