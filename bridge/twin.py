@@ -68,7 +68,7 @@ def thing_path(tid: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PositionState:
-    """Newest values of one sensor position as the bridge knows them."""
+    """Newest values of one sensor position as the bridge knows them (as sent, unrounded)."""
 
     ts_ms: int
     temperature: float | None = None
@@ -78,7 +78,9 @@ class PositionState:
 
 # The twin holds temperature and RH to a tenth (°C, %), what such sensors resolve and finer than they are accurate
 # (InfluxDB keeps what was sent): Grafana shows a wall tile's numbers as the raw text of the twin's values, with
-# no decimals setting of its own, and the tile has room for no more.
+# no decimals setting of its own, and the tile has room for no more. Only the written values are rounded: the
+# envelope state, dew point and top − bottom difference come from the values as sent, as the alert rules' do
+# from InfluxDB, so a tile never reads OK while a rule fires on 27.04 °C.
 TEMPERATURE_DECIMALS, HUMIDITY_DECIMALS = 1, 1
 
 
@@ -88,8 +90,7 @@ def _rounded(value: float | None, decimals: int) -> float | None:
 
 def merge_reading(state: PositionState | None, reading: SensorReading) -> PositionState:
     """Fold a newer reading into a position; fields it lacks keep their value (as a merge-PATCH would)."""
-    fresh = PositionState(reading.ts_ms, _rounded(reading.temperature, TEMPERATURE_DECIMALS),
-                          _rounded(reading.humidity, HUMIDITY_DECIMALS), reading.device)
+    fresh = PositionState(reading.ts_ms, reading.temperature, reading.humidity, reading.device)
     return fresh if state is None else newest_of(fresh, state)
 
 
@@ -118,9 +119,9 @@ def position_properties(position: Position, state: PositionState) -> dict[str, A
     sfx = SUFFIX[position]
     props: dict[str, Any] = {f"ts{sfx}": iso_ms(state.ts_ms)}
     if state.temperature is not None:
-        props[f"temp{sfx}"] = state.temperature
+        props[f"temp{sfx}"] = _rounded(state.temperature, TEMPERATURE_DECIMALS)
     if state.humidity is not None:
-        props[f"humidity{sfx}"] = state.humidity
+        props[f"humidity{sfx}"] = _rounded(state.humidity, HUMIDITY_DECIMALS)
     if state.temperature is not None and state.humidity is not None:
         dp = dew_point(state.temperature, state.humidity)
         if dp is not None:
@@ -252,5 +253,7 @@ def drop_stale(
 
 
 def _adds_to(state: PositionState, current: PositionState) -> bool:
-    return any(new is not None and new != old for new, old in
-               ((state.temperature, current.temperature), (state.humidity, current.humidity)))
+    # Compared as the twin holds them: the twin read back from Ditto has rounded values, ours may not be.
+    return any(new is not None and _rounded(new, d) != _rounded(old, d) for new, old, d in
+               ((state.temperature, current.temperature, TEMPERATURE_DECIMALS),
+                (state.humidity, current.humidity, HUMIDITY_DECIMALS)))

@@ -66,8 +66,29 @@ def test_the_twin_holds_tenths_and_influxdb_what_was_sent():
     from bridge.sinks.influx import reading_line
 
     reading = SensorReading(LOC, "top", "d", 1000, 23.456, 45.249)
-    assert twin.merge_reading(None, reading) == twin.PositionState(1000, 23.5, 45.2, "d")
+    state = twin.merge_reading(None, reading)
+    props = twin.position_properties("top", state)
+    assert (props["tempTop"], props["humidityTop"]) == (23.5, 45.2)
+    assert props["dewPointTop"] == twin.dew_point(23.456, 45.249) != twin.dew_point(23.5, 45.2)
     assert "temperature=23.456" in reading_line(reading) and "humidity=45.249" in reading_line(reading)
+
+
+def test_envelope_and_delta_come_from_the_values_sent_not_the_rounded_ones():
+    """27.04 °C is above A1's recommended 27 for the alert rule (InfluxDB holds 27.04): the tile's state says so
+    too, though its number reads 27.0."""
+    top = twin.merge_reading(None, SensorReading(LOC, "top", "d", 1000, 27.04, 45.0))
+    bottom = twin.merge_reading(None, SensorReading(LOC, "bottom", "d", 1000, 20.96, 45.0))
+    known = {"top": top, "bottom": bottom}
+    props = twin.build_patch(known, known, None)["features"]["environment"]["properties"]
+    assert props["tempTop"] == 27.0 and props["envelope"] == "WARM"
+    assert props["deltaT"] == 6.08  # not 27.0 - 21.0
+
+
+def test_a_redelivered_reading_adds_nothing_to_a_twin_holding_its_rounded_values():
+    sent = twin.merge_reading(None, SensorReading(LOC, "top", "d", 10, 23.456, 45.249))
+    from_ditto = twin.known_from_thing(twin.build_patch({"top": sent}, {"top": sent}, None))
+    assert from_ditto["top"].temperature == 23.5
+    assert twin.drop_stale({"top": sent}, from_ditto) == ({}, ["top"])
 
 
 def test_known_state_round_trips_through_thing_json():
