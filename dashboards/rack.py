@@ -38,6 +38,9 @@ TWIN_PARAMS = [("fields", "thingId,attributes,features/environment/properties")]
 
 # The thing's path; the rack name percent-encoded, because rack names may hold # ? & (bridge/mapping.py).
 TWIN_PATH = "/api/2/things/${namespace}:${rack:percentencode}"
+# The Ditto UI's `filter` URL parameter (RQL, undocumented: added with its SSO support, eclipse-ditto/ditto #2032,
+# Ditto 3.6), percent-encoded whole: eq(thingId,"<namespace>:<rack>").
+DITTO_UI_FILTER = "&filter=eq%28thingId%2C%22${namespace:percentencode}%3A${rack:percentencode}%22%29"
 
 
 def history(field: str) -> str:
@@ -157,10 +160,11 @@ def build(t: Thresholds, site: Site = Site()) -> dict:
         dashboard_link("Data hall wall", WALL_PATH, "Back to the NOC wall", keep_time=True),
         dashboard_link("Twin in Ditto", "${ditto}" + TWIN_PATH,
                        "Thing ${namespace}:${rack} as Ditto stores it (JSON; Ditto login)", target_blank=True),
-        # Our nginx serves the UI an environment pointing at its own /api (compose/ditto/nginx.conf).
+        # Our nginx serves the UI an environment pointing at its own /api (compose/ditto/nginx.conf). `filter` runs
+        # that search on load (the UI has no link to one thing's page): the list then holds this rack's twin alone.
         dashboard_link("Ditto UI", "${ditto}/ui/?primaryEnvironmentName=racktwin"
-                       "&environmentsURL=/ui/racktwin-environments.json", "Ditto's web UI (Ditto login)",
-                       target_blank=True),
+                       "&environmentsURL=/ui/racktwin-environments.json" + DITTO_UI_FILTER,
+                       "This rack's twin in Ditto's web UI: click its row (Ditto login)", target_blank=True),
         dashboard_link("Devices in ThingsBoard", "${thingsboard}/entities/devices", "ThingsBoard device list",
                        target_blank=True),
     ]

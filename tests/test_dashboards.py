@@ -175,6 +175,21 @@ def test_links_carrying_a_rack_name_encode_it():
     assert split.query == split.fragment == "" and urllib.parse.unquote(split.path).endswith("dc.fra1:a#1?b&c d"), odd
 
 
+def test_the_ditto_ui_link_searches_for_this_rack_alone():
+    from tests.grafana_sim import Variable, interpolate
+
+    rack = next(d for d in DASHBOARDS.values() if d["title"] == "Rack detail")
+    link = next(x for x in rack["links"] if x["title"] == "Ditto UI")
+    url = interpolate(link["url"], {"namespace": Variable("namespace", ["dc.fra1"]),
+                                    "rack": Variable("rack", ["a#1?b&c d"]),
+                                    "ditto": Variable("ditto", ["http://dc:8090"])}, default_format="raw")
+    split = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(split.query)
+    assert split.path == "/ui/" and split.fragment == "", url
+    assert query == {"primaryEnvironmentName": ["racktwin"], "environmentsURL": ["/ui/racktwin-environments.json"],
+                     "filter": ['eq(thingId,"dc.fra1:a#1?b&c d")']}, query
+
+
 def test_every_variable_used_is_defined():
     builtin = {"timeFilter", "__interval", "interval", "__interval_ms", "__data", "__url_time_range", "__cell_0",
                "__cell_3", "__cell_4", "__cell_5", "__cell_6", "tag_rack", "tag_position", "tag_instance",
