@@ -342,7 +342,8 @@ class DittoUpdater:
                 finally:
                     with self._cond:
                         self._busy -= 1
-                        self._cond.notify_all()
+                        if self._stopping:  # stop() and the idle workers wait for the last busy one; else
+                            self._cond.notify_all()  # it would wake every idle worker after every update
         finally:
             client.close()
 
