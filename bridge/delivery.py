@@ -9,9 +9,26 @@ old ack must never be sent on a new connection).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+
+def confirm_each(callbacks: Iterable[Callable[[], None] | None], on_error: Callable[[], None]) -> None:
+    """Call every confirmation. One that raises is logged and counted (``on_error``) and keeps neither the rest
+    nor the sink's thread from going on: else its rack would be stranded and, its messages never acknowledged,
+    the broker's receive window would fill and stop the whole bridge."""
+    for callback in callbacks:
+        if callback is None:
+            continue
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("confirming a delivery failed")
+            on_error()
 
 
 class Ticket:

@@ -362,6 +362,48 @@ def test_an_unexpected_error_in_a_twin_update_is_retried_then_given_up_and_never
         updater.stop(timeout=2)
 
 
+def test_a_confirmation_that_raises_strands_neither_its_rack_nor_the_others(bridge_environ, ditto, influxd,
+                                                                           influx_db):
+    """A confirmation callback raising (a bug downstream of the sinks) is logged and counted: the other
+    confirmations of that update or batch still run, and the Ditto worker lives on to send the rack's next
+    reading. Before, it died with the rack marked scheduled but queued nowhere: never updated again, its messages
+    never acknowledged, and once the receive window filled, the bridge stopped."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.metrics import Metrics
+    from bridge.sinks import influx as influx_sink
+    from bridge.sinks.ditto import DittoUpdater
+
+    def boom() -> None:
+        raise RuntimeError("a bug in a confirmation")
+
+    metrics = Metrics()
+    updater = DittoUpdater(load_settings(ditto_concurrency=1), metrics)  # one worker: its death would stop all
+    updater.start()
+    writer = influx_sink.InfluxWriter(load_settings(), metrics)  # not started: the three land in one batch
+    now = int(time.time() * 1000)
+    confirmed: list[str] = []
+    try:
+        loc = RackLocation("site1", "room1", "row1", "rack-cb")
+        updater.submit(SensorReading(loc, "top", "d", now - 2_000, 21.0, 40.0), boom)
+        updater.submit(SensorReading(loc, "top", "d", now - 2_000, 21.0, 40.0), lambda: confirmed.append("same"))
+        wait_until(lambda: confirmed == ["same"], what="the other confirmation of that update")
+        updater.submit(SensorReading(loc, "top", "d", now - 1_000, 22.0, 40.0), lambda: confirmed.append("next"))
+        updater.submit(SensorReading(RackLocation("site1", "room1", "row1", "rack-other"), "top", "d", now, 23.0,
+                                     40.0), lambda: confirmed.append("other"))
+        wait_until(lambda: len(confirmed) == 3, timeout=20, what="the rack's next reading and another rack's")
+        assert props(ditto, "dc.test:rack-cb")["tempTop"] == 22.0
+
+        for i, callback in enumerate((lambda: confirmed.append("p0"), boom, lambda: confirmed.append("p2"))):
+            writer.submit([f"rack_environment,rack=cb{i},position=top temperature=21.5 {now}"], callback)
+        writer.start()
+        wait_until(lambda: {"p0", "p2"} <= set(confirmed), what="the batch's other confirmations")
+        assert metrics.internal_errors._value.get() == 2
+    finally:
+        updater.stop(timeout=2)
+        writer.stop(timeout=5)
+    assert len(influxd.rows("SELECT temperature FROM rack_environment", influx_db)) == 3
+
+
 def test_tag_values_with_separators_and_control_characters_reach_influxdb_intact(influxd, influx_db):
     """Config-supplied room/row names and pattern-matched device names may hold any of these; each point must
     still parse, and read back with its tags (control characters as spaces)."""

@@ -24,6 +24,7 @@ import requests
 from .. import twin
 from . import http11
 from ..config import Settings
+from ..delivery import confirm_each
 from ..mapping import Position, RackLocation, SensorReading
 from ..metrics import DITTO_OUTCOMES, Metrics
 
@@ -370,8 +371,7 @@ class DittoUpdater:
         now = time.time()
         for waiter in waiters:
             self._lag.observe(max(0.0, now - waiter.ts_ms / 1000))
-            if waiter.on_confirmed:
-                waiter.on_confirmed()
+        confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
         with self._cond:
             thing.attempts = 0
             if thing.pending:
@@ -437,9 +437,7 @@ class DittoUpdater:
     def _give_up(self, thing: _Thing, waiters: list[_Waiter]) -> None:
         """Drop this update (its readings are in InfluxDB already) and release its messages."""
         self._count("error")
-        for waiter in waiters:
-            if waiter.on_confirmed:
-                waiter.on_confirmed()
+        confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
         with self._cond:
             thing.attempts = 0
             if thing.pending:

@@ -18,6 +18,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS, WriteApi, WriteOptions
 from reactivex.scheduler import ThreadPoolScheduler
 
 from ..config import Settings
+from ..delivery import confirm_each
 from ..mapping import SensorReading
 from ..metrics import POINT_KINDS, Metrics
 from ..twin import dew_point
@@ -304,9 +305,7 @@ class InfluxWriter:
         else:
             for kind, n in written.items():
                 (self._points_written.get(kind) or self.metrics.influx_points.labels(kind)).inc(n)
-        for entry in done:
-            if entry.on_written:
-                entry.on_written()
+        confirm_each([entry.on_written for entry in done], self.metrics.internal_errors.inc)
 
     def _on_retry(self, _conf: tuple, _data: bytes, exc: Exception) -> None:
         self._failed(_describe(exc), "http" if _status(exc) else "network")
