@@ -281,8 +281,10 @@ def test_published_ports_and_internal_services():
     assert {c for _, _, c in binds["thingsboard"]} == {"8080", "1883"}
     assert {c for _, _, c in binds["ditto-nginx"]} == {"80"}
     assert {c for _, _, c in binds["influxdb"]} == {"8086"}
+    # The demo's scenario control, which README tells users to curl from the host; no login, so loopback.
+    assert {(h, c) for _, h, c in binds["simulator"]} == {("8099", "8099")}
     admin = {(n, c) for n, ports in binds.items() for ip, _, c in ports if ip == "127.0.0.1"}
-    assert admin == {("thingsboard", "8080"), ("ditto-nginx", "80"), ("influxdb", "8086")}
+    assert admin == {("thingsboard", "8080"), ("ditto-nginx", "80"), ("influxdb", "8086"), ("simulator", "8099")}
     external, _ = load_model("external")
     assert [c for _, _, c in published_ports(external["services"]["mosquitto"])] == ["1883"]
 

@@ -43,7 +43,7 @@ vars=(GRAFANA_HTTP_PORT DITTO_HTTP_PORT INFLUX_HTTP_PORT)
 if [ "$(get TB_MODE demo)" = external ]; then
     vars+=(MOSQUITTO_HOST_PORT)
 else
-    vars+=(TB_HTTP_PORT TB_MQTT_PORT)
+    vars+=(TB_HTTP_PORT TB_MQTT_PORT SIM_CONTROL_PORT)
 fi
 
 taken=0

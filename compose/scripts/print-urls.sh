@@ -34,6 +34,7 @@ cat <<TEXT
   ThingsBoard               http://$admin:$(get TB_HTTP_PORT 8080)/   user $(get TB_TENANT_USERNAME tenant@thingsboard.org), password TB_TENANT_PASSWORD
                             (sysadmin@thingsboard.org: TB_SYSADMIN_PASSWORD)
   ThingsBoard MQTT          $public:$(get TB_MQTT_PORT 1883)   (device access tokens)
+  Simulator scenarios       curl http://$admin:$(get SIM_CONTROL_PORT 8099)/scenarios   (README: Simulator)
 TEXT
 else
 cat <<TEXT
