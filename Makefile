@@ -61,7 +61,7 @@ COMPOSE := bash compose/scripts/compose.sh
 # First start pulls ~3 GB of images and installs ThingsBoard; Ditto's JVMs need 2-3 minutes to join.
 WAIT_TIMEOUT ?= 1200
 
-.PHONY: up down clean logs ps
+.PHONY: up env down clean logs ps
 
 up: ## start the whole stack (creates compose/.env with random secrets on first run), then print the URLs
 	@docker compose version >/dev/null 2>&1 || { echo "make up needs Docker Engine with the Compose v2 plugin ('docker compose' 2.24+): https://docs.docker.com/engine/install/"; exit 1; }
@@ -69,6 +69,9 @@ up: ## start the whole stack (creates compose/.env with random secrets on first 
 	@bash compose/scripts/preflight.sh
 	$(COMPOSE) up -d --build --wait --wait-timeout $(WAIT_TIMEOUT)
 	@bash compose/scripts/print-urls.sh
+
+env: ## only create compose/.env with random secrets (or add what the example gained), e.g. to edit before the first make up
+	@bash compose/scripts/init-env.sh
 
 down: ## stop the stack (keeps all data)
 	$(COMPOSE) down --remove-orphans

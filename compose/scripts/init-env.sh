@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates compose/.env from compose/.env.example with random secrets; never overwrites a value.
 # - compose/.env missing: copy the example, filling every variable of the "generated secrets" block.
-# - compose/.env present: keep every existing line; only append variables the example gained since
-#   (with a random value when they belong to the generated block).
+# - compose/.env present: keep every value; append variables the example gained since (with a random value
+#   when they belong to the generated block), and generate a secret of that block left empty (a copy of the
+#   example, `cp .env.example .env`, would otherwise keep every secret empty for good).
 # Always leaves compose/.env with mode 600. Usage: init-env.sh [example] [target]
 set -euo pipefail
 
@@ -42,7 +43,12 @@ while IFS= read -r line || [ -n "$line" ]; do
         name=${BASH_REMATCH[1]}
         value=${BASH_REMATCH[2]}
         if grep -q "^${name}=" "$target"; then
-            continue  # already set by the user or an earlier run: never touched
+            if [ "$in_secrets" = 1 ] && grep -qx "${name}=" "$tmp"; then
+                secret=$(random_secret)  # alphanumerics only: safe in the sed expression
+                sed -i "s/^${name}=\$/${name}=${secret}/" "$tmp"
+                appended+=("$name")
+            fi
+            continue  # a value set by the user or an earlier run: never touched
         fi
         if [ "$in_secrets" = 1 ] && [ -z "$value" ]; then
             value=$(random_secret)
