@@ -17,7 +17,11 @@ host_of() {  # a bind address as a browsable host name
 }
 
 public=$(host_of "$(get PUBLIC_BIND_ADDRESS 0.0.0.0)")
-admin=$(host_of "$(get ADMIN_BIND_ADDRESS 127.0.0.1)")
+admin_bind=$(get ADMIN_BIND_ADDRESS 127.0.0.1)
+case "$admin_bind" in  # on all interfaces, the name README asks for in ADMIN_HOST (the dashboards link to it too)
+    0.0.0.0|"") admin=$(get ADMIN_HOST localhost) ;;
+    *) admin=$admin_bind ;;
+esac
 mode=$(get TB_MODE demo)
 wall_uid=$(get GRAFANA_WALL_UID racktwin-wall)
 grafana="http://$public:$(get GRAFANA_HTTP_PORT 3000)"
