@@ -440,6 +440,7 @@ def test_grafana_provisioning_is_generated_in_the_stack_with_the_env_thresholds(
     assert "grafana-provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
     assert "grafana-provisioning:/provisioning" in gen["volumes"]
     assert grafana["depends_on"]["grafana-provisioning"]["condition"] == "service_completed_successfully"
+    assert grafana["depends_on"]["grafana-provisioning"]["restart"] is True  # alert rules are read at start only
     # The image carries the generator: dashboards/ copied in, grafanalib installed, /provisioning writable.
     dockerfile = (COMPOSE_DIR / "bridge.Dockerfile").read_text()
     assert "COPY dashboards ./dashboards" in dockerfile and re.search(r'pip install "\.\[[^]]*dashboards', dockerfile)
@@ -534,6 +535,47 @@ def test_init_env_generates_secrets_once_and_never_overwrites(tmp_path):
     before = target.read_bytes()
     subprocess.run(["bash", str(script), str(ENV_EXAMPLE), str(target)], check=True, capture_output=True)
     assert target.read_bytes() == before
+
+
+def test_printed_urls_follow_the_published_ports_and_the_admin_host(tmp_path):
+    """What `make up` prints is what a user opens: each host port as compose publishes it, admin ones at
+    ADMIN_HOST once they listen on every interface, and no secret."""
+    target = tmp_path / ".env"
+    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
+                   check=True, capture_output=True)
+    env, generated = parse_env_file(target)
+
+    def printed(**changes: str) -> str:
+        text = target.read_text()
+        for key, value in changes.items():
+            text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        target.write_text(text)
+        run = subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "print-urls.sh"), str(target)],
+                             check=True, capture_output=True, text=True)
+        assert not any(env[k] in run.stdout for k in generated if env[k]), "a secret was printed"
+        return run.stdout
+
+    model, _ = load_model("demo", env)
+    loopback = printed()
+    for service, url_part in (("simulator", "/scenarios"), ("ditto-nginx", "/ui/"), ("influxdb", "/")):
+        (ip, host_port, _), = published_ports(model["services"][service])
+        assert re.search(rf"http://{re.escape(ip)}:{host_port}{re.escape(url_part)}", loopback), (service, loopback)
+    everywhere = printed(ADMIN_BIND_ADDRESS="0.0.0.0", ADMIN_HOST="noc-srv", SIM_CONTROL_PORT="18099")
+    assert "http://noc-srv:18099/scenarios" in everywhere and "http://noc-srv:8090/ui/" in everywhere
+    assert "127.0.0.1" not in everywhere
+
+
+def test_init_env_fills_the_secrets_of_a_copied_example(tmp_path):
+    """`cp .env.example .env` before the first `make up` (to set external mode): every secret is there but
+    empty, and compose would refuse to start for good; init-env generates them, keeping the user's edits."""
+    target = tmp_path / ".env"
+    target.write_text(ENV_EXAMPLE.read_text().replace("TB_MODE=demo", "TB_MODE=external"))
+    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
+                   check=True, capture_output=True)
+    env, generated = parse_env_file(target)
+    assert generated and all(re.fullmatch(r"[A-Za-z0-9]{32}", env[k]) for k in generated)
+    assert env["TB_MODE"] == "external"
+    assert target.read_text().count("\n") == ENV_EXAMPLE.read_text().count("\n")  # filled in place
 
 
 def test_generated_env_satisfies_the_compose_file(tmp_path):
