@@ -40,6 +40,9 @@ def agreeing(tb_double, ditto, env):
 def test_judge_is_pure_and_strict():
     assert judge(Sample(1000, 21.0), Sample(1000, 21.04), 0.05, 60) == ("ok", 0.0)
     assert judge(Sample(1000, 21.0), Sample(1000, 21.2), 0.05, 60) == ("mismatch", 0.0)
+    # The twin's tenth of a two-decimal reading, exactly the tolerance apart (in floats a hair more): ok.
+    assert judge(Sample(1000, 23.25), Sample(1000, round(23.25, 1)), 0.05, 60) == ("ok", 0.0)
+    assert judge(Sample(1000, 23.25), Sample(1000, 23.19), 0.05, 60) == ("mismatch", 0.0)
     assert judge(Sample(61_001, 21.0), Sample(1000, 21.0), 0.05, 60)[0] == "stale"
     assert judge(Sample(11_000, 22.0), Sample(1000, 21.0), 0.05, 60) == ("lagging", 10.0)
     assert judge(Sample(1000, 21.0), None, 0.05, 60)[0] == "missing"
