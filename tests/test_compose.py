@@ -578,6 +578,23 @@ def test_init_env_fills_the_secrets_of_a_copied_example(tmp_path):
     assert target.read_text().count("\n") == ENV_EXAMPLE.read_text().count("\n")  # filled in place
 
 
+def test_init_env_copes_with_a_file_saved_on_windows_or_without_a_final_newline(tmp_path):
+    """CR LF line ends would hide every empty secret from the fill (and give compose values ending in CR); a last
+    line without its newline would have the next variable glued onto it (BRIDGE_MAPPING={…}SIM_CONTROL_PORT=…)."""
+    target = tmp_path / ".env"
+    lines = ENV_EXAMPLE.read_text().replace("TB_MODE=demo", "TB_MODE=external").splitlines()
+    lines = [line for line in lines if not line.startswith(("SIM_CONTROL_PORT=", "BRIDGE_MAPPING="))]
+    lines.append('BRIDGE_MAPPING={"mode": "per_rack"}')
+    target.write_bytes("\r\n".join(lines).encode())  # no newline after the last line
+    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
+                   check=True, capture_output=True)
+    assert b"\r" not in target.read_bytes()
+    env, generated = parse_env_file(target)
+    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", env[k]) for k in generated)
+    assert env["BRIDGE_MAPPING"] == '{"mode": "per_rack"}' and env["SIM_CONTROL_PORT"] == "8099"
+    assert env["TB_MODE"] == "external"
+
+
 def test_generated_env_satisfies_the_compose_file(tmp_path):
     target = tmp_path / ".env"
     subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],

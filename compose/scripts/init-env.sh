@@ -32,8 +32,13 @@ fi
 appended=()
 in_secrets=0
 tmp=$(mktemp "${target}.XXXXXX")
-trap 'rm -f "$tmp"' EXIT
-cp "$target" "$tmp"
+trap 'rm -f "$tmp" "$tmp.next"' EXIT
+# A copy with Unix line ends (a file saved on Windows ends lines in CR LF: compose would read each value with a
+# trailing CR) and a final newline, so appended lines start on a line of their own.
+tr -d '\r' < "$target" > "$tmp"
+if [ -s "$tmp" ] && [ -n "$(tail -c 1 "$tmp")" ]; then
+    echo >> "$tmp"
+fi
 while IFS= read -r line || [ -n "$line" ]; do
     case "$line" in
         "# >>> generated secrets"*) in_secrets=1 ;;
@@ -44,8 +49,9 @@ while IFS= read -r line || [ -n "$line" ]; do
         value=${BASH_REMATCH[2]}
         if grep -q "^${name}=" "$target"; then
             if [ "$in_secrets" = 1 ] && grep -qx "${name}=" "$tmp"; then
-                secret=$(random_secret)  # alphanumerics only: safe in the sed expression
-                sed -i "s/^${name}=\$/${name}=${secret}/" "$tmp"
+                secret=$(random_secret)  # alphanumerics only, as is the name: safe in the sed expression
+                sed "s/^${name}=\$/${name}=${secret}/" "$tmp" > "$tmp.next"  # no sed -i: BSD's (macOS) differs
+                mv "$tmp.next" "$tmp"
                 appended+=("$name")
             fi
             continue  # a value set by the user or an earlier run: never touched
