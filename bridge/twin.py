@@ -80,7 +80,8 @@ class PositionState:
 # (InfluxDB keeps what was sent): Grafana shows a wall tile's numbers as the raw text of the twin's values, with
 # no decimals setting of its own, and the tile has room for no more. Only the written values are rounded: the
 # envelope state, dew point and top − bottom difference come from the values as sent, as the alert rules' do
-# from InfluxDB, so a tile never reads OK while a rule fires on 27.04 °C.
+# from InfluxDB, so a tile does not read OK while a rule fires on 27.04 °C (but a position known only from the
+# twin, read back after a restart, has its tenths until its next reading).
 TEMPERATURE_DECIMALS, HUMIDITY_DECIMALS = 1, 1
 
 
