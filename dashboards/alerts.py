@@ -150,7 +150,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  f"(limit {num(t.rate_limit_c_per_h)} °C/h)"),
         RuleSpec("racktwin-sensor-silent", "Sensor stopped reporting",
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
-                 f"{{{{ if $values }}}}{WHERE_SENSOR} sent no reading for {t.silent_after_s} s "
+                 f"{{{{ if $values }}}}{WHERE_SENSOR} sent no reading for more than {t.silent_after_s} s "
                  f"({{{{ printf \"%.0f\" $values.B.Value }}}} readings in 3 intervals of {t.reading_interval_s} s)"
                  f"{{{{ else }}}}No rack sensor has reported in the last {SILENT_LOOKBACK_S // 3600} h (on a new "
                  f"install: none yet): is ThingsBoard's rule chain forwarding telemetry?{{{{ end }}}}",
@@ -165,10 +165,12 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
         RuleSpec("racktwin-bridge-down", "Bridge down or not ready",
                  'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',
                  120, "last", "lt", (1,), "critical",
-                 # No data (no bridge wrote stats) leaves $values empty: a template reading B would fail there.
-                 "{{ if $values }}Bridge {{ $labels.instance }} is not ready (ready = {{ $values.B.Value }}): "
-                 "MQTT, Ditto or InfluxDB unreachable, see its /readyz{{ else }}No bridge has written its stats "
-                 "for 2 min: down, or cut off from InfluxDB{{ end }}",
+                 # No data (no bridge wrote stats) leaves $values empty on a new alert, and an alert that was
+                 # already there may carry a placeholder below 0 (or NaN) for B: both take the second branch.
+                 "{{ if and $values (ge $values.B.Value 0.0) }}Bridge {{ $labels.instance }} is not ready "
+                 "(ready = {{ $values.B.Value }}): MQTT, Ditto or InfluxDB unreachable, see its /readyz{{ else }}"
+                 "No bridge stats in InfluxDB for 2 min: the bridge is down or cut off from InfluxDB, or Grafana "
+                 "cannot query InfluxDB{{ end }}",
                  for_="1m", no_data="Alerting", exec_err="Error", labels={"component": "bridge"}, group="bridge",
                  dashboard_uid=BRIDGE_UID),
         RuleSpec("racktwin-bridge-lagging", "Bridge lagging",
@@ -240,8 +242,11 @@ def contact_points_file() -> dict:
 
 def policies_file() -> dict:
     return {"apiVersion": 1, "policies": [{
-        "orgId": 1, "receiver": RECEIVER, "group_by": ["room"],
+        # By site and room: two sites may both have a "hall1". A critical in a room already paged goes out
+        # within a minute, not with the warnings' 5.
+        "orgId": 1, "receiver": RECEIVER, "group_by": ["site", "room"],
         "group_wait": "30s", "group_interval": "5m", "repeat_interval": "4h",
         "routes": [{"receiver": RECEIVER, "object_matchers": [["severity", "=", "critical"]],
-                    "group_by": ["room"], "group_wait": "10s", "repeat_interval": "1h"}],
+                    "group_by": ["site", "room"], "group_wait": "10s", "group_interval": "1m",
+                    "repeat_interval": "1h"}],
     }]}
