@@ -14,9 +14,8 @@ from bridge.thresholds import (FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, 
                                FORECAST_ALERT_QUERY_RANGE_S)
 
 from .common import BRIDGE_UID, FORECAST_MEASUREMENT, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID
-from .thresholds import RATE_WINDOW_S, Thresholds
-from .wall import (SENSOR_TAGS, STUCK_MIN_READINGS, STUCK_WINDOW_S, delta_per_rack, num, silent_sensors_per_series,
-                   stuck_sensors_per_series)
+from .thresholds import RATE_WINDOW_S, STUCK_MIN_READINGS, Thresholds
+from .wall import SENSOR_TAGS, delta_per_rack, num, silent_sensors_per_series, stuck_sensors_per_series
 
 FOLDER = "RackTwin"
 RACK_GROUP = "rack-environment"
@@ -158,8 +157,8 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  # (a window of no data at all also waits out "for") and a sensor a minute's hiccup.
                  for_="5m", no_data="NoData"),
         RuleSpec("racktwin-sensor-stuck", "Sensor stuck (reports the same values)",
-                 stuck_sensors_per_series(), STUCK_WINDOW_S, "last", "lt", (0.001,), "warning",
-                 f"{WHERE_SENSOR} reported identical temperature and humidity for {STUCK_WINDOW_S // 60} min "
+                 stuck_sensors_per_series(), t.stuck_window_s, "last", "lt", (0.001,), "warning",
+                 f"{WHERE_SENSOR} reported identical temperature and humidity for {t.stuck_window_s // 60} min "
                  f"(spread {VALUE}, at least {STUCK_MIN_READINGS} readings)"),
         forecast_rule(t),
         RuleSpec("racktwin-bridge-down", "Bridge down or not ready",

@@ -28,6 +28,10 @@ ENVELOPE_COLORS = {"HOT": "critical", "VERY HUMID": "critical", "COLD": "cold_cr
                    "WARM": "warning", "HUMID": "warning", "COOL": "cold_warning", "DRY": "cold_warning", "OK": "ok"}
 
 
+STUCK_WINDOW_MIN_S = 900
+STUCK_MIN_READINGS = 10  # fewer readings than this is the silent-sensor rule's business
+
+
 @dataclass(frozen=True)
 class Thresholds:
     ashrae_class: str = DEFAULT_CLASS
@@ -86,6 +90,13 @@ class Thresholds:
     @property
     def silent_after_s(self) -> int:
         return 3 * self.reading_interval_s
+
+    @property
+    def stuck_window_s(self) -> int:
+        """The stuck-sensor window: 15 min, longer where that holds fewer than the readings the rule needs (with
+        two to spare), in whole minutes; else a slow-reporting sensor could never be called stuck."""
+        needed = (STUCK_MIN_READINGS + 2) * self.reading_interval_s
+        return max(STUCK_WINDOW_MIN_S, -(-needed // 60) * 60)
 
     # --- Grafana colour steps -------------------------------------------------------------------
     def temperature_steps(self) -> list[dict]:

@@ -15,7 +15,7 @@ from .common import (DITTO, FORECAST_MEASUREMENT, INFLUX, MEASUREMENT, RACK_PATH
                      column, data_link, field_defaults, infinity_target, influx_target, namespace_variable, render,
                      tag_variable, templating, thresholds, time_range)
 from .panels import alert_count, grid, stat, state_timeline, table
-from .thresholds import COLORS, ENVELOPE_COLORS, Thresholds
+from .thresholds import COLORS, ENVELOPE_COLORS, STUCK_MIN_READINGS, Thresholds
 
 # Newest forecasts only: three 30 s publish intervals, the range the forecast alert rule looks at too.
 FORECAST_RANGE = f"{FORECAST_ALERT_QUERY_RANGE_S}s"
@@ -79,8 +79,6 @@ def silent_sensors_per_series(t: Thresholds, where: str = ROOM_ROW_FILTER,
 
 
 # A real sensor's readings wander by at least its noise; identical values for 15 min mean a stuck one.
-STUCK_WINDOW_S = 900
-STUCK_MIN_READINGS = 10  # fewer readings than this is the silent-sensor rule's business
 SENSOR_TAGS = '"site", "room", "row", "rack", "position"'
 
 
@@ -226,8 +224,8 @@ def build(t: Thresholds, site: Site = Site()) -> dict:
             f'SELECT count("spread") AS "stuck" FROM ({stuck_sensors_per_series(ROOM_ROW_FILTER)}) '
             'WHERE "spread" < 0.001')],
             field_defaults("none", count_steps, 0, noValue="0"), datasource=INFLUX,
-            time_from=f"{STUCK_WINDOW_S // 60}m",
-            description=f"Rack positions that reported identical temperature and humidity for {STUCK_WINDOW_S // 60} "
+            time_from=f"{t.stuck_window_s // 60}m",
+            description=f"Rack positions that reported identical temperature and humidity for {t.stuck_window_s // 60} "
                         f"min (at least {STUCK_MIN_READINGS} readings): a stuck sensor, not a steady room."),
         stat("Largest top − bottom", grid(16, 0, 4, 4), [influx_target(
             f'SELECT max("delta") AS "delta" FROM ({delta_per_rack(ROOM_ROW_FILTER)})')],

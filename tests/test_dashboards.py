@@ -479,3 +479,17 @@ def test_contact_points_and_policy_grouped_by_room():
 def test_unusable_thresholds_from_the_environment_name_the_variable(name, value, message):
     with pytest.raises(ValueError, match=message):
         from_env({name: value})
+
+
+@pytest.mark.parametrize("interval_s", [10, 60, 90, 120, 300, 600])
+def test_the_stuck_sensor_window_holds_the_readings_its_rule_needs(interval_s):
+    """At READING_INTERVAL_S 120 a 15-min window holds 7 readings, and the rule needs 10: it could never fire."""
+    from dashboards.alerts import rules_file
+    from dashboards.thresholds import STUCK_MIN_READINGS, Thresholds
+
+    t = Thresholds(reading_interval_s=interval_s)
+    stuck = next(r for g in rules_file(t)["groups"] for r in g["rules"] if r["uid"] == "racktwin-sensor-stuck")
+    window_s = stuck["data"][0]["relativeTimeRange"]["from"]
+    assert window_s >= 900 and window_s % 60 == 0
+    assert window_s // interval_s >= STUCK_MIN_READINGS + 1
+    assert f"for {window_s // 60} min" in stuck["annotations"]["summary"]
