@@ -47,7 +47,7 @@ while IFS= read -r line || [ -n "$line" ]; do
     if [[ "$line" =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]]; then
         name=${BASH_REMATCH[1]}
         value=${BASH_REMATCH[2]}
-        if grep -q "^${name}=" "$target"; then
+        if grep -q "^${name}=" "$tmp"; then
             if [ "$in_secrets" = 1 ] && grep -qx "${name}=" "$tmp"; then
                 secret=$(random_secret)  # alphanumerics only, as is the name: safe in the sed expression
                 sed "s/^${name}=\$/${name}=${secret}/" "$tmp" > "$tmp.next"  # no sed -i: BSD's (macOS) differs

@@ -9,19 +9,16 @@ env_file=${1:-$compose_dir/.env}
 source "$compose_dir/scripts/lib.sh"
 get() { env_get "$env_file" "$@"; }  # value of $1 in the env file, else $2
 
-host_of() {  # a bind address as a browsable host name
+host_of() {  # a bind address as a browsable host name; on all interfaces $2 (default localhost)
     case "$1" in
-        0.0.0.0|"") printf 'localhost' ;;
+        0.0.0.0|"") printf '%s' "${2:-localhost}" ;;
         *) printf '%s' "$1" ;;
     esac
 }
 
 public=$(host_of "$(get PUBLIC_BIND_ADDRESS 0.0.0.0)")
-admin_bind=$(get ADMIN_BIND_ADDRESS 127.0.0.1)
-case "$admin_bind" in  # on all interfaces, the name README asks for in ADMIN_HOST (the dashboards link to it too)
-    0.0.0.0|"") admin=$(get ADMIN_HOST localhost) ;;
-    *) admin=$admin_bind ;;
-esac
+# On all interfaces, the name README asks for in ADMIN_HOST (the dashboards link to it too).
+admin=$(host_of "$(get ADMIN_BIND_ADDRESS 127.0.0.1)" "$(get ADMIN_HOST localhost)")
 mode=$(get TB_MODE demo)
 wall_uid=$(get GRAFANA_WALL_UID racktwin-wall)
 grafana="http://$public:$(get GRAFANA_HTTP_PORT 3000)"
