@@ -508,10 +508,15 @@ def test_the_namespace_and_ui_addresses_in_env_reach_the_dashboards(tmp_path):
 # --- init-env.sh --------------------------------------------------------------------------------------------
 
 
+def init_env(target: Path) -> None:
+    """compose/scripts/init-env.sh on ``target``, from the committed example."""
+    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
+                   check=True, capture_output=True)
+
+
 def test_init_env_generates_secrets_once_and_never_overwrites(tmp_path):
-    script = COMPOSE_DIR / "scripts" / "init-env.sh"
     target = tmp_path / ".env"
-    subprocess.run(["bash", str(script), str(ENV_EXAMPLE), str(target)], check=True, capture_output=True)
+    init_env(target)
     assert target.stat().st_mode & 0o777 == 0o600
     first, generated = parse_env_file(target)
     _, wanted = parse_env_file(ENV_EXAMPLE)
@@ -524,7 +529,7 @@ def test_init_env_generates_secrets_once_and_never_overwrites(tmp_path):
     text = re.sub(r"^MQTT_TB_PASSWORD=.*\n", "", text, flags=re.M)
     target.write_text(text)
     os.chmod(target, 0o644)
-    subprocess.run(["bash", str(script), str(ENV_EXAMPLE), str(target)], check=True, capture_output=True)
+    init_env(target)
     second, _ = parse_env_file(target)
     assert second["GRAFANA_HTTP_PORT"] == "3333"
     assert re.fullmatch(r"[A-Za-z0-9]{32}", second["MQTT_TB_PASSWORD"])
@@ -533,7 +538,7 @@ def test_init_env_generates_secrets_once_and_never_overwrites(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o600
 
     before = target.read_bytes()
-    subprocess.run(["bash", str(script), str(ENV_EXAMPLE), str(target)], check=True, capture_output=True)
+    init_env(target)
     assert target.read_bytes() == before
 
 
@@ -541,8 +546,7 @@ def test_printed_urls_follow_the_published_ports_and_the_admin_host(tmp_path):
     """What `make up` prints is what a user opens: each host port as compose publishes it, admin ones at
     ADMIN_HOST once they listen on every interface, and no secret."""
     target = tmp_path / ".env"
-    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
-                   check=True, capture_output=True)
+    init_env(target)
     env, generated = parse_env_file(target)
 
     def printed(**changes: str) -> str:
@@ -570,8 +574,7 @@ def test_init_env_fills_the_secrets_of_a_copied_example(tmp_path):
     empty, and compose would refuse to start for good; init-env generates them, keeping the user's edits."""
     target = tmp_path / ".env"
     target.write_text(ENV_EXAMPLE.read_text().replace("TB_MODE=demo", "TB_MODE=external"))
-    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
-                   check=True, capture_output=True)
+    init_env(target)
     env, generated = parse_env_file(target)
     assert generated and all(re.fullmatch(r"[A-Za-z0-9]{32}", env[k]) for k in generated)
     assert env["TB_MODE"] == "external"
@@ -586,8 +589,7 @@ def test_init_env_copes_with_a_file_saved_on_windows_or_without_a_final_newline(
     lines = [line for line in lines if not line.startswith(("SIM_CONTROL_PORT=", "BRIDGE_MAPPING="))]
     lines.append('BRIDGE_MAPPING={"mode": "per_rack"}')
     target.write_bytes("\r\n".join(lines).encode())  # no newline after the last line
-    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
-                   check=True, capture_output=True)
+    init_env(target)
     assert b"\r" not in target.read_bytes()
     env, generated = parse_env_file(target)
     assert all(re.fullmatch(r"[A-Za-z0-9]{32}", env[k]) for k in generated)
@@ -597,8 +599,7 @@ def test_init_env_copes_with_a_file_saved_on_windows_or_without_a_final_newline(
 
 def test_generated_env_satisfies_the_compose_file(tmp_path):
     target = tmp_path / ".env"
-    subprocess.run(["bash", str(COMPOSE_DIR / "scripts" / "init-env.sh"), str(ENV_EXAMPLE), str(target)],
-                   check=True, capture_output=True)
+    init_env(target)
     env, _ = parse_env_file(target)
     model, _ = load_model("demo", env)
     assert model["services"]["bridge"]["environment"]["RACKTWIN_MQTT_PASSWORD"] == env["MQTT_BRIDGE_PASSWORD"]

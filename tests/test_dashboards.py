@@ -155,6 +155,13 @@ def test_query_variables_are_re_queried_by_the_auto_refresh():
     assert checked >= 3
 
 
+def odd_rack_variables() -> dict:
+    """Namespace and a rack name with the characters that cut a URL (bridge/mapping.py accepts them)."""
+    from tests.grafana_sim import Variable
+
+    return {"namespace": Variable("namespace", ["dc.fra1"]), "rack": Variable("rack", ["a#1?b&c d"])}
+
+
 def test_links_carrying_a_rack_name_encode_it():
     """Rack names may hold & # + (bridge/mapping.py accepts them); raw in a query string they would cut the link."""
     found = []
@@ -167,10 +174,9 @@ def test_links_carrying_a_rack_name_encode_it():
             if path and path[-1] == "url" and isinstance(node, str) and "${rack" in node]
     in_paths = [u for u in urls if "var-rack=" not in u]
     assert len(in_paths) >= 5 and all("${rack:percentencode}" in u and "${rack}" not in u for u in in_paths), in_paths
-    from tests.grafana_sim import Variable, interpolate
+    from tests.grafana_sim import interpolate
 
-    odd = interpolate(in_paths[0], {"namespace": Variable("namespace", ["dc.fra1"]),
-                                    "rack": Variable("rack", ["a#1?b&c d"])}, default_format="raw")
+    odd = interpolate(in_paths[0], odd_rack_variables(), default_format="raw")
     split = urllib.parse.urlsplit(odd)
     assert split.query == split.fragment == "" and urllib.parse.unquote(split.path).endswith("dc.fra1:a#1?b&c d"), odd
 
@@ -180,9 +186,8 @@ def test_the_ditto_ui_link_searches_for_this_rack_alone():
 
     rack = next(d for d in DASHBOARDS.values() if d["title"] == "Rack detail")
     link = next(x for x in rack["links"] if x["title"] == "Ditto UI")
-    url = interpolate(link["url"], {"namespace": Variable("namespace", ["dc.fra1"]),
-                                    "rack": Variable("rack", ["a#1?b&c d"]),
-                                    "ditto": Variable("ditto", ["http://dc:8090"])}, default_format="raw")
+    url = interpolate(link["url"], {**odd_rack_variables(), "ditto": Variable("ditto", ["http://dc:8090"])},
+                      default_format="raw")
     split = urllib.parse.urlsplit(url)
     query = urllib.parse.parse_qs(split.query)
     assert split.path == "/ui/" and split.fragment == "", url
