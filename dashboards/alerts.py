@@ -14,10 +14,11 @@ from bridge.thresholds import (FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, 
                                FORECAST_ALERT_QUERY_RANGE_S)
 
 from .common import BRIDGE_UID, FORECAST_MEASUREMENT, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID
+from .datasources import WALL_FOLDER
 from .thresholds import RATE_WINDOW_S, STUCK_MIN_READINGS, Thresholds
 from .wall import SENSOR_TAGS, delta_per_rack, num, silent_sensors_per_series, stuck_sensors_per_series
 
-FOLDER = "RackTwin"
+FOLDER = WALL_FOLDER  # beside the wall, whose anonymous viewers must read the rules for its alert count
 RACK_GROUP = "rack-environment"
 FORECAST_GROUP = "rack-forecast"  # evaluated more often than the rest (bridge/thresholds.py says why)
 RACK_GROUPS = (RACK_GROUP, FORECAST_GROUP)  # rules per rack and position: their annotations link the rack detail

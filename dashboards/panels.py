@@ -8,6 +8,8 @@ from typing import Any
 import attr
 from grafanalib.core import GridPos, Panel, Stat, StateTimeline, TimeSeries
 
+from .datasources import WALL_FOLDER
+
 
 @attr.s
 class RawPanel(Panel):
@@ -82,7 +84,7 @@ def alert_count(title: str, pos: GridPos, description: str = "") -> RawPanel:
         "fieldConfig": {"defaults": {}, "overrides": []},
         "options": {"viewMode": "stat", "groupMode": "default", "groupBy": [], "maxItems": 50, "sortOrder": 1,
                     "dashboardAlerts": False, "alertName": "", "alertInstanceLabelFilter": "",
-                    "folder": {"title": "RackTwin"},
+                    "folder": {"title": WALL_FOLDER},  # the alert rules' folder (dashboards/alerts.py)
                     "stateFilter": {"firing": True, "pending": False, "noData": True, "normal": False,
                                     "error": True},
                     "showInstances": True}})
