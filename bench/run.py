@@ -437,7 +437,10 @@ def influx_writer_cost(url: str, token: str, points: int) -> dict[str, Any]:
 # What the drain polls ask for, 20 times a second: rendering all of /metrics each time cost the bridge under
 # test about 1 ms of CPU per poll (2-5 % of its time while draining), a load no Prometheus puts on it.
 DELIVERY_METRICS = ["racktwin_messages_accepted_total", "racktwin_messages_rejected_total",
-                    "racktwin_messages_in_flight", "racktwin_ditto_coalesced_total"]
+                    "racktwin_messages_in_flight", "racktwin_ditto_coalesced_total",
+                    # Acks that did not wait for the twin (Ditto failing): nonzero means the figure is not "fully
+                    # delivered" for them, so it is reported beside the throughput.
+                    "racktwin_ditto_released_total"]
 
 
 def scrape(bridge: BridgeProcess, names: list[str] | None = None) -> dict[str, float]:
@@ -539,6 +542,8 @@ def run_bridge_burst(bridge: BridgeProcess, broker: Mosquitto, items: list[tuple
         "ditto_websocket_commands": d["ws_commands"],
         "coalesced_readings": after.get("racktwin_ditto_coalesced_total", 0)
         - before.get("racktwin_ditto_coalesced_total", 0),
+        "released_readings": after.get("racktwin_ditto_released_total", 0)
+        - before.get("racktwin_ditto_released_total", 0),
     }
 
 

@@ -64,6 +64,12 @@ class Metrics:
             "racktwin_ditto_coalesced", "Readings merged into a pending twin update instead of their own request",
             registry=r,
         )
+        self.ditto_released = Counter(
+            "racktwin_ditto_released",
+            "Readings acknowledged while Ditto was failing, before their twin update (InfluxDB has them; the twin "
+            "gets the newest per position once Ditto takes it)",
+            registry=r,
+        )
         self.stale = Counter(
             "racktwin_ditto_stale", "Readings older than the twin's state, not written", registry=r
         )

@@ -64,6 +64,7 @@ def stats_lines(metrics: Metrics, instance: str, ready: bool, previous: dict[str
         "ditto_errors": v("racktwin_ditto_updates_total", {"result": "retry"})
         + v("racktwin_ditto_updates_total", {"result": "error"}),
         "coalesced": v("racktwin_ditto_coalesced_total"),
+        "ditto_released": v("racktwin_ditto_released_total"),
         "in_flight": v("racktwin_messages_in_flight"),
         # Grows while a sink hangs, when no lag is written because nothing gets through.
         "oldest_in_flight_s": round(v("racktwin_oldest_in_flight_seconds"), 3),

@@ -62,8 +62,10 @@ def build(t: Thresholds) -> dict:
             'GROUP BY time($__interval), "reason", "instance" fill(none)', alias="$tag_reason $tag_instance")],
             field_defaults("none", None, 1), datasource=INFLUX, interval=STATS_INTERVAL, max_data_points=1000,
             custom={"drawStyle": "bars", "fillOpacity": 80, "stacking": {"mode": "normal", "group": "A"}}),
-        timeseries("Sink errors and stale updates (per minute)", grid(0, 13, 12, 9), [influx_target(
-            rate(["influx_errors", "ditto_errors", "ditto_stale"], per="1m"), alias="$col $tag_instance")],
+        # ditto_released: readings acknowledged while Ditto failed, their twin update still to come.
+        timeseries("Sink errors, stale and released twin updates (per minute)", grid(0, 13, 12, 9), [influx_target(
+            rate(["influx_errors", "ditto_errors", "ditto_stale", "ditto_released"], per="1m"),
+            alias="$col $tag_instance")],
             field_defaults("none", None, 1), datasource=INFLUX, interval=STATS_INTERVAL, max_data_points=1000),
         timeseries("End-to-end lag (source timestamp → written)", grid(12, 13, 12, 9), [influx_target(
             f'SELECT {", ".join(f"max({chr(34)}{f}{chr(34)}) AS {chr(34)}{f}{chr(34)}" for f in lag_fields)} '

@@ -101,6 +101,7 @@ def test_quick_bench_delivered_everything(quick_result):
         assert run["rejected"] == 0
         assert run["influx_points"] == 2 * run["messages"]  # two positions per rack envelope
         assert run["ditto_reading_patches"] >= 1
+        assert run["released_readings"] == 0  # every ack waited for its twin: "fully delivered" holds
     assert result["bridge"]["cpu_ms_per_message"]["bridge"] > 0  # 400 messages take the bridge far over a tick
     assert result["bridge_cold"]["ditto_requests_per_message"] >= 2  # GET 404 + PUT + PATCH per new twin
     # Against a Ditto answering in 50 ms, a rack's queued readings go out together: fewer requests than readings.

@@ -148,6 +148,43 @@ def test_ditto_outage_converges_to_newest_and_influx_carries_on(running_bridge, 
     assert running_bridge.metrics.value("racktwin_ditto_updates_total", {"result": "retry"}) >= 1
 
 
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_a_ditto_outage_longer_than_the_receive_window_does_not_hold_up_influxdb(transport, bridge_environ,
+                                                                                   monkeypatch, publisher, ditto,
+                                                                                   influxd, influx_db):
+    """Messages waiting on Ditto alone would fill the broker's receive window (here 8) and stop InfluxDB's
+    writes too: once Ditto fails, readings are acknowledged on InfluxDB's confirmation, and the twins still
+    end at the newest reading once Ditto is back."""
+    monkeypatch.setenv("RACKTWIN_DITTO_TRANSPORT", transport)
+    monkeypatch.setenv("RACKTWIN_MQTT_RECEIVE_MAXIMUM", "8")
+    bridge = Bridge(load_settings())
+    bridge.start()
+    racks, rounds = 5, 12
+    now = int(time.time() * 1000)
+    try:
+        wait_until(bridge.source.connected.is_set, what="bridge connected to MQTT")
+        publisher.publish_all([(topic(bridge_environ, f"rack-w{r}"), envelope(f"rack-w{r}", now - 60_000,
+                                                                               tempTop=20.0)) for r in range(racks)])
+        wait_until(lambda: all(props(ditto, f"dc.test:rack-w{r}").get("tempTop") == 20.0 for r in range(racks)),
+                   what="twins created")
+        ditto.inject(status=503, duration=6.0)
+        fault_ends = time.monotonic() + 6.0
+        publisher.publish_all([(topic(bridge_environ, f"rack-w{r}"),
+                                envelope(f"rack-w{r}", now - 60_000 + i * 1000, tempTop=20.0 + i / 10))
+                               for i in range(1, rounds + 1) for r in range(racks)])
+        wait_until(lambda: len(influxd.rows("SELECT * FROM rack_environment", influx_db)) == racks * (rounds + 1),
+                   timeout=fault_ends - time.monotonic(), what="every reading in InfluxDB while Ditto is down")
+        assert not bridge.readiness()["ditto"]
+        assert bridge.metrics.value("racktwin_ditto_released_total") > 0
+        assert props(ditto, "dc.test:rack-w0")["tempTop"] == 20.0  # the twins have not moved yet
+        wait_until(lambda: all(props(ditto, f"dc.test:rack-w{r}").get("tempTop") == 20.0 + rounds / 10
+                               and props(ditto, f"dc.test:rack-w{r}")["tsTop"] == iso_ms(now - 60_000 + rounds * 1000)
+                               for r in range(racks)), timeout=30, what="twins converged to the newest")
+        wait_until(lambda: bridge.pipeline.in_flight.count == 0, what="all acknowledged")
+    finally:
+        bridge.stop()
+
+
 def test_a_hung_sink_shows_as_the_age_of_the_oldest_unconfirmed_message(running_bridge, bridge_env, publisher,
                                                                           ditto):
     """Nothing gets through a Ditto that hangs, so no lag is observed: the waiting message must show it."""

@@ -5,6 +5,13 @@ that thing is in flight, new readings fold into the pending patch; when the requ
 pending patch goes next. Workers run different things concurrently over kept-alive connections.
 Every PATCH carries a condition that the twin's source timestamps are not newer than ours, so an older
 reading can never overwrite a newer one; a failed condition is "stale", not an error.
+
+A reading's confirmation (and so its MQTT acknowledgement) waits for its twin update only while Ditto is
+answering. Once an update fails, the readings waiting on it, and every reading that arrives while Ditto keeps
+failing, are confirmed at once ("released"): the broker's receive window would otherwise fill with messages
+waiting on Ditto alone and stop InfluxDB's writes too. The pending update keeps the newest reading per position
+and is retried until Ditto takes it; only a bridge that dies meanwhile leaves a twin behind, until the
+position's next reading.
 """
 
 from __future__ import annotations
@@ -122,6 +129,7 @@ class _Thing:
     waiters: list[_Waiter] = field(default_factory=list)
     scheduled: bool = False
     attempts: int = 0
+    ditto_failing: bool = False  # its last update failed on Ditto's side: readings for it are released at once
     unexpected_failures: int = 0
 
 
@@ -294,6 +302,7 @@ class DittoUpdater:
 
     def submit(self, reading: SensorReading, on_confirmed: Callable[[], None] | None) -> None:
         tid = twin.thing_id(self.settings.ditto_namespace, reading.rack)
+        release = None
         with self._cond:
             thing = self._things.get(tid)
             if thing is None:
@@ -305,11 +314,16 @@ class DittoUpdater:
             # At an equal timestamp too: the other half of a reading sent as two messages (fields it lacks are kept).
             if current is None or reading.ts_ms >= current.ts_ms:
                 thing.pending[reading.position] = twin.merge_reading(current, reading)
-            thing.waiters.append(_Waiter(reading.ts_ms, on_confirmed))
+            if self.healthy and not thing.ditto_failing:
+                thing.waiters.append(_Waiter(reading.ts_ms, on_confirmed))
+            else:  # Ditto is failing (this thing's last update, or the last one of any): do not wait on it
+                release = _Waiter(reading.ts_ms, on_confirmed)
             if not thing.scheduled:
                 thing.scheduled = True
                 self._ready.append(tid)
                 self._cond.notify()
+        if release is not None:
+            self._release([release])
 
     # -- workers ---------------------------------------------------------------------------------------
 
@@ -374,6 +388,7 @@ class DittoUpdater:
         confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
         with self._cond:
             thing.attempts = 0
+            thing.ditto_failing = False
             if thing.pending:
                 self._ready.append(tid)
                 self._cond.notify()
@@ -440,6 +455,7 @@ class DittoUpdater:
         confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
         with self._cond:
             thing.attempts = 0
+            thing.ditto_failing = False
             if thing.pending:
                 self._ready.append(thing.tid)
                 self._cond.notify()
@@ -470,28 +486,49 @@ class DittoUpdater:
             return
         self._count("retry")
         error = str(exc)
-        if self.healthy or error != self.last_error:
+        was_healthy = self.healthy
+        if was_healthy or error != self.last_error:
             log.warning("Ditto update of %s failed, will retry: %s", thing.tid, error[:200])
         self.healthy = False
         self.last_error = error
         if status in (401, 403, 404):
             thing.ensured = False
-        self._requeue(thing, pending, waiters)
+        self._requeue(thing, pending, waiters, release=True, release_all=was_healthy)
 
-    def _requeue(self, thing: _Thing, pending: dict, waiters: list[_Waiter]) -> None:
-        """Put a failed update back, after a back-off that grows with the thing's failures in a row."""
+    def _requeue(self, thing: _Thing, pending: dict, waiters: list[_Waiter], release: bool = False,
+                 release_all: bool = False) -> None:
+        """Put a failed update back, after a back-off that grows with the thing's failures in a row. ``release``
+        (Ditto failed it): confirm the readings waiting on it now; ``release_all``: those waiting on any thing too
+        (Ditto has just started failing). An unexpected error keeps them waiting: it is retried a few times only."""
         with self._cond:
             # Fold what we failed to send back in with what arrived meanwhile; per position the newest wins,
             # whichever of the two it is (a reading that arrived meanwhile may be older than the failed one).
             for position, state in pending.items():
                 other = thing.pending.get(position)
                 thing.pending[position] = state if other is None else twin.newest_of(state, other)
-            thing.waiters = waiters + thing.waiters
+            released: list[_Waiter] = []
+            if release:
+                released, thing.waiters = waiters + thing.waiters, []
+                thing.ditto_failing = True
+            else:
+                thing.waiters = waiters + thing.waiters
+            if release_all:  # updates in flight in other workers release theirs if they fail too
+                for other_thing in self._things.values():
+                    if other_thing.waiters:
+                        released.extend(other_thing.waiters)
+                        other_thing.waiters = []
             thing.attempts += 1
             delay = min(0.1 * 2 ** min(thing.attempts, 8), 10.0)
             self._seq += 1
             heapq.heappush(self._delayed, (time.monotonic() + delay, self._seq, thing.tid))
             self._cond.notify()
+        self._release(released)
+
+    def _release(self, waiters: list[_Waiter]) -> None:
+        """Confirm readings whose twin update has not reached Ditto (see the module docstring)."""
+        if waiters:
+            self.metrics.ditto_released.inc(len(waiters))
+            confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
 
     def _mark_healthy(self) -> None:
         if not self.healthy:
