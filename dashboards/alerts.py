@@ -26,6 +26,13 @@ GROUP_INTERVAL_S = 60
 GROUP_INTERVALS_S = {FORECAST_GROUP: FORECAST_ALERT_INTERVAL_S}  # bridge.forecast.evaluate replays the forecast's
 RACK_TAGS = '"site", "room", "row", "rack"'
 RECEIVER = "racktwin-noc"
+# The watchdog: a rule that always fires, whose notifications go to a dead man's switch (WATCHDOG_URL) that pages
+# when they stop, i.e. when Grafana, its host or its way out is down, which no rule inside Grafana can report.
+# Its own folder: the wall counts the firing rules of its folder, and this one is no news.
+WATCHDOG_RECEIVER = "racktwin-watchdog"
+WATCHDOG_GROUP = "watchdog"
+WATCHDOG_FOLDER = f"{WALL_FOLDER} watchdog"
+WATCHDOG_REPEAT = "5m"  # how often the switch hears from a healthy Grafana
 RACK_LINK = "${GRAFANA_ROOT_URL}" + RACK_PATH + "?var-rack={{ urlquery $labels.rack }}"  # rack names may hold & # +
 WHERE_SENSOR = "{{ $labels.rack }} {{ $labels.position }}"
 
@@ -177,7 +184,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  'SELECT max("lag") AS "lag" FROM '
                  '(SELECT last("lag_influx_p95") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"), '
                  '(SELECT last("lag_ditto_p95") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"), '
-                 # A hung sink confirms nothing, so writes no lag: the oldest unconfirmed message shows it.
+                 # A hung InfluxDB confirms nothing, so writes no lag: the oldest unconfirmed message shows it.
                  '(SELECT last("oldest_in_flight_s") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter '
                  'GROUP BY "instance") GROUP BY "instance"',
                  300, "last", "gt", (t.bridge_lag_limit_s,), "warning",
@@ -185,6 +192,20 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  f"message), more than {num(t.bridge_lag_limit_s)} s",
                  for_="5m", labels={"component": "bridge"}, group="bridge", dashboard_uid=BRIDGE_UID),
     ]
+
+
+def watchdog_rule() -> RuleSpec:
+    """Fires whatever the query gives (no data and errors included: the bridge-down rule reports those), so its
+    notifications stop only when Grafana stops evaluating or notifying. The query is one cheap InfluxQL count:
+    a Grafana rule needs a data query to evaluate."""
+    return RuleSpec(
+        "racktwin-watchdog", "Watchdog (always firing)",
+        'SELECT count("ready") AS "stats" FROM "racktwin_bridge" WHERE $timeFilter', 300, "last", "gt", (-1,),
+        "info",
+        "RackTwin watchdog: Grafana evaluates the alert rules and sends notifications. It always fires; its "
+        f"notifications go to WATCHDOG_URL alone, every {WATCHDOG_REPEAT}, and when they stop that service pages",
+        no_data="Alerting", exec_err="Alerting", labels={"component": "watchdog"}, group=WATCHDOG_GROUP,
+        dashboard_uid=BRIDGE_UID)
 
 
 def rule(spec: RuleSpec) -> dict:
@@ -221,32 +242,41 @@ def rule(spec: RuleSpec) -> dict:
     }
 
 
-def rules_file(t: Thresholds) -> dict:
+def rules_file(t: Thresholds, watchdog: bool = False) -> dict:
+    """``watchdog``: add the watchdog rule (only where a WATCHDOG_URL takes its notifications)."""
     groups: dict[str, list[dict]] = {}
-    for spec in rule_specs(t):
+    for spec in rule_specs(t) + ([watchdog_rule()] if watchdog else []):
         groups.setdefault(spec.group, []).append(rule(spec))
     return {"apiVersion": 1, "groups": [
-        {"orgId": 1, "name": name, "folder": FOLDER, "interval": duration(GROUP_INTERVALS_S.get(name, GROUP_INTERVAL_S)),
-         "rules": rules}
+        {"orgId": 1, "name": name, "folder": WATCHDOG_FOLDER if name == WATCHDOG_GROUP else FOLDER,
+         "interval": duration(GROUP_INTERVALS_S.get(name, GROUP_INTERVAL_S)), "rules": rules}
         for name, rules in groups.items()]}
 
 
-def contact_points_file() -> dict:
-    return {"apiVersion": 1, "contactPoints": [{"orgId": 1, "name": RECEIVER, "receivers": [
+def contact_points_file(watchdog: bool = False) -> dict:
+    points = [{"orgId": 1, "name": RECEIVER, "receivers": [
         {"uid": "racktwin-webhook", "type": "webhook", "disableResolveMessage": False,
          "settings": {"url": "${ALERT_WEBHOOK_URL}", "httpMethod": "POST"}},
         {"uid": "racktwin-email", "type": "email", "disableResolveMessage": False,
          "settings": {"addresses": "${ALERT_EMAIL_TO}", "singleEmail": True}},
-    ]}]}
+    ]}]
+    if watchdog:  # no resolve message: the switch would take it for one more sign of life
+        points.append({"orgId": 1, "name": WATCHDOG_RECEIVER, "receivers": [
+            {"uid": "racktwin-watchdog-webhook", "type": "webhook", "disableResolveMessage": True,
+             "settings": {"url": "${WATCHDOG_URL}", "httpMethod": "POST"}}]})
+    return {"apiVersion": 1, "contactPoints": points}
 
 
-def policies_file() -> dict:
+def policies_file(watchdog: bool = False) -> dict:
+    routes = [{"receiver": RECEIVER, "object_matchers": [["severity", "=", "critical"]],
+               "group_by": ["site", "room"], "group_wait": "10s", "group_interval": "1m", "repeat_interval": "1h"}]
+    if watchdog:  # first, and not continued: the NOC never hears of it
+        routes.insert(0, {"receiver": WATCHDOG_RECEIVER, "object_matchers": [["component", "=", "watchdog"]],
+                          "group_by": ["alertname"], "group_wait": "0s", "group_interval": "1m",
+                          "repeat_interval": WATCHDOG_REPEAT})
     return {"apiVersion": 1, "policies": [{
         # By site and room: two sites may both have a "hall1". A critical in a room already paged goes out
         # within a minute, not with the warnings' 5.
         "orgId": 1, "receiver": RECEIVER, "group_by": ["site", "room"],
-        "group_wait": "30s", "group_interval": "5m", "repeat_interval": "4h",
-        "routes": [{"receiver": RECEIVER, "object_matchers": [["severity", "=", "critical"]],
-                    "group_by": ["site", "room"], "group_wait": "10s", "group_interval": "1m",
-                    "repeat_interval": "1h"}],
+        "group_wait": "30s", "group_interval": "5m", "repeat_interval": "4h", "routes": routes,
     }]}

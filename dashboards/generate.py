@@ -4,7 +4,8 @@
 
 Thresholds come from RACKTWIN_ASHRAE_CLASS (A1..A4, default A1) and RACKTWIN_RH_CAP (70|50, default 70); the Ditto
 namespace and the rack detail's links from RACKTWIN_DITTO_NAMESPACE, RACKTWIN_DITTO_UI_URL and
-RACKTWIN_THINGSBOARD_UI_URL (common.Site).
+RACKTWIN_THINGSBOARD_UI_URL (common.Site). RACKTWIN_WATCHDOG_URL set (the stack passes WATCHDOG_URL): the watchdog
+rule, its contact point (which Grafana fills from its own WATCHDOG_URL) and its route are generated too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -43,22 +45,22 @@ def dump_yaml(data: dict) -> str:
                               default_flow_style=False)
 
 
-def build_all(t: Thresholds, site: Site = Site()) -> dict[str, str]:
-    """Relative path -> file text, for every generated file."""
+def build_all(t: Thresholds, site: Site = Site(), watchdog: bool = False) -> dict[str, str]:
+    """Relative path -> file text, for every generated file; ``watchdog``: with the watchdog rule and route."""
     return {
         f"{datasources.WALL_DIR}/racktwin-wall.json": dump_json(wall.build(t, site)),
         f"{datasources.OPERATIONS_DIR}/racktwin-rack.json": dump_json(rack.build(t, site)),
         f"{datasources.OPERATIONS_DIR}/racktwin-bridge.json": dump_json(bridge_health.build(t)),
         "dashboards/racktwin.yaml": dump_yaml(datasources.dashboard_provider_file()),
         "datasources/racktwin.yaml": dump_yaml(datasources.datasources_file()),
-        "alerting/rules.yaml": dump_yaml(alerts.rules_file(t)),
-        "alerting/contact-points.yaml": dump_yaml(alerts.contact_points_file()),
-        "alerting/policies.yaml": dump_yaml(alerts.policies_file()),
+        "alerting/rules.yaml": dump_yaml(alerts.rules_file(t, watchdog)),
+        "alerting/contact-points.yaml": dump_yaml(alerts.contact_points_file(watchdog)),
+        "alerting/policies.yaml": dump_yaml(alerts.policies_file(watchdog)),
     }
 
 
-def write_all(out: Path, t: Thresholds, site: Site = Site()) -> list[Path]:
-    files = build_all(t, site)
+def write_all(out: Path, t: Thresholds, site: Site = Site(), watchdog: bool = False) -> list[Path]:
+    files = build_all(t, site, watchdog)
     for stale in stale_files(out, files):
         # A file an older version generated (renamed or dropped dashboard, rule file) would still be
         # provisioned, e.g. as a second dashboard with the same uid.
@@ -91,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a setting from the environment (compose/.env in the stack) is not usable
         log.error("python -m dashboards.generate: %s", exc)
         return 2
-    for path in write_all(args.out, t, site):
+    watchdog = bool(os.environ.get("RACKTWIN_WATCHDOG_URL", "").strip())
+    for path in write_all(args.out, t, site, watchdog):
         log.info("wrote %s", path)
+    if watchdog:
+        log.info("watchdog: rule %s notifies WATCHDOG_URL every %s", alerts.watchdog_rule().uid,
+                 alerts.WATCHDOG_REPEAT)
     log.info("thresholds: ASHRAE %s, recommended RH cap %g %%", t.ashrae_class, t.rh_cap)
     return 0
 

@@ -158,6 +158,18 @@ def test_when_all_telemetry_stops_the_silent_sensors_and_the_bridge_page_and_not
     assert RULES["racktwin-sensor-silent"]["noDataState"] == "NoData"
 
 
+def test_the_watchdog_fires_with_the_bridge_s_stats_and_without_them(fed, influxd, influx_db):
+    """The watchdog (generated where WATCHDOG_URL is set) fires as one alert, not one per bridge, and keeps firing
+    when its query finds nothing or fails: those are bridge-down's to report; it stops only with Grafana."""
+    (watchdog,) = [r for g in alerts.rules_file(Thresholds(), watchdog=True)["groups"] for r in g["rules"]
+                   if r["labels"].get("component") == "watchdog"]
+    now = evaluate_rule(watchdog, make_runner(influxd, influx_db, fed.now_ms + 5000))
+    assert now.state == "Evaluated" and len(now.firing) == 1 and list(now.firing.values())[0] >= 1
+    later = evaluate_rule(watchdog, make_runner(influxd, influx_db, fed.now_ms + 30 * 60_000))
+    assert later.state == "NoData" and watchdog["noDataState"] == "Alerting"
+    assert watchdog["execErrState"] == "Alerting"
+
+
 def test_when_influxdb_cannot_be_queried_one_rule_reports_it():
     """Query errors say nothing about the racks: every rule keeps its instances' last state, and bridge-down
     (which reads InfluxDB too) alone turns the error into an alert, so the NOC hears once that it is blind."""

@@ -476,6 +476,23 @@ def test_grafana_provisioning_is_generated_in_the_stack_with_the_env_thresholds(
         assert bridge[key] == gen["environment"][key]
 
 
+def test_a_watchdog_url_in_env_adds_the_watchdog_and_grafana_gets_its_url(tmp_path):
+    env = {**example_env(), "WATCHDOG_URL": "https://hc-ping.example.com/3f1c"}
+    services = load_model("demo", env)[0]["services"]
+    files = _generated_provisioning(tmp_path / "watchdog", services["grafana-provisioning"]["environment"])
+    rules = yaml.safe_load(files["alerting/rules.yaml"])
+    assert "racktwin-watchdog" in {r["uid"] for g in rules["groups"] for r in g["rules"]}
+    referenced = set()
+    for text in files.values():
+        referenced |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", text))
+    assert "WATCHDOG_URL" in referenced
+    assert services["grafana"]["environment"]["WATCHDOG_URL"] == env["WATCHDOG_URL"]
+    assert sorted(referenced - set(services["grafana"]["environment"]) - {"GRAFANA_INFLUX_TOKEN"}) == []
+    assert "https://hc-ping" not in "".join(files.values())  # the URL itself stays out of the files
+    # .env.example leaves it empty: no watchdog (the committed files, checked above).
+    assert parse_env_file(ENV_EXAMPLE)[0]["WATCHDOG_URL"] == ""
+
+
 def _constants(files: dict[str, str], dashboard: str) -> dict[str, str]:
     variables = json.loads(files[f"dashboards/{dashboard}.json"])["templating"]["list"]
     return {v["name"]: v["query"] for v in variables if v["type"] == "constant"}

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from dashboards import generate
+from dashboards import alerts, generate
 from dashboards.thresholds import Thresholds, from_env
 from tests.dashboard_data import DASHBOARDS, DATASOURCES, PROVISIONING, RULE_GROUPS
 
@@ -397,8 +397,8 @@ def test_rule_groups_have_what_the_file_loader_requires():
     assert len(uids) == len(set(uids)) and all(len(u) <= 40 and re.fullmatch(r"[a-zA-Z0-9_-]+", u) for u in uids)
 
 
-@pytest.mark.parametrize("rule", RULES, ids=[r["uid"] for r in RULES])
-def test_rule_fields_and_expression_chain(rule):
+def check_loader_fields(rule: dict) -> None:
+    """What Grafana's file loader requires of a rule, and a query -> reduce -> threshold chain that holds."""
     assert rule["title"] and rule["condition"] and rule["data"]
     assert "grafana_alert" not in rule and "no_data_state" not in rule  # the ruler-API shape grafanalib emits
     assert rule["noDataState"] in NO_DATA and rule["execErrState"] in EXEC_ERR
@@ -425,6 +425,11 @@ def test_rule_fields_and_expression_chain(rule):
             assert item["datasourceUid"] in DATASOURCE_UIDS
             assert rel["from"] > 0
             assert model["rawQuery"] is True and "$timeFilter" in model["query"]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r["uid"] for r in RULES])
+def test_rule_fields_and_expression_chain(rule):
+    check_loader_fields(rule)
     assert rule["labels"]["severity"] in ("warning", "critical")
     summary = rule["annotations"]["summary"]
     assert "\n" not in summary
@@ -474,6 +479,47 @@ def test_contact_points_and_policy_grouped_by_room():
         assert route["receiver"] in {cp["name"] for cp in cps} and route["group_by"] == ["site", "room"]
     critical = next(r for r in policy["routes"] if ["severity", "=", "critical"] in r["object_matchers"])
     assert critical["group_interval"] == "1m"  # a second critical rack in a paged room: not 5 min later
+
+
+def test_the_watchdog_only_with_a_url_and_its_notifications_go_there_alone():
+    """Generated only where WATCHDOG_URL is set (the committed files are the default, without it). It always fires,
+    so it must neither reach the NOC's receivers nor count on the wall, whose alert count reads its own folder."""
+    default = generate.build_all(Thresholds())
+    assert "watchdog" not in default["alerting/rules.yaml"] + default["alerting/policies.yaml"]
+    with_it = generate.build_all(Thresholds(), watchdog=True)
+    assert {k for k in default if default[k] != with_it[k]} == {
+        "alerting/rules.yaml", "alerting/contact-points.yaml", "alerting/policies.yaml"}
+    groups = {g["name"]: g for g in yaml.safe_load(with_it["alerting/rules.yaml"])["groups"]}
+    assert [g for name, g in groups.items() if name != alerts.WATCHDOG_GROUP] == RULE_GROUPS  # the rest unchanged
+    group = groups[alerts.WATCHDOG_GROUP]
+    assert group["folder"] != RULE_GROUPS[0]["folder"] and DURATION.match(group["interval"])
+    wall = json.loads(with_it["dashboards/wall/racktwin-wall.json"])
+    counts = [p for p in wall["panels"] if p["type"] == "alertlist"]
+    assert counts and all(p["options"]["folder"]["title"] == RULE_GROUPS[0]["folder"] for p in counts)
+    (rule,) = group["rules"]
+    check_loader_fields(rule)
+    # Fires on any answer, on none and on an error alike: only a Grafana that stops evaluating stops it.
+    assert rule["noDataState"] == "Alerting" and rule["execErrState"] == "Alerting"
+    threshold = next(d["model"] for d in rule["data"] if d["model"].get("type") == "threshold")
+    assert threshold["conditions"][0]["evaluator"] == {"type": "gt", "params": [-1]}
+    assert "{{" not in rule["annotations"]["summary"]  # no values to print: no template to break on no data
+
+    points = {cp["name"]: cp for cp in yaml.safe_load(with_it["alerting/contact-points.yaml"])["contactPoints"]}
+    (receiver,) = points[alerts.WATCHDOG_RECEIVER]["receivers"]
+    assert receiver["type"] == "webhook" and receiver["settings"]["url"] == "${WATCHDOG_URL}"
+    assert receiver["disableResolveMessage"] is True  # a resolve POST would read as a sign of life
+    policy = yaml.safe_load(with_it["alerting/policies.yaml"])["policies"][0]
+    labels = rule["labels"]
+
+    def matches(route: dict) -> bool:
+        return all(labels.get(name) == value for name, op, value in route["object_matchers"] if op == "=")
+
+    first = next(r for r in policy["routes"] if matches(r))
+    assert first is policy["routes"][0] and first["receiver"] == alerts.WATCHDOG_RECEIVER
+    assert not first.get("continue", False)  # routing stops there: the NOC's receivers never see it
+    assert DURATION.match(first["repeat_interval"]) and first["repeat_interval"] == alerts.WATCHDOG_REPEAT
+    # No rack or bridge rule matches the watchdog's route.
+    assert not any(all(r["labels"].get(n) == v for n, _, v in first["object_matchers"]) for r in RULES)
 
 
 @pytest.mark.parametrize("name, value, message", [

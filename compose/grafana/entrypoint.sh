@@ -26,7 +26,10 @@ if [ -z "${ALERT_EMAIL_TO:-}" ]; then
     ALERT_EMAIL_TO=alert-email-not-configured@racktwin.invalid
     echo "grafana: ALERT_EMAIL_TO is empty: alert emails go nowhere until it is set in compose/.env" >&2
 fi
-export ALERT_WEBHOOK_URL ALERT_EMAIL_TO
+# The watchdog's contact point exists only where grafana-provisioning saw WATCHDOG_URL set; should Grafana be
+# started alone after it was cleared, a placeholder still lets it start.
+WATCHDOG_URL=${WATCHDOG_URL:-http://127.0.0.1:9/racktwin-watchdog-not-configured}
+export ALERT_WEBHOOK_URL ALERT_EMAIL_TO WATCHDOG_URL
 
 if [ -n "${SMTP_HOST:-}" ]; then
     GF_SMTP_ENABLED=true
