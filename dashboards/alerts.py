@@ -62,6 +62,9 @@ class RuleSpec:
     # resolve and fire again with every bit of sensor noise, a pair of notifications each time.
     keep_firing_for: str | None = None
     dashboard_uid: str = RACK_UID
+    # Evaluations a firing alert whose series has gone from the result (its sensor went silent) stays firing;
+    # Grafana's default is 2.
+    missing_series_evals: int | None = None
 
 
 def latest(field_name: str) -> str:
@@ -106,9 +109,17 @@ def forecast_rule(t: Thresholds) -> RuleSpec:
 ENVELOPE_KEEP_FIRING = "10m"
 
 
+# A limit alert whose sensor goes silent would resolve some 12 min after its last reading (its window runs empty,
+# and Grafana resolves a missing series after 2 evaluations): a "resolved" for a rack nobody knows the state of.
+# It stays firing for as long as the silent-sensor rule names the sensor, so both speak until someone looks.
+LIMIT_MISSING_SERIES_EVALS = SILENT_LOOKBACK_S // GROUP_INTERVAL_S
+
+
 def limit_rule(*args: Any, **kwargs: Any) -> RuleSpec:
-    """A rule on the last reading against an ASHRAE (or top − bottom) limit: it flaps at the threshold."""
-    return RuleSpec(*args, keep_firing_for=ENVELOPE_KEEP_FIRING, **kwargs)
+    """A rule on the last reading against an ASHRAE (or top − bottom) limit: it flaps at the threshold, and its
+    sensor going silent says nothing about the rack."""
+    return RuleSpec(*args, keep_firing_for=ENVELOPE_KEEP_FIRING, missing_series_evals=LIMIT_MISSING_SERIES_EVALS,
+                    **kwargs)
 
 
 def rule_specs(t: Thresholds) -> list[RuleSpec]:
@@ -236,6 +247,7 @@ def rule(spec: RuleSpec) -> dict:
         "execErrState": spec.exec_err,
         "for": spec.for_,
         **({"keepFiringFor": spec.keep_firing_for} if spec.keep_firing_for else {}),
+        **({"missing_series_evals_to_resolve": spec.missing_series_evals} if spec.missing_series_evals else {}),
         "isPaused": False,
         "labels": {"severity": spec.severity, **spec.labels},
         "annotations": annotations,

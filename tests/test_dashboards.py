@@ -397,8 +397,16 @@ def test_rule_groups_have_what_the_file_loader_requires():
     assert len(uids) == len(set(uids)) and all(len(u) <= 40 and re.fullmatch(r"[a-zA-Z0-9_-]+", u) for u in uids)
 
 
+# The keys of a rule Grafana's file loader reads (AlertRuleV1 in pkg/services/provisioning/alerting/rules_types.go,
+# with keepFiringFor and missing_series_evals_to_resolve from 12.1.2 on): any other key is silently ignored.
+RULE_KEYS = {"uid", "title", "condition", "data", "dashboardUid", "panelId", "noDataState", "execErrState", "for",
+             "keepFiringFor", "missing_series_evals_to_resolve", "annotations", "labels", "isPaused",
+             "notification_settings", "record"}
+
+
 def check_loader_fields(rule: dict) -> None:
     """What Grafana's file loader requires of a rule, and a query -> reduce -> threshold chain that holds."""
+    assert set(rule) <= RULE_KEYS, set(rule) - RULE_KEYS
     assert rule["title"] and rule["condition"] and rule["data"]
     assert "grafana_alert" not in rule and "no_data_state" not in rule  # the ruler-API shape grafanalib emits
     assert rule["noDataState"] in NO_DATA and rule["execErrState"] in EXEC_ERR
@@ -465,6 +473,28 @@ def test_rules_on_a_single_reading_keep_firing_a_while_after_it_clears():
             assert DURATION.match(rule["keepFiringFor"]) and rule["keepFiringFor"] != "0s", rule["uid"]
         else:  # window rules (silent, stuck, rate, bridge) resolve when the window says so
             assert "keepFiringFor" not in rule, rule["uid"]
+
+
+def test_a_limit_alert_outlives_its_sensor_going_silent_as_long_as_the_silent_rule_names_it():
+    """A rack at 29 °C whose sensor dies must not get a "resolved" 12 minutes later: the limit rules keep a missing
+    series firing for the silent-sensor rule's lookback (Grafana resolves it after 2 evaluations by default)."""
+    groups = {g["name"]: g for g in RULE_GROUPS}
+    silent = next(r for r in RULES if r["uid"] == "racktwin-sensor-silent")
+    lookback_s = next(d for d in silent["data"] if d["datasourceUid"] != "__expr__")["relativeTimeRange"]["from"]
+    limit_rules = {"racktwin-inlet-recommended", "racktwin-inlet-allowable", "racktwin-dewpoint-recommended",
+                   "racktwin-dewpoint-allowable", "racktwin-humidity-recommended", "racktwin-humidity-allowable",
+                   "racktwin-dry-dewpoint-recommended", "racktwin-dry-dewpoint-allowable",
+                   "racktwin-dry-humidity-allowable", "racktwin-recirculation"}
+    for group in RULE_GROUPS:
+        value, unit = re.fullmatch(r"(\d+)([smh])", group["interval"]).groups()
+        interval_s = int(value) * {"s": 1, "m": 60, "h": 3600}[unit]
+        for rule in group["rules"]:
+            evals = rule.get("missing_series_evals_to_resolve")
+            if rule["uid"] in limit_rules:
+                assert isinstance(evals, int) and evals * interval_s >= lookback_s, rule["uid"]
+            else:  # window rules resolve when their window says so; the forecast when there is none
+                assert evals is None, rule["uid"]
+    assert limit_rules <= {r["uid"] for g in groups.values() for r in g["rules"]}
 
 
 def test_contact_points_and_policy_grouped_by_room():
