@@ -224,6 +224,12 @@ class Settings(BaseSettings):
         8, ge=1, le=256, description="Things updated concurrently (HTTP connections, or commands in flight on the WebSocket)."
     )
     ditto_timeout_s: float = Field(10.0, gt=0, le=60, description="Timeout of one Ditto request.")
+    ditto_release_after_s: float = Field(
+        5.0, ge=0.5, le=600,
+        description="Ditto taking no twin update this long while readings wait on it: their messages, and all until "
+        "it takes one again, are acknowledged on InfluxDB's confirmation alone, so InfluxDB's writes wait on a "
+        "failing Ditto at most this long (the twins get the newest reading once Ditto is back).",
+    )
 
     # InfluxDB: history.
     influx_url: str = Field("http://localhost:8086", description="InfluxDB base URL.")
@@ -493,6 +499,7 @@ def _describe(exc: ValidationError) -> str:
 OTHER_TOOLS_ENV = frozenset({
     "CONFIG", "DELTA_T_LIMIT", "RATE_LIMIT_C_PER_H", "READING_INTERVAL_S", "BRIDGE_LAG_LIMIT_S",
     "DITTO_UI_URL", "THINGSBOARD_UI_URL",  # the dashboards' links
+    "WATCHDOG_URL",  # set: the dashboard generator adds the watchdog alert rule
     "VERSION", "CONTRACTS_DIR", "FAULT_SEED", "SMOKE",
 })
 

@@ -57,7 +57,7 @@ def test_variables_of_the_projects_other_tools_do_not_stop_the_bridge(monkeypatc
 
     repo = Path(__file__).resolve().parent.parent
     read_elsewhere = set()
-    for path in [repo / "dashboards" / "thresholds.py", repo / "compose" / "docker-compose.yml", *repo.glob("tests/**/*.py")]:
+    for path in [*repo.glob("dashboards/*.py"), repo / "compose" / "docker-compose.yml", *repo.glob("tests/**/*.py")]:
         read_elsewhere |= set(re.findall(r"RACKTWIN_([A-Z0-9_]+[A-Z0-9])", path.read_text()))
     not_settings = {n for n in read_elsewhere if _field_of_env("RACKTWIN_" + n) is None} - {"MQTT_HOTS"}
     assert not_settings and not_settings <= OTHER_TOOLS_ENV, not_settings - OTHER_TOOLS_ENV
