@@ -1,5 +1,5 @@
 """At-least-once bookkeeping: a message is acknowledged to the broker only when every sink confirmed it (the
-Ditto updater confirms at once while Ditto is failing: the twin is current state, InfluxDB the record).
+Ditto updater confirms without the twin once Ditto has stalled: the twin is current state, InfluxDB the record).
 
 A ``Ticket`` counts the confirmations one MQTT message still waits for. When the count reaches
 zero the ticket acknowledges the message, unless the MQTT connection it came on is gone: the broker

@@ -1,5 +1,5 @@
 """One MQTT message in, readings out to both sinks; the message's ack waits for both (for Ditto only while
-it answers: see sinks/ditto.py).
+it takes updates: see sinks/ditto.py).
 
 decode (bytes -> telemetry groups) -> map (groups -> validated rack readings) -> fan out:
 InfluxDB gets one point per reading, Ditto gets the reading merged into its rack's twin.

@@ -2,8 +2,9 @@
 
 The fixed client id plus session expiry makes the broker keep our subscription and queue messages
 while the bridge is away. Acks are manual: a message is acknowledged only after both sinks
-confirmed it, so a crash at any moment leads to redelivery, never loss. The broker sends at most
-``receive_maximum`` unacknowledged messages, which bounds our memory when a sink is down.
+confirmed it (the twin's part is let go when Ditto stalls: sinks/ditto.py), so a crash at any moment leads to
+redelivery, never loss of a reading. The broker sends at most ``receive_maximum`` unacknowledged messages, which
+bounds our memory when a sink is down.
 
 A message still being processed when the connection drops cannot be acked any more (packet ids belong to their
 connection), so the broker redelivers it on the next one. Processing that copy again would add a second entry

@@ -25,7 +25,7 @@ EXPECTED = [
     "latency_ditto_p50_s", "latency_ditto_p95_s", "latency_ditto_p99_s",
     "bridge_ws_msgs_per_s", "bridge_ws_to_ceiling_ratio", "latency_ws_influx_p99_s", "latency_ws_ditto_p99_s",
     "ditto_requests_per_msg_burst", "ditto_requests_per_msg_merge", "ditto_requests_per_msg_merge_slow",
-    "ditto_requests_per_msg_steady", "bridge_peak_rss_mb",
+    "ditto_requests_per_msg_steady", "bridge_peak_rss_mb", "released_readings",
     "ditto_double_validated_req_per_s", "ditto_double_req_per_s", "ditto_double_headroom",
     "ditto_double_ws_commands_per_s", "ditto_double_ws_headroom",
     "influx_adapter_points_per_s", "influx_adapter_headroom",
@@ -76,7 +76,8 @@ def test_quick_bench_reports_every_figure(quick_result):
         assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), (key, f)
         # CPU time comes in clock ticks (10 ms): a light process may show none in the tiny run, nor the
         # hypervisor steal anything from a quiet host.
-        assert f["value"] >= 0 if "cpu_ms" in key or "stolen" in key else f["value"] > 0, (key, f)
+        assert f["value"] >= 0 if "cpu_ms" in key or "stolen" in key or key == "released_readings" \
+            else f["value"] > 0, (key, f)
         assert f["label"] in stdout, key  # every figure is in the printed table
         if key in TARGETS:
             assert f["target"] and isinstance(f["ok"], bool), key
@@ -102,6 +103,7 @@ def test_quick_bench_delivered_everything(quick_result):
         assert run["influx_points"] == 2 * run["messages"]  # two positions per rack envelope
         assert run["ditto_reading_patches"] >= 1
         assert run["released_readings"] == 0  # every ack waited for its twin: "fully delivered" holds
+    assert result["latency"]["released_readings"] == 0 and result["figures"]["released_readings"]["ok"] is True
     assert result["bridge"]["cpu_ms_per_message"]["bridge"] > 0  # 400 messages take the bridge far over a tick
     assert result["bridge_cold"]["ditto_requests_per_message"] >= 2  # GET 404 + PUT + PATCH per new twin
     # Against a Ditto answering in 50 ms, a rack's queued readings go out together: fewer requests than readings.

@@ -153,10 +153,11 @@ def test_a_ditto_outage_longer_than_the_receive_window_does_not_hold_up_influxdb
                                                                                    monkeypatch, publisher, ditto,
                                                                                    influxd, influx_db):
     """Messages waiting on Ditto alone would fill the broker's receive window (here 8) and stop InfluxDB's
-    writes too: once Ditto fails, readings are acknowledged on InfluxDB's confirmation, and the twins still
-    end at the newest reading once Ditto is back."""
+    writes too: once Ditto has taken nothing for RACKTWIN_DITTO_RELEASE_AFTER_S, readings are acknowledged on
+    InfluxDB's confirmation, and the twins still end at the newest reading once Ditto is back."""
     monkeypatch.setenv("RACKTWIN_DITTO_TRANSPORT", transport)
     monkeypatch.setenv("RACKTWIN_MQTT_RECEIVE_MAXIMUM", "8")
+    monkeypatch.setenv("RACKTWIN_DITTO_RELEASE_AFTER_S", "1")
     bridge = Bridge(load_settings())
     bridge.start()
     racks, rounds = 5, 12
@@ -183,6 +184,45 @@ def test_a_ditto_outage_longer_than_the_receive_window_does_not_hold_up_influxdb
         wait_until(lambda: bridge.pipeline.in_flight.count == 0, what="all acknowledged")
     finally:
         bridge.stop()
+
+
+def test_one_twin_failing_while_the_others_go_through_releases_nothing(bridge_environ, monkeypatch, ditto, caplog):
+    """Only a Ditto that takes nothing releases readings: one twin refused (its policy edited, say) keeps its
+    messages waiting, so the bridge-lagging alert sees them age, while the other racks' go through."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.metrics import Metrics
+    from bridge.sinks import ditto as ditto_sink
+
+    real_patch = ditto_sink.DittoClient.patch_thing
+
+    def patch_thing(self, tid, patch, condition):  # noqa: ANN001, ANN202
+        if tid.endswith(":rack-refused"):
+            raise ditto_sink.DittoError(403, "not allowed")
+        return real_patch(self, tid, patch, condition)
+
+    monkeypatch.setattr(ditto_sink.DittoClient, "patch_thing", patch_thing)
+    metrics = Metrics()
+    updater = ditto_sink.DittoUpdater(load_settings(ditto_release_after_s=0.5), metrics)
+    updater.start()
+    now = int(time.time() * 1000)
+    confirmed: list[str] = []
+    try:
+        for i in range(12):  # 2.4 s, far longer than the release period: the other rack's updates keep Ditto taking
+            for rack in ("rack-refused", "rack-ok"):
+                loc = RackLocation("site1", "room1", "row1", rack)
+                updater.submit(SensorReading(loc, "top", rack, now - 12_000 + i * 1000, 21.0 + i, 40.0),
+                               lambda r=rack: confirmed.append(r))
+            time.sleep(0.2)
+        assert confirmed.count("rack-ok") >= 10
+        assert "rack-refused" not in confirmed and metrics.ditto_released._value.get() == 0
+        # With the other rack quiet, nothing gets through: a stall, and what waits is released at once.
+        wait_until(lambda: confirmed.count("rack-refused") == 12, timeout=10, what="the stall releasing the rest")
+        assert metrics.ditto_released._value.get() == 12
+        # Stopping with an update Ditto never took says so: those messages are acknowledged, nothing redelivers them.
+        updater.stop(timeout=1)
+        assert "twin updates of 1 racks not taken by Ditto" in caplog.text
+    finally:
+        updater.stop(timeout=2)
 
 
 def test_a_hung_sink_shows_as_the_age_of_the_oldest_unconfirmed_message(running_bridge, bridge_env, publisher,

@@ -6,12 +6,14 @@ pending patch goes next. Workers run different things concurrently over kept-ali
 Every PATCH carries a condition that the twin's source timestamps are not newer than ours, so an older
 reading can never overwrite a newer one; a failed condition is "stale", not an error.
 
-A reading's confirmation (and so its MQTT acknowledgement) waits for its twin update only while Ditto is
-answering. Once an update fails, the readings waiting on it, and every reading that arrives while Ditto keeps
-failing, are confirmed at once ("released"): the broker's receive window would otherwise fill with messages
-waiting on Ditto alone and stop InfluxDB's writes too. The pending update keeps the newest reading per position
-and is retried until Ditto takes it; only a bridge that dies meanwhile leaves a twin behind, until the
-position's next reading.
+A reading's confirmation (and so its MQTT acknowledgement) waits for its twin update while Ditto takes updates.
+When Ditto has taken none for ``ditto_release_after_s`` while readings wait on it (down, hung, refusing all),
+the waiting readings, and every reading until Ditto takes an update again, are confirmed at once ("released"):
+the broker's receive window would otherwise fill with messages waiting on Ditto alone and stop InfluxDB's
+writes too. The pending updates keep the newest reading per position and are retried until Ditto takes them;
+a bridge that stops or dies meanwhile leaves those twins where Ditto last took them, until each position's next
+reading. One twin failing while others go through releases nothing: its messages wait, and the bridge-lagging
+alert sees them age.
 """
 
 from __future__ import annotations
@@ -129,7 +131,6 @@ class _Thing:
     waiters: list[_Waiter] = field(default_factory=list)
     scheduled: bool = False
     attempts: int = 0
-    ditto_failing: bool = False  # its last update failed on Ditto's side: readings for it are released at once
     unexpected_failures: int = 0
 
 
@@ -249,6 +250,13 @@ class DittoUpdater:
         self.policy_ready = False
         self.last_error: str | None = None
         self.channel = self._channel(settings)
+        # Stall detection (module docstring): readings waiting on Ditto, since when Ditto last made progress for
+        # them (an update taken, or the first of them arriving), and whether we are releasing.
+        self._waiting = 0
+        self._progress_at = time.monotonic()
+        self._stalled = False
+        self._watch_stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="ditto-watch", daemon=True)
 
     @staticmethod
     def _channel(settings: Settings) -> "DittoWebSocket | None":
@@ -264,6 +272,7 @@ class DittoUpdater:
     def start(self) -> None:
         for worker in self._workers:
             worker.start()
+        self._watcher.start()
 
     def ensure_policy(self, client: DittoClient | None = None) -> None:
         own = client is None
@@ -287,6 +296,11 @@ class DittoUpdater:
                 self._cond.wait(timeout=0.1)
             self._abandon = True
             self._cond.notify_all()
+            abandoned = sum(1 for thing in self._things.values() if thing.pending)
+        self._watch_stop.set()
+        if abandoned:  # acknowledged already when Ditto stalled, or their messages go back to the broker
+            log.warning("stopping with the twin updates of %d racks not taken by Ditto: those twins stay as Ditto "
+                        "last took them until each position's next reading", abandoned)
         for worker in self._workers:
             worker.join(timeout=max(0.1, deadline - time.monotonic()) + self.settings.ditto_timeout_s)
         if self.channel is not None:
@@ -314,10 +328,13 @@ class DittoUpdater:
             # At an equal timestamp too: the other half of a reading sent as two messages (fields it lacks are kept).
             if current is None or reading.ts_ms >= current.ts_ms:
                 thing.pending[reading.position] = twin.merge_reading(current, reading)
-            if self.healthy and not thing.ditto_failing:
-                thing.waiters.append(_Waiter(reading.ts_ms, on_confirmed))
-            else:  # Ditto is failing (this thing's last update, or the last one of any): do not wait on it
+            if self._stalled:  # Ditto takes nothing: do not make the message wait for it (module docstring)
                 release = _Waiter(reading.ts_ms, on_confirmed)
+            else:
+                if not self._waiting:  # nothing was waiting: Ditto is not behind yet
+                    self._progress_at = time.monotonic()
+                self._waiting += 1
+                thing.waiters.append(_Waiter(reading.ts_ms, on_confirmed))
             if not thing.scheduled:
                 thing.scheduled = True
                 self._ready.append(tid)
@@ -381,6 +398,7 @@ class DittoUpdater:
             return
         thing.unexpected_failures = 0
         self._mark_healthy()
+        self._progressed(len(waiters))
         self._count(outcome)
         now = time.time()
         for waiter in waiters:
@@ -388,7 +406,6 @@ class DittoUpdater:
         confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
         with self._cond:
             thing.attempts = 0
-            thing.ditto_failing = False
             if thing.pending:
                 self._ready.append(tid)
                 self._cond.notify()
@@ -452,10 +469,11 @@ class DittoUpdater:
     def _give_up(self, thing: _Thing, waiters: list[_Waiter]) -> None:
         """Drop this update (its readings are in InfluxDB already) and release its messages."""
         self._count("error")
+        with self._cond:
+            self._waiting -= len(waiters)
         confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
         with self._cond:
             thing.attempts = 0
-            thing.ditto_failing = False
             if thing.pending:
                 self._ready.append(thing.tid)
                 self._cond.notify()
@@ -486,20 +504,17 @@ class DittoUpdater:
             return
         self._count("retry")
         error = str(exc)
-        was_healthy = self.healthy
-        if was_healthy or error != self.last_error:
+        if self.healthy or error != self.last_error:
             log.warning("Ditto update of %s failed, will retry: %s", thing.tid, error[:200])
         self.healthy = False
         self.last_error = error
         if status in (401, 403, 404):
             thing.ensured = False
-        self._requeue(thing, pending, waiters, release=True, release_all=was_healthy)
+        self._requeue(thing, pending, waiters)
 
-    def _requeue(self, thing: _Thing, pending: dict, waiters: list[_Waiter], release: bool = False,
-                 release_all: bool = False) -> None:
-        """Put a failed update back, after a back-off that grows with the thing's failures in a row. ``release``
-        (Ditto failed it): confirm the readings waiting on it now; ``release_all``: those waiting on any thing too
-        (Ditto has just started failing). An unexpected error keeps them waiting: it is retried a few times only."""
+    def _requeue(self, thing: _Thing, pending: dict, waiters: list[_Waiter]) -> None:
+        """Put a failed update back, after a back-off that grows with the thing's failures in a row; its readings
+        keep waiting, unless Ditto has stalled."""
         with self._cond:
             # Fold what we failed to send back in with what arrived meanwhile; per position the newest wins,
             # whichever of the two it is (a reading that arrived meanwhile may be older than the failed one).
@@ -507,16 +522,11 @@ class DittoUpdater:
                 other = thing.pending.get(position)
                 thing.pending[position] = state if other is None else twin.newest_of(state, other)
             released: list[_Waiter] = []
-            if release:
-                released, thing.waiters = waiters + thing.waiters, []
-                thing.ditto_failing = True
+            if self._stalled:  # taken by this worker when the watcher released the others: released now
+                released = waiters
+                self._waiting -= len(released)
             else:
                 thing.waiters = waiters + thing.waiters
-            if release_all:  # updates in flight in other workers release theirs if they fail too
-                for other_thing in self._things.values():
-                    if other_thing.waiters:
-                        released.extend(other_thing.waiters)
-                        other_thing.waiters = []
             thing.attempts += 1
             delay = min(0.1 * 2 ** min(thing.attempts, 8), 10.0)
             self._seq += 1
@@ -529,6 +539,43 @@ class DittoUpdater:
         if waiters:
             self.metrics.ditto_released.inc(len(waiters))
             confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
+
+    # -- stall detection -------------------------------------------------------------------------------
+
+    def _progressed(self, confirmed: int) -> None:
+        """Ditto took an update whose ``confirmed`` readings were waiting: it is not stalled."""
+        with self._cond:
+            self._waiting -= confirmed
+            self._progress_at = time.monotonic()
+            resumed, self._stalled = self._stalled, False
+        if resumed:
+            log.info("Ditto takes twin updates again: acknowledgements wait for the twin again")
+
+    def _watch(self) -> None:
+        period = min(0.25, self.settings.ditto_release_after_s / 4)
+        while not self._watch_stop.wait(period):
+            self.release_if_stalled()
+
+    def release_if_stalled(self, now: float | None = None) -> bool:
+        """If readings have waited ``ditto_release_after_s`` with Ditto taking nothing, release them all, and every
+        reading from now on until Ditto takes an update (``_progressed``). True if it did."""
+        now = time.monotonic() if now is None else now
+        after = self.settings.ditto_release_after_s
+        with self._cond:
+            if self._stalled or not self._waiting or now - self._progress_at < after:
+                return False
+            self._stalled = True
+            released: list[_Waiter] = []
+            for thing in self._things.values():
+                if thing.waiters:
+                    released.extend(thing.waiters)
+                    thing.waiters = []
+            self._waiting -= len(released)  # those in a worker's hands are released when their request ends
+        log.warning("Ditto has taken no twin update for %.0f s (%s): acknowledging readings on InfluxDB's "
+                    "confirmation alone until it takes one again; the twins then get the newest reading",
+                    now - self._progress_at, (self.last_error or "no answer yet")[:200])
+        self._release(released)
+        return True
 
     def _mark_healthy(self) -> None:
         if not self.healthy:
