@@ -186,24 +186,40 @@ def test_a_ditto_outage_longer_than_the_receive_window_does_not_hold_up_influxdb
         bridge.stop()
 
 
-def test_one_twin_failing_while_the_others_go_through_releases_nothing(bridge_environ, monkeypatch, ditto, caplog):
-    """Only a Ditto that takes nothing releases readings: one twin refused (its policy edited, say) keeps its
-    messages waiting, so the bridge-lagging alert sees them age, while the other racks' go through."""
-    from bridge.mapping import RackLocation, SensorReading
-    from bridge.metrics import Metrics
+def patch_things_failing(monkeypatch, error_for) -> None:
+    """Twin updates of the racks for which ``error_for(rack)`` returns an exception raise it; the others go to the
+    Ditto double as usual."""
     from bridge.sinks import ditto as ditto_sink
 
     real_patch = ditto_sink.DittoClient.patch_thing
 
     def patch_thing(self, tid, patch, condition):  # noqa: ANN001, ANN202
-        if tid.endswith(":rack-refused"):
-            raise ditto_sink.DittoError(403, "not allowed")
+        error = error_for(tid.split(":", 1)[1])
+        if error is not None:
+            raise error
         return real_patch(self, tid, patch, condition)
 
     monkeypatch.setattr(ditto_sink.DittoClient, "patch_thing", patch_thing)
+
+
+def started_updater(**overrides):  # noqa: ANN201
+    from bridge.metrics import Metrics
+    from bridge.sinks.ditto import DittoUpdater
+
     metrics = Metrics()
-    updater = ditto_sink.DittoUpdater(load_settings(ditto_release_after_s=0.5), metrics)
+    updater = DittoUpdater(load_settings(**overrides), metrics)
     updater.start()
+    return updater, metrics
+
+
+def test_one_twin_failing_while_the_others_go_through_releases_nothing(bridge_environ, monkeypatch, ditto, caplog):
+    """Only a Ditto that takes nothing releases readings: one twin refused (its policy edited, say) keeps its
+    messages waiting, so the bridge-lagging alert sees them age, while the other racks' go through."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks.ditto import DittoError
+
+    patch_things_failing(monkeypatch, lambda rack: DittoError(403, "not allowed") if rack == "rack-refused" else None)
+    updater, metrics = started_updater(ditto_release_after_s=0.5)
     now = int(time.time() * 1000)
     confirmed: list[str] = []
     try:
@@ -404,23 +420,18 @@ def test_an_unexpected_error_in_a_twin_update_is_retried_then_given_up_and_never
     retried with the twin read afresh, and a rack that keeps failing is given up (its messages acknowledged:
     the readings are in InfluxDB) instead of stranding them and, once the receive window fills, the bridge."""
     from bridge.mapping import RackLocation, SensorReading
-    from bridge.metrics import Metrics
     from bridge.sinks import ditto as ditto_sink
 
     failing = {"rack-flaky": 2, "rack-broken": 10**6}
-    real_patch = ditto_sink.DittoClient.patch_thing
 
-    def patch_thing(self, tid, patch, condition):  # noqa: ANN001, ANN202
-        rack = tid.split(":", 1)[1]
+    def error_for(rack: str) -> Exception | None:
         if failing.get(rack, 0) > 0:
             failing[rack] -= 1
-            raise KeyError("a bug")
-        return real_patch(self, tid, patch, condition)
+            return KeyError("a bug")
+        return None
 
-    monkeypatch.setattr(ditto_sink.DittoClient, "patch_thing", patch_thing)
-    metrics = Metrics()
-    updater = ditto_sink.DittoUpdater(load_settings(ditto_concurrency=2), metrics)
-    updater.start()
+    patch_things_failing(monkeypatch, error_for)
+    updater, metrics = started_updater(ditto_concurrency=2)
     now = int(time.time() * 1000)
     confirmed: list[str] = []
     try:
