@@ -226,9 +226,10 @@ class Settings(BaseSettings):
     ditto_timeout_s: float = Field(10.0, gt=0, le=60, description="Timeout of one Ditto request.")
     ditto_release_after_s: float = Field(
         5.0, ge=0.5, le=600,
-        description="Ditto taking no twin update this long while readings wait on it: their messages, and all until "
-        "it takes one again, are acknowledged on InfluxDB's confirmation alone, so InfluxDB's writes wait on a "
-        "failing Ditto at most this long (the twins get the newest reading once Ditto is back).",
+        description="Ditto answering no twin update this long while readings wait (after a failure of Ditto's as a "
+        "whole, or with a request out this long): their messages, and all until it answers one again, are "
+        "acknowledged on InfluxDB's confirmation alone, so a Ditto that takes nothing holds InfluxDB's writes up at "
+        "most this long; the twins get the newest reading once Ditto is back.",
     )
 
     # InfluxDB: history.

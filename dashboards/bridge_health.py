@@ -62,7 +62,7 @@ def build(t: Thresholds) -> dict:
             'GROUP BY time($__interval), "reason", "instance" fill(none)', alias="$tag_reason $tag_instance")],
             field_defaults("none", None, 1), datasource=INFLUX, interval=STATS_INTERVAL, max_data_points=1000,
             custom={"drawStyle": "bars", "fillOpacity": 80, "stacking": {"mode": "normal", "group": "A"}}),
-        # ditto_released: readings acknowledged while Ditto failed, their twin update still to come.
+        # ditto_released: readings acknowledged while Ditto was stalled, their twin update still to come.
         timeseries("Sink errors, stale and released twin updates (per minute)", grid(0, 13, 12, 9), [influx_target(
             rate(["influx_errors", "ditto_errors", "ditto_stale", "ditto_released"], per="1m"),
             alias="$col $tag_instance")],

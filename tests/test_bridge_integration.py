@@ -212,9 +212,10 @@ def started_updater(**overrides):  # noqa: ANN201
     return updater, metrics
 
 
-def test_one_twin_failing_while_the_others_go_through_releases_nothing(bridge_environ, monkeypatch, ditto, caplog):
-    """Only a Ditto that takes nothing releases readings: one twin refused (its policy edited, say) keeps its
-    messages waiting, so the bridge-lagging alert sees them age, while the other racks' go through."""
+def test_one_twin_refused_on_its_own_releases_nothing_however_quiet_the_traffic(bridge_environ, monkeypatch, ditto,
+                                                                                 caplog):
+    """Only a Ditto that has stalled as a whole releases readings: one twin refused (its policy edited, say) keeps
+    its messages waiting, so the bridge-lagging alert sees them age, while and after the other racks go through."""
     from bridge.mapping import RackLocation, SensorReading
     from bridge.sinks.ditto import DittoError
 
@@ -223,20 +224,83 @@ def test_one_twin_failing_while_the_others_go_through_releases_nothing(bridge_en
     now = int(time.time() * 1000)
     confirmed: list[str] = []
     try:
-        for i in range(12):  # 2.4 s, far longer than the release period: the other rack's updates keep Ditto taking
+        for i in range(6):
             for rack in ("rack-refused", "rack-ok"):
                 loc = RackLocation("site1", "room1", "row1", rack)
                 updater.submit(SensorReading(loc, "top", rack, now - 12_000 + i * 1000, 21.0 + i, 40.0),
                                lambda r=rack: confirmed.append(r))
             time.sleep(0.2)
-        assert confirmed.count("rack-ok") >= 10
+        wait_until(lambda: confirmed.count("rack-ok") == 6, what="the other rack's readings")
+        time.sleep(2.0)  # quiet: four release periods without any update Ditto answered
         assert "rack-refused" not in confirmed and metrics.ditto_released._value.get() == 0
-        # With the other rack quiet, nothing gets through: a stall, and what waits is released at once.
-        wait_until(lambda: confirmed.count("rack-refused") == 12, timeout=10, what="the stall releasing the rest")
-        assert metrics.ditto_released._value.get() == 12
-        # Stopping with an update Ditto never took says so: those messages are acknowledged, nothing redelivers them.
         updater.stop(timeout=1)
-        assert "twin updates of 1 racks not taken by Ditto" in caplog.text
+        assert "stalled" not in caplog.text  # neither a stall nor, on stopping, twins missing released readings
+    finally:
+        updater.stop(timeout=2)
+
+
+def test_a_hung_ditto_is_let_go_before_its_requests_time_out(bridge_environ, ditto):
+    """A request out for the release period with nothing answered: a hang. What waits behind it is released
+    without waiting for the 10 s timeout (the reading in the hung request itself goes when it ends); once Ditto
+    answers again, readings wait for their twin again."""
+    from bridge.mapping import RackLocation, SensorReading
+
+    updater, metrics = started_updater(ditto_release_after_s=1.0, ditto_timeout_s=10.0, ditto_concurrency=1)
+    hung, other = RackLocation("site1", "room1", "row1", "rack-hang"), RackLocation("site1", "room1", "row1", "rack-q")
+    now = int(time.time() * 1000)
+    confirmed: dict[str, float] = {}
+    try:
+        for loc in (hung, other):
+            updater.submit(SensorReading(loc, "top", "d", now - 9_000, 20.0, 40.0),
+                           lambda r=loc.rack: confirmed.setdefault(r, 0.0))
+        wait_until(lambda: len(confirmed) == 2, what="twins created")
+        confirmed.clear()
+        ditto.inject(delay=4.0, count=1)
+        started = time.monotonic()
+        updater.submit(SensorReading(hung, "top", "d", now - 8_000, 21.0, 40.0),
+                       lambda: confirmed.setdefault("hung", time.monotonic() - started))
+        time.sleep(0.2)  # the one worker is in the hung request now
+        updater.submit(SensorReading(other, "top", "d", now - 8_000, 21.0, 40.0),
+                       lambda: confirmed.setdefault("queued", time.monotonic() - started))
+        wait_until(lambda: "queued" in confirmed, timeout=3.5, what="the queued reading released during the hang")
+        assert 1.0 <= confirmed["queued"] < 3.0 and "hung" not in confirmed
+        assert metrics.ditto_released._value.get() == 1
+        wait_until(lambda: "hung" in confirmed, timeout=10, what="the hung request answered")
+        wait_until(lambda: props(ditto, "dc.test:rack-q").get("tempTop") == 21.0, timeout=10,
+                   what="the released reading's twin update once Ditto answers")
+        assert not updater._stalled
+        ditto.inject(delay=0.5, count=1)
+        updater.submit(SensorReading(other, "top", "d", now - 7_000, 22.0, 40.0),
+                       lambda: confirmed.setdefault("after", time.monotonic()))
+        time.sleep(0.3)
+        assert "after" not in confirmed  # waits for its twin again
+        wait_until(lambda: "after" in confirmed, what="confirmed by the twin")
+        assert metrics.ditto_released._value.get() == 1
+    finally:
+        updater.stop(timeout=2)
+
+
+def test_updates_that_need_no_request_do_not_hide_a_stall(bridge_environ, ditto, caplog):
+    """Readings older than their twin need no request: confirming them must not count as Ditto answering, or a
+    trickle of them (duplicates, a sensor clock stepping back) would keep a dead Ditto from ever being let go."""
+    from bridge.mapping import RackLocation, SensorReading
+
+    updater, metrics = started_updater(ditto_release_after_s=1.0, ditto_timeout_s=2.0)
+    now = int(time.time() * 1000)
+    dup, fresh = RackLocation("site1", "room1", "row1", "rack-dup"), RackLocation("site1", "room1", "row1", "rack-new")
+    confirmed: list[str] = []
+    try:
+        updater.submit(SensorReading(dup, "top", "d", now - 5_000, 20.0, 40.0), lambda: confirmed.append("dup"))
+        wait_until(lambda: confirmed == ["dup"], what="twin created")
+        ditto.inject(status=503, duration=6.0)
+        updater.submit(SensorReading(fresh, "top", "d", now, 24.0, 40.0), lambda: confirmed.append("new"))
+        for _ in range(12):
+            updater.submit(SensorReading(dup, "top", "d", now - 6_000, 19.0, 40.0), lambda: confirmed.append("dup"))
+            time.sleep(0.25)
+            if "new" in confirmed:
+                break
+        assert "new" in confirmed and metrics.ditto_released._value.get() >= 1
+        assert "Ditto has taken no twin update" in caplog.text
     finally:
         updater.stop(timeout=2)
 

@@ -7,13 +7,15 @@ Every PATCH carries a condition that the twin's source timestamps are not newer 
 reading can never overwrite a newer one; a failed condition is "stale", not an error.
 
 A reading's confirmation (and so its MQTT acknowledgement) waits for its twin update while Ditto takes updates.
-When Ditto has taken none for ``ditto_release_after_s`` while readings wait on it (down, hung, refusing all),
-the waiting readings, and every reading until Ditto takes an update again, are confirmed at once ("released"):
-the broker's receive window would otherwise fill with messages waiting on Ditto alone and stop InfluxDB's
-writes too. The pending updates keep the newest reading per position and are retried until Ditto takes them;
-a bridge that stops or dies meanwhile leaves those twins where Ditto last took them, until each position's next
-reading. One twin failing while others go through releases nothing: its messages wait, and the bridge-lagging
-alert sees them age.
+Ditto has stalled when it has answered no update for ``ditto_release_after_s`` while readings wait on it, and
+either a failure since then was Ditto's as a whole (no answer, 5xx, 401, 408, 424, 429) or a request has been
+out that long (hung). Then the waiting readings, and every reading until Ditto answers an update again, are
+confirmed at once ("released"): the broker's receive window would otherwise fill with messages waiting on Ditto
+alone and stop InfluxDB's writes too. The pending updates keep the newest reading per position; one of them is
+retried every second as a probe, and all of them as soon as Ditto answers. A bridge that stops or dies meanwhile
+leaves those twins where Ditto last took them, until each position's next reading. A twin refused on its own
+(403, 404, a condition failing) releases nothing, however quiet the traffic: its messages wait, and the
+bridge-lagging alert sees them age.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 # 424: an acknowledgement (twin-persisted) failed or timed out, i.e. Ditto could not persist it just then.
 RETRY_STATUSES = {401, 403, 404, 408, 424, 429}  # and every 5xx: see retryable()
+# Failures that are Ditto's as a whole, not one twin's (403 and 404 are a thing's policy or existence): with every
+# 5xx and no answer at all, these can make a stall (module docstring). 401: our credentials, for every thing.
+DITTO_WIDE_STATUSES = {401, 408, 424, 429}
 # A twin update that raised something unexpected (a bug, or a twin edited into a shape we cannot read) is retried
 # this many times, reading the twin afresh each time, and then given up: its readings stay in InfluxDB.
 MAX_UNEXPECTED_FAILURES = 3
@@ -131,6 +136,7 @@ class _Thing:
     waiters: list[_Waiter] = field(default_factory=list)
     scheduled: bool = False
     attempts: int = 0
+    released: bool = False  # readings acknowledged while Ditto stalled are in ``pending``, not yet in Ditto
     unexpected_failures: int = 0
 
 
@@ -254,7 +260,10 @@ class DittoUpdater:
         # them (an update taken, or the first of them arriving), and whether we are releasing.
         self._waiting = 0
         self._progress_at = time.monotonic()
+        self._ditto_wide_failure = False  # since _progress_at
+        self._requests: dict[int, float] = {}  # worker thread -> when its current update began
         self._stalled = False
+        self._last_probe = 0.0
         self._watch_stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="ditto-watch", daemon=True)
 
@@ -296,11 +305,11 @@ class DittoUpdater:
                 self._cond.wait(timeout=0.1)
             self._abandon = True
             self._cond.notify_all()
-            abandoned = sum(1 for thing in self._things.values() if thing.pending)
+            behind = sum(1 for thing in self._things.values() if thing.released)
         self._watch_stop.set()
-        if abandoned:  # acknowledged already when Ditto stalled, or their messages go back to the broker
-            log.warning("stopping with the twin updates of %d racks not taken by Ditto: those twins stay as Ditto "
-                        "last took them until each position's next reading", abandoned)
+        if behind:  # the others' readings were not acknowledged: the broker redelivers them
+            log.warning("stopping with %d twins missing readings acknowledged while Ditto was stalled: they stay "
+                        "as Ditto last took them until each position's next reading", behind)
         for worker in self._workers:
             worker.join(timeout=max(0.1, deadline - time.monotonic()) + self.settings.ditto_timeout_s)
         if self.channel is not None:
@@ -330,6 +339,7 @@ class DittoUpdater:
                 thing.pending[reading.position] = twin.merge_reading(current, reading)
             if self._stalled:  # Ditto takes nothing: do not make the message wait for it (module docstring)
                 release = _Waiter(reading.ts_ms, on_confirmed)
+                thing.released = True
             else:
                 if not self._waiting:  # nothing was waiting: Ditto is not behind yet
                     self._progress_at = time.monotonic()
@@ -373,6 +383,7 @@ class DittoUpdater:
                     self._update(client, tid)
                 finally:
                     with self._cond:
+                        self._requests.pop(threading.get_ident(), None)
                         self._busy -= 1
                         if self._stopping:  # stop() and the idle workers wait for the last busy one; else
                             self._cond.notify_all()  # it would wake every idle worker after every update
@@ -380,7 +391,9 @@ class DittoUpdater:
             client.close()
 
     def _update(self, client: DittoClient, tid: str) -> None:
+        worker = threading.get_ident()
         with self._lock:
+            self._requests[worker] = time.monotonic()
             thing = self._things[tid]
             pending, waiters = thing.pending, thing.waiters
             thing.pending, thing.waiters = {}, []
@@ -388,7 +401,7 @@ class DittoUpdater:
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
         try:
-            outcome = self._send(client, thing, pending)
+            outcome, answered = self._send(client, thing, pending)
         except (requests.RequestException, DittoError) as exc:
             self._retry_later(thing, pending, waiters, exc)
             return
@@ -397,8 +410,9 @@ class DittoUpdater:
             self._failed_unexpectedly(thing, pending, waiters)
             return
         thing.unexpected_failures = 0
-        self._mark_healthy()
-        self._progressed(len(waiters))
+        if answered:  # an update found stale without a request says nothing about Ditto
+            self._mark_healthy()
+        self._settled(len(waiters), progress=answered)
         self._count(outcome)
         now = time.time()
         for waiter in waiters:
@@ -411,9 +425,13 @@ class DittoUpdater:
                 self._cond.notify()
             else:
                 thing.scheduled = False
+                thing.released = False
 
-    def _send(self, client: DittoClient, thing: _Thing, pending: dict[Position, twin.PositionState]) -> str:
-        """Bring the twin up to ``pending``; returns the result label. Raises on retryable failure."""
+    def _send(self, client: DittoClient, thing: _Thing,
+              pending: dict[Position, twin.PositionState]) -> tuple[str, bool]:
+        """Bring the twin up to ``pending``; returns the result label and whether Ditto answered a request (an
+        update whose readings are all older than the twin needs none). Raises on retryable failure."""
+        answered = not thing.ensured
         if not thing.ensured:
             self._ensure_thing(client, thing)
         fresh, stale = twin.drop_stale(pending, thing.known)
@@ -423,7 +441,7 @@ class DittoUpdater:
                 self.metrics.stale.inc(len(stale))
                 result = "stale"
             if not fresh:
-                return result
+                return result, answered
             known = dict(thing.known)
             for position, state in fresh.items():
                 known[position] = state
@@ -432,10 +450,11 @@ class DittoUpdater:
             patch = twin.build_patch(fresh, known, None if attributes == thing.attributes_sent else attributes,
                                      (self.settings.ashrae_class, self.settings.rh_cap))
             status = client.patch_thing(thing.tid, patch, twin.newer_than_condition(fresh))
+            answered = True
             if status in (201, 204):
                 thing.known = known
                 thing.attributes_sent = attributes
-                return "created" if status == 201 else "ok"
+                return ("created" if status == 201 else "ok"), answered
             current = client.get_thing(thing.tid)
             if current is None:
                 thing.ensured = False
@@ -469,8 +488,7 @@ class DittoUpdater:
     def _give_up(self, thing: _Thing, waiters: list[_Waiter]) -> None:
         """Drop this update (its readings are in InfluxDB already) and release its messages."""
         self._count("error")
-        with self._cond:
-            self._waiting -= len(waiters)
+        self._settled(len(waiters), progress=False)
         confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
         with self._cond:
             thing.attempts = 0
@@ -510,6 +528,8 @@ class DittoUpdater:
         self.last_error = error
         if status in (401, 403, 404):
             thing.ensured = False
+        if status is None or status >= 500 or status in DITTO_WIDE_STATUSES:
+            self._ditto_wide_failure = True
         self._requeue(thing, pending, waiters)
 
     def _requeue(self, thing: _Thing, pending: dict, waiters: list[_Waiter]) -> None:
@@ -525,6 +545,7 @@ class DittoUpdater:
             if self._stalled:  # taken by this worker when the watcher released the others: released now
                 released = waiters
                 self._waiting -= len(released)
+                thing.released = thing.released or bool(released)
             else:
                 thing.waiters = waiters + thing.waiters
             thing.attempts += 1
@@ -542,27 +563,48 @@ class DittoUpdater:
 
     # -- stall detection -------------------------------------------------------------------------------
 
-    def _progressed(self, confirmed: int) -> None:
-        """Ditto took an update whose ``confirmed`` readings were waiting: it is not stalled."""
+    def _settled(self, confirmed: int, progress: bool) -> None:
+        """An update's ``confirmed`` waiting readings are done with; ``progress``: Ditto answered it, so it has
+        not stalled, and what waits out a back-off goes now."""
         with self._cond:
             self._waiting -= confirmed
+            if not progress:
+                return
             self._progress_at = time.monotonic()
+            self._ditto_wide_failure = False
             resumed, self._stalled = self._stalled, False
+            if resumed:  # each back-off (up to 10 s) would hold its rack's readings up again, window and all
+                self._ready.extend(tid for _, _, tid in self._delayed)
+                self._delayed.clear()
+                self._cond.notify_all()
         if resumed:
-            log.info("Ditto takes twin updates again: acknowledgements wait for the twin again")
+            log.info("Ditto answers twin updates again: acknowledgements wait for the twin again")
 
     def _watch(self) -> None:
         period = min(0.25, self.settings.ditto_release_after_s / 4)
         while not self._watch_stop.wait(period):
             self.release_if_stalled()
+            self._probe_if_stalled()
+
+    def _probe_if_stalled(self, now: float | None = None) -> None:
+        """While stalled, retry one backed-off update a second, so Ditto's return is seen within about a second."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            if self._stalled and self._delayed and now - self._last_probe >= 1.0:
+                self._last_probe = now
+                self._ready.append(heapq.heappop(self._delayed)[2])
+                self._cond.notify()
 
     def release_if_stalled(self, now: float | None = None) -> bool:
-        """If readings have waited ``ditto_release_after_s`` with Ditto taking nothing, release them all, and every
-        reading from now on until Ditto takes an update (``_progressed``). True if it did."""
+        """If Ditto has stalled (module docstring), release every waiting reading, and every reading from now on
+        until Ditto answers an update (``_settled``). True if it did."""
         now = time.monotonic() if now is None else now
         after = self.settings.ditto_release_after_s
         with self._cond:
             if self._stalled or not self._waiting or now - self._progress_at < after:
+                return False
+            hung = any(now - began >= after for began in self._requests.values())
+            if not (self._ditto_wide_failure or hung):  # one twin refused on its own: its messages wait
                 return False
             self._stalled = True
             released: list[_Waiter] = []
@@ -570,6 +612,7 @@ class DittoUpdater:
                 if thing.waiters:
                     released.extend(thing.waiters)
                     thing.waiters = []
+                    thing.released = True
             self._waiting -= len(released)  # those in a worker's hands are released when their request ends
         log.warning("Ditto has taken no twin update for %.0f s (%s): acknowledging readings on InfluxDB's "
                     "confirmation alone until it takes one again; the twins then get the newest reading",
