@@ -55,13 +55,24 @@ def allowable_violation(t: Thresholds) -> str:
             f'OR "rh" < {num(rmin)} OR "rh" > {num(rmax)}')
 
 
+def _top_and_bottom(where: str, aggregate: str, group_by: str) -> str:
+    """Two subqueries for one FROM, the top inlet as "top" and the bottom as "bottom": InfluxQL cannot join
+    positions, but aggregates over both share the outer GROUP BY buckets, which pairs them per rack."""
+    sub = (f'SELECT {aggregate}("temperature") AS "{{alias}}" FROM "{MEASUREMENT}" WHERE $timeFilter{and_(where)}'
+           f' AND "position" = \'{{pos}}\' GROUP BY {group_by}')
+    return f'({sub.format(alias="top", pos="top")}), ({sub.format(alias="bottom", pos="bottom")})'
+
+
 def delta_per_rack(where: str, group_by: str = '"rack"') -> str:
-    """Latest top − bottom inlet difference per rack: InfluxQL cannot join positions, but aggregates of two
-    subqueries in one FROM share the GROUP BY buckets, so max(top) − max(bottom) pairs them per rack."""
-    sub = ('SELECT last("temperature") AS "{alias}" FROM "' + MEASUREMENT + '" WHERE $timeFilter' + and_(where)
-           + ' AND "position" = \'{pos}\' GROUP BY ' + group_by)
-    return (f'SELECT max("top") - max("bottom") AS "delta" FROM ({sub.format(alias="top", pos="top")}), '
-            f'({sub.format(alias="bottom", pos="bottom")}) GROUP BY {group_by}')
+    """Latest top − bottom inlet difference per rack."""
+    return f'SELECT max("top") - max("bottom") AS "delta" FROM {_top_and_bottom(where, "last", group_by)} GROUP BY {group_by}'
+
+
+def delta_history_per_rack(where: str) -> str:
+    """Top − bottom inlet difference per rack over time (the heat grid's recirculation row per rack)."""
+    by = 'time($__interval), "rack"'
+    return (f'SELECT mean("top") - mean("bottom") AS "delta" FROM {_top_and_bottom(where, "mean", by)} '
+            f'WHERE $timeFilter GROUP BY {by} fill(none)')
 
 
 def silent_sensors_per_series(t: Thresholds, where: str = ROOM_ROW_FILTER,
@@ -121,6 +132,7 @@ TILE_FIELDS = "/^(?:envelope|" + re.sub(r"[\\^$.|?*+()\[\]{}/]", lambda m: "\\" 
 TILE_TEXT = {"titleSize": 14, "valueSize": 24}
 TILES_Y, TILES_H = 4, 14
 HISTORY_H = 9  # the heat grids and the forecast table below the tiles: 27 grid rows in all fit 1080p
+HEAT_GRID_W = 5  # top, bottom and top − bottom side by side, the forecast table in the remaining 9 columns
 
 
 def envelope_mappings() -> list[dict]:
@@ -253,16 +265,25 @@ def build(t: Thresholds, site: Site = Site()) -> dict:
                         f"envelope, HOT/COLD/VERY HUMID/VERY DRY outside {t.ashrae_class}). Click for detail. "
                         f"At most {TILE_LIMIT} racks (one page of Ditto's search): on a larger site pick a room."),
     ]
-    for x, position in ((0, "top"), (8, "bottom")):
+    for x, position in ((0, "top"), (HEAT_GRID_W, "bottom")):
         panels.append(state_timeline(
-            f"{position.capitalize()} inlet °C per rack", grid(x, TILES_Y + TILES_H, 8, HISTORY_H), [influx_target(
+            f"{position.capitalize()} inlet °C per rack", grid(x, TILES_Y + TILES_H, HEAT_GRID_W, HISTORY_H),
+            [influx_target(
                 f'SELECT mean("temperature") FROM "{MEASUREMENT}" WHERE $timeFilter AND "position" = \'{position}\' '
                 f'AND {ROOM_ROW_FILTER} GROUP BY time($__interval), "rack" fill(none)', alias="$tag_rack")],
             field_defaults("celsius", t.temperature_steps()), datasource=INFLUX, hide_row_names=True,
             description=f"{position.capitalize()} inlet temperature history per rack, coloured by ASHRAE band, "
                         "one row per rack in name order (hover a row for its rack; a hall's 40 rows are too thin "
-                        "for names). Top warmer than bottom along a row points at recirculation."))
-    panels.append(heading_table(t, grid(16, TILES_Y + TILES_H, 8, HISTORY_H)))
+                        "for names). Hot spots show here; recirculation inside the band in the next grid."))
+    # The bands colour 26 °C over 20 °C green twice: recirculation shows only in the difference.
+    panels.append(state_timeline(
+        "Top − bottom °C per rack", grid(2 * HEAT_GRID_W, TILES_Y + TILES_H, HEAT_GRID_W, HISTORY_H),
+        [influx_target(delta_history_per_rack(ROOM_ROW_FILTER), alias="$tag_rack")],
+        field_defaults("celsius", t.delta_t_steps()), datasource=INFLUX, hide_row_names=True,
+        description=f"Top minus bottom inlet temperature per rack over time, one row per rack in name order: "
+                    f"above {num(t.delta_t_limit_c)} °C (orange) hot exhaust is reaching the top of the rack's "
+                    "inlet (recirculation), even while both inlets are inside the envelope."))
+    panels.append(heading_table(t, grid(3 * HEAT_GRID_W, TILES_Y + TILES_H, 24 - 3 * HEAT_GRID_W, HISTORY_H)))
     dashboard = Dashboard(
         title="Data hall wall", uid=WALL_UID, tags=["racktwin"], timezone="browser", refresh="30s",
         time=time_range("now-6h"), editable=False, panels=panels,

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from dashboards.rack import OPTIONAL_TWIN_SELECTORS
+from dashboards.thresholds import Thresholds
 from tests.conftest import DITTO_USERS
 from tests.dashboard_data import (DASHBOARDS, DATASOURCES, DS_MIN_INTERVAL, RACKS, RISING_FAST, RISING_SLOW,
                                  RULE_GROUPS, feed_through_bridge)
@@ -39,6 +40,7 @@ WALL_VALUES = {
 # Rack positions the wall's "Heading for trouble" table lists (forecast crossing of the recommended limit),
 # soonest first, and the rack whose forecast panels the rack detail test looks at.
 HEADING = [RISING_FAST, RISING_SLOW]
+RECIRCULATING = {"rack-a02", "rack-a04", "rack-b02"}  # top − bottom above the limit (as the recirculation rule)
 FORECAST_RACK = RISING_FAST[0]
 
 
@@ -151,6 +153,7 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
     assert [r["value"] for r in hall1_rows] == ["A"]
 
     heading_checked = 0
+    delta_checked = False
     for uid, dash, panel, target in influx_panel_targets():
         forecast = '"rack_forecast"' in target["query"] or '"rack_projection"' in target["query"]
         rack = FORECAST_RACK if forecast else "rack-a02"  # a rack that has data for this query
@@ -182,6 +185,12 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
             if racks is not None and "rack" in tags:
                 seen = {s["tags"]["rack"] for s in series}
                 assert seen == racks - {"rack-a03"} or seen == racks, f"{where}: racks {seen} for {selection}"
+            if label == "all" and panel["title"] == "Top − bottom °C per rack":
+                # The recirculation grid: the racks whose top runs hotter than the limit, at their last bucket.
+                last = {s["tags"]["rack"]: s["values"][-1][1] for s in series}
+                assert last["rack-a04"] == pytest.approx(12.0), where
+                assert {r for r, v in last.items() if v > Thresholds().delta_t_limit_c} == RECIRCULATING, last
+                delta_checked = True
             if panel["title"] == "Heading for trouble":
                 # merged, sorted by the first column (minutes to the recommended limit) as the panel does
                 rows = sorted(((s["tags"]["rack"], s["tags"]["position"]), s["values"][0][1]) for s in series)
@@ -248,6 +257,6 @@ def test_every_query_and_request_returns_what_the_panels_expect(fed, influxd, in
             if "filter" not in params:
                 break  # requests that do not depend on the selection need one run
 
-    assert wall_checked == set(WALL_VALUES)
+    assert wall_checked == set(WALL_VALUES) and delta_checked
     assert heading_checked == len(SELECTIONS)
     assert checked_influx >= 30 and checked_infinity >= 4

@@ -122,7 +122,7 @@ def test_heat_grid_rows_too_thin_for_names_hide_them(screen):
     """Grafana writes every state-timeline row's name at 12 px, however thin the row (no thinning, no minimum):
     where even the whole panel height split into one row per rack gives less, the names must be hidden."""
     grids = [p for p in WALL["panels"] if p["type"] == "state-timeline"]
-    assert len(grids) == 2
+    assert len(grids) == 3  # top, bottom, top − bottom
     for panel in grids:
         _, height = panel_px(panel["gridPos"], screen)
         hidden = any(o["matcher"] == {"id": "byType", "options": "number"}
