@@ -310,6 +310,10 @@ class Settings(BaseSettings):
         DEFAULT_RH_CAP, description="Recommended RH cap (70 or 50 %) for the twins' envelope state; `make dashboards` "
         "reads the same variable."
     )
+    reading_interval_s: int = Field(
+        60, ge=1, le=86400, description="How often each sensor reports (s): a rack with a position silent for 3 of "
+        "these shows SILENT on the wall, as the silent-sensor rule `make dashboards` generates from the same variable."
+    )
 
     @field_validator("ashrae_class", mode="before")
     @classmethod
@@ -498,7 +502,7 @@ def _describe(exc: ValidationError) -> str:
 # exports them for those tools can still run the bridge: the config file, the dashboard generator's thresholds,
 # compose's image tag, and test switches.
 OTHER_TOOLS_ENV = frozenset({
-    "CONFIG", "DELTA_T_LIMIT", "RATE_LIMIT_C_PER_H", "READING_INTERVAL_S", "BRIDGE_LAG_LIMIT_S",
+    "CONFIG", "DELTA_T_LIMIT", "RATE_LIMIT_C_PER_H", "BRIDGE_LAG_LIMIT_S",
     "DITTO_UI_URL", "THINGSBOARD_UI_URL",  # the dashboards' links
     "WATCHDOG_URL",  # set: the dashboard generator adds the watchdog alert rule
     "VERSION", "CONTRACTS_DIR", "FAULT_SEED", "SMOKE",

@@ -63,8 +63,13 @@ def allowable(ashrae_class: str) -> dict[str, float]:
 
 # Where a reading sits in the envelope, worst first: the state the wall's rack tiles show and are coloured by.
 # Outside the allowable class beats outside the recommended envelope; temperature beats humidity at equal rank.
-ENVELOPE_STATES = ("HOT", "COLD", "VERY HUMID", "VERY DRY", "WARM", "COOL", "HUMID", "DRY", "OK")
+# SILENT (a position with no reading for SILENT_AFTER_INTERVALS reporting intervals) is not a reading's state but
+# the rack's (twin.rack_state): below the critical ones, whose last known values still say the most, and above
+# the rest, which a dead sensor's last values can no longer vouch for.
+ENVELOPE_STATES = ("HOT", "COLD", "VERY HUMID", "VERY DRY", "SILENT", "WARM", "COOL", "HUMID", "DRY", "OK")
 ENVELOPE_CRITICAL = frozenset(ENVELOPE_STATES[:4])  # outside the allowable class
+SILENT = "SILENT"
+SILENT_AFTER_INTERVALS = 3  # as the silent-sensor alert rule and the wall's count
 
 
 def envelope_state(temp_c: float | None, rh_pct: float | None, dew_point_c: float | None,

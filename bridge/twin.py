@@ -8,6 +8,7 @@ Thing ``<namespace>:<rack>``::
         dewPointTop, dewPointBottom                         (Magnus, °C)
         deltaT                                              (tempTop - tempBottom)
         tsTop, tsBottom                                     (source time, ISO 8601 UTC, ms)
+        envelope                                            (the rack's state: rack_state, e.g. OK, WARM, SILENT)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .mapping import POSITIONS, Position, RackLocation, SensorReading
-from .thresholds import DEFAULT_CLASS, DEFAULT_RH_CAP, envelope_state, worst_state
+from .thresholds import DEFAULT_CLASS, DEFAULT_RH_CAP, ENVELOPE_CRITICAL, SILENT, envelope_state, worst_state
 
 FEATURE = "environment"
 PROPS_PATH = f"features/{FEATURE}/properties"
@@ -147,14 +148,43 @@ def envelope(known: dict[Position, PositionState], ashrae_class: str, rh_cap: fl
     return worst_state(states)
 
 
+def rack_state(known: dict[Position, PositionState], ashrae_class: str, rh_cap: float,
+               silent_since_ms: int | None = None) -> str:
+    """The rack tile's state: its envelope, or SILENT where a position's newest reading is older than
+    ``silent_since_ms`` (epoch ms; None: not judged) and the envelope is not outside the allowable class."""
+    state = envelope(known, ashrae_class, rh_cap)
+    if silent_since_ms is not None and state not in ENVELOPE_CRITICAL and any(
+            s.ts_ms < silent_since_ms for s in known.values()):
+        return SILENT
+    return state
+
+
+def silent_patch() -> dict[str, Any]:
+    return {"features": {FEATURE: {"properties": {"envelope": SILENT}}}}
+
+
+def unchanged_condition(known: dict[Position, PositionState]) -> str:
+    """RQL that holds only while the twin's positions are still the ones in ``known`` (no newer reading written,
+    by this bridge or another replica): a rack marked silent must really have had none."""
+    parts = [f'eq({PROPS_PATH}/ts{SUFFIX[p]},"{iso_ms(known[p].ts_ms)}")' for p in POSITIONS if p in known]
+    return parts[0] if len(parts) == 1 else f"and({','.join(parts)})"
+
+
+def envelope_of(thing: dict[str, Any]) -> str | None:
+    """The envelope state a thing JSON holds, if any."""
+    value = _object(_object(_object(_object(thing).get("features")).get(FEATURE)).get("properties")).get("envelope")
+    return value if isinstance(value, str) else None
+
+
 def build_patch(
     pending: dict[Position, PositionState],
     known: dict[Position, PositionState],
     attributes: dict[str, Any] | None,
     limits: tuple[str, float] = (DEFAULT_CLASS, DEFAULT_RH_CAP),
+    silent_since_ms: int | None = None,
 ) -> dict[str, Any]:
     """Merge-patch body for the pending positions; ``known`` already includes them. ``limits`` = (ASHRAE class,
-    recommended RH cap) for the rack's envelope state."""
+    recommended RH cap) and ``silent_since_ms`` (rack_state) for the rack's state."""
     props: dict[str, Any] = {}
     for position in POSITIONS:
         if position in pending:
@@ -163,7 +193,7 @@ def build_patch(
     if dt is not None and any(pending[p].temperature is not None for p in pending):
         props["deltaT"] = dt
     if pending:
-        props["envelope"] = envelope(known, *limits)
+        props["envelope"] = rack_state(known, *limits, silent_since_ms)
     patch: dict[str, Any] = {"features": {FEATURE: {"properties": props}}}
     if attributes is not None:
         patch["attributes"] = attributes

@@ -25,7 +25,8 @@ COLORS = {"cold_critical": "blue", "cold_warning": "light-blue", "ok": "green", 
 # The twin's envelope state (bridge/thresholds.py envelope_state) -> tile colour: the same palette as the bands,
 # hot and humid on the warm side, cold and dry on the cold side.
 ENVELOPE_COLORS = {"HOT": "critical", "VERY HUMID": "critical", "COLD": "cold_critical", "VERY DRY": "cold_critical",
-                   "WARM": "warning", "HUMID": "warning", "COOL": "cold_warning", "DRY": "cold_warning", "OK": "ok"}
+                   "WARM": "warning", "HUMID": "warning", "COOL": "cold_warning", "DRY": "cold_warning", "OK": "ok",
+                   "SILENT": "unknown"}  # a dead sensor's last values vouch for nothing: no band colour
 
 
 STUCK_WINDOW_MIN_S = 900

@@ -262,7 +262,9 @@ def build(t: Thresholds, site: Site = Site()) -> dict:
             description="One tile per rack from Ditto's current twin state (one search request): title = rack, "
                         "top/bottom °C, top/bottom RH; value and colour = the worst ASHRAE band of temperature, "
                         "humidity and dew point at either position (OK, WARM/COOL/HUMID/DRY outside the recommended "
-                        f"envelope, HOT/COLD/VERY HUMID/VERY DRY outside {t.ashrae_class}). Click for detail. "
+                        f"envelope, HOT/COLD/VERY HUMID/VERY DRY outside {t.ashrae_class}); SILENT, uncoloured, "
+                        f"where a position sent nothing for {t.silent_after_s} s (3 reporting intervals) and its "
+                        "last values are not outside the class. Click for detail. "
                         f"At most {TILE_LIMIT} racks (one page of Ditto's search): on a larger site pick a room."),
     ]
     for x, position in ((0, "top"), (HEAT_GRID_W, "bottom")):

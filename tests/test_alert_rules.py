@@ -181,9 +181,9 @@ def test_when_influxdb_cannot_be_queried_one_rule_reports_it():
 
 def test_wall_tile_states_agree_with_the_envelope_rules(fed, ditto):
     """The bridge's envelope state on each twin (the wall tiles' value and colour) and the Grafana rules judge
-    the same readings alike: critical where an allowable-class rule fires, a warning state where only
-    recommended-envelope rules fire, OK elsewhere."""
-    from bridge.thresholds import ENVELOPE_CRITICAL
+    the same readings alike: critical where an allowable-class rule fires, SILENT where the silent-sensor rule
+    does (and nothing critical), a warning state where only recommended-envelope rules fire, OK elsewhere."""
+    from bridge.thresholds import ENVELOPE_CRITICAL, SILENT
 
     envelope_rules = {uid for uid in EXPECTED if any(k in uid for k in ("inlet", "dewpoint", "humidity"))}
     critical = {rack for uid in envelope_rules if uid.endswith("allowable") for rack, _ in EXPECTED[uid]}
@@ -191,5 +191,7 @@ def test_wall_tile_states_agree_with_the_envelope_rules(fed, ditto):
     states = {t["attributes"]["rack"]: t["features"]["environment"]["properties"]["envelope"]
               for t in ditto.things.values()}
     assert critical and warning
+    silent = {rack for rack, _ in EXPECTED["racktwin-sensor-silent"]} - critical
     assert {r for r, s in states.items() if s in ENVELOPE_CRITICAL} == critical, states
-    assert {r for r, s in states.items() if s not in ENVELOPE_CRITICAL and s != "OK"} == warning, states
+    assert silent and {r for r, s in states.items() if s == SILENT} == silent, states
+    assert {r for r, s in states.items() if s not in ENVELOPE_CRITICAL | {SILENT, "OK"}} == warning - silent, states

@@ -9,6 +9,7 @@ import requests
 
 from bridge.config import load_settings
 from bridge.service import Bridge
+from bridge import twin
 from bridge.twin import dew_point, iso_ms
 from tests.harness.mqtt import Publisher, wait_until
 
@@ -301,6 +302,40 @@ def test_updates_that_need_no_request_do_not_hide_a_stall(bridge_environ, ditto,
                 break
         assert "new" in confirmed and metrics.ditto_released._value.get() >= 1
         assert "Ditto has taken no twin update" in caplog.text
+    finally:
+        updater.stop(timeout=2)
+
+
+def test_a_rack_that_stops_reporting_shows_silent_and_recovers_with_its_next_readings(bridge_environ, ditto):
+    """A dead sensor must not leave its tile showing its last colour: after 3 reporting intervals without a
+    reading the twin says SILENT (marked on condition that no newer reading reached the twin meanwhile), and the
+    rack's next readings of both positions bring its real state back."""
+    from bridge.mapping import RackLocation, SensorReading
+
+    updater, _ = started_updater(reading_interval_s=1)  # silent after 3 s, swept every second
+    quiet, busy = RackLocation("site1", "room1", "row1", "rack-quiet"), RackLocation("site1", "room1", "row1", "rack-busy")
+    envelope = lambda tid: props(ditto, tid).get("envelope")  # noqa: E731
+    try:
+        now = int(time.time() * 1000)
+        for loc in (quiet, busy):
+            for pos in ("top", "bottom"):
+                updater.submit(SensorReading(loc, pos, "d", now, 22.0, 45.0), None)
+        wait_until(lambda: envelope("dc.test:rack-quiet") == envelope("dc.test:rack-busy") == "OK", what="twins")
+        # rack-busy's twin gets newer readings behind the bridge's back (another replica): the bridge's own view
+        # of it goes stale, but the condition keeps it from being marked silent.
+        twin_props = ditto.things["dc.test:rack-busy"]["features"]["environment"]["properties"]
+        later = twin.iso_ms(now + 60_000)
+        twin_props.update(tsTop=later, tsBottom=later)
+        wait_until(lambda: envelope("dc.test:rack-quiet") == "SILENT", timeout=8, what="the quiet rack marked")
+        time.sleep(1.5)  # another sweep or two
+        assert envelope("dc.test:rack-busy") == "OK"
+        # A reading of one position: the other is still silent, so is the rack; both report: its state is back.
+        now = int(time.time() * 1000)
+        updater.submit(SensorReading(quiet, "top", "d", now, 28.0, 45.0), None)
+        wait_until(lambda: props(ditto, "dc.test:rack-quiet").get("tempTop") == 28.0, what="the top reading")
+        assert envelope("dc.test:rack-quiet") == "SILENT"
+        updater.submit(SensorReading(quiet, "bottom", "d", now, 22.0, 45.0), None)
+        wait_until(lambda: envelope("dc.test:rack-quiet") == "WARM", what="the rack's state from both readings")
     finally:
         updater.stop(timeout=2)
 

@@ -472,7 +472,8 @@ def test_grafana_provisioning_is_generated_in_the_stack_with_the_env_thresholds(
     assert a3["dashboards/wall/racktwin-wall.json"] != stack["dashboards/wall/racktwin-wall.json"]
     # The bridge gets the same class, cap, forecast horizon and Ditto namespace as the generator.
     bridge = services["bridge"]["environment"]
-    for key in ("RACKTWIN_ASHRAE_CLASS", "RACKTWIN_RH_CAP", "RACKTWIN_FORECAST_HORIZON_MIN", "RACKTWIN_DITTO_NAMESPACE"):
+    for key in ("RACKTWIN_ASHRAE_CLASS", "RACKTWIN_RH_CAP", "RACKTWIN_FORECAST_HORIZON_MIN", "RACKTWIN_DITTO_NAMESPACE",
+                "RACKTWIN_READING_INTERVAL_S"):
         assert bridge[key] == gen["environment"][key]
 
 

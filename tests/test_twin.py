@@ -84,6 +84,24 @@ def test_envelope_and_delta_come_from_the_values_sent_not_the_rounded_ones():
     assert props["deltaT"] == 6.08  # not 27.0 - 21.0
 
 
+def test_a_rack_with_a_silent_position_shows_silent_unless_its_last_values_are_outside_the_class():
+    fresh, old = twin.PositionState(10_000, 22.0, 45.0), twin.PositionState(1_000, 22.0, 45.0)
+    assert twin.rack_state({"top": fresh, "bottom": fresh}, "A1", 70, silent_since_ms=5_000) == "OK"
+    assert twin.rack_state({"top": fresh, "bottom": old}, "A1", 70, silent_since_ms=5_000) == "SILENT"
+    assert twin.rack_state({"top": fresh, "bottom": old}, "A1", 70, silent_since_ms=None) == "OK"  # not judged
+    warm = twin.PositionState(1_000, 28.0, 45.0)
+    assert twin.rack_state({"top": warm}, "A1", 70, silent_since_ms=5_000) == "SILENT"  # its WARM is no longer known
+    hot = twin.PositionState(1_000, 33.0, 45.0)
+    assert twin.rack_state({"top": hot, "bottom": fresh}, "A1", 70, silent_since_ms=5_000) == "HOT"  # the most said
+    # A reading written while the other position is silent keeps the rack SILENT.
+    props = twin.build_patch({"top": fresh}, {"top": fresh, "bottom": old}, None, ("A1", 70), 5_000)
+    assert props["features"]["environment"]["properties"]["envelope"] == "SILENT"
+    assert twin.envelope_of(props) == "SILENT" and twin.envelope_of({"features": []}) is None
+    assert twin.unchanged_condition({"top": fresh, "bottom": old}) == (
+        'and(eq(features/environment/properties/tsTop,"1970-01-01T00:00:10.000Z"),'
+        'eq(features/environment/properties/tsBottom,"1970-01-01T00:00:01.000Z"))')
+
+
 def test_a_redelivered_reading_adds_nothing_to_a_twin_holding_its_rounded_values():
     sent = twin.merge_reading(None, SensorReading(LOC, "top", "d", 10, 23.456, 45.249))
     from_ditto = twin.known_from_thing(twin.build_patch({"top": sent}, {"top": sent}, None))

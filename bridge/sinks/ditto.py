@@ -38,6 +38,7 @@ from ..config import Settings
 from ..delivery import confirm_each
 from ..mapping import Position, RackLocation, SensorReading
 from ..metrics import DITTO_OUTCOMES, Metrics
+from ..thresholds import SILENT, SILENT_AFTER_INTERVALS
 
 if TYPE_CHECKING:
     from .ditto_ws import DittoWebSocket
@@ -137,6 +138,8 @@ class _Thing:
     scheduled: bool = False
     attempts: int = 0
     released: bool = False  # readings acknowledged while Ditto stalled are in ``pending``, not yet in Ditto
+    envelope: str | None = None  # the rack state the twin holds, as last written or read
+    recheck: bool = False  # scheduled by the silence sweep, with nothing pending: mark the twin SILENT
     unexpected_failures: int = 0
 
 
@@ -397,11 +400,15 @@ class DittoUpdater:
             thing = self._things[tid]
             pending, waiters = thing.pending, thing.waiters
             thing.pending, thing.waiters = {}, []
+            recheck, thing.recheck = thing.recheck, False
             coalesced, self._coalesced = self._coalesced, 0
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
         try:
-            outcome, answered = self._send(client, thing, pending)
+            if pending or not recheck:
+                outcome, answered = self._send(client, thing, pending)
+            else:
+                outcome, answered = self._send_silent(client, thing)
         except (requests.RequestException, DittoError) as exc:
             self._retry_later(thing, pending, waiters, exc)
             return
@@ -448,21 +455,70 @@ class DittoUpdater:
                 thing.devices[position] = state.device or thing.devices.get(position, "")
             attributes = twin.attributes_for(thing.location, thing.devices)
             patch = twin.build_patch(fresh, known, None if attributes == thing.attributes_sent else attributes,
-                                     (self.settings.ashrae_class, self.settings.rh_cap))
+                                     (self.settings.ashrae_class, self.settings.rh_cap), self._silent_since_ms())
             status = client.patch_thing(thing.tid, patch, twin.newer_than_condition(fresh))
             answered = True
             if status in (201, 204):
                 thing.known = known
                 thing.attributes_sent = attributes
+                thing.envelope = patch["features"][twin.FEATURE]["properties"].get("envelope", thing.envelope)
                 return ("created" if status == 201 else "ok"), answered
-            current = client.get_thing(thing.tid)
-            if current is None:
-                thing.ensured = False
-                raise DittoError(404, f"thing {thing.tid} vanished")
-            thing.known = twin.known_from_thing(current)
-            thing.attributes_sent = current.get("attributes")
+            self._reread(client, thing)
             fresh, stale = twin.drop_stale(fresh, thing.known)
         raise DittoError(412, f"condition kept failing on {thing.tid}")
+
+    def _reread(self, client: DittoClient, thing: _Thing) -> None:
+        """A condition failed: someone else wrote the twin; take what it holds now."""
+        current = client.get_thing(thing.tid)
+        if current is None:
+            thing.ensured = False
+            raise DittoError(404, f"thing {thing.tid} vanished")
+        thing.known = twin.known_from_thing(current)
+        thing.attributes_sent = current.get("attributes")
+        thing.envelope = twin.envelope_of(current)
+
+    # -- silent racks ----------------------------------------------------------------------------------
+
+    def _silent_since_ms(self) -> int:
+        """A position whose newest reading is older than this (epoch ms) is silent."""
+        return int(time.time() * 1000) - SILENT_AFTER_INTERVALS * self.settings.reading_interval_s * 1000
+
+    def _silent_now(self, thing: _Thing) -> bool:
+        return thing.envelope != SILENT and twin.rack_state(
+            thing.known, self.settings.ashrae_class, self.settings.rh_cap, self._silent_since_ms()) == SILENT
+
+    def _send_silent(self, client: DittoClient, thing: _Thing) -> tuple[str, bool]:
+        """Mark the twin SILENT, on condition that it still holds the readings we know (else re-read it)."""
+        answered = not thing.ensured
+        if not thing.ensured:
+            self._ensure_thing(client, thing)
+        if not self._silent_now(thing):  # a reading came meanwhile, or the re-read twin says otherwise
+            return "stale", answered
+        status = client.patch_thing(thing.tid, twin.silent_patch(), twin.unchanged_condition(thing.known))
+        if status in (201, 204):
+            thing.envelope = SILENT
+            return "ok", True
+        self._reread(client, thing)
+        return "stale", True
+
+    def mark_silent_racks(self) -> int:
+        """Schedule the racks that have gone silent (a position without a reading for 3 reporting intervals) for
+        a SILENT mark on their twin, so the wall's tile stops showing a dead sensor's last colour. Racks with work
+        scheduled are left to it: their update writes the state anyway. Returns how many were scheduled."""
+        since = self._silent_since_ms()
+        scheduled = 0
+        with self._cond:
+            for thing in self._things.values():
+                # Not scheduled: no worker has the thing, so its known state is not being replaced.
+                if thing.scheduled or not thing.known or not any(s.ts_ms < since for s in thing.known.values()):
+                    continue
+                if self._silent_now(thing):
+                    thing.recheck = thing.scheduled = True
+                    self._ready.append(thing.tid)
+                    scheduled += 1
+            if scheduled:
+                self._cond.notify_all()
+        return scheduled
 
     def _ensure_thing(self, client: DittoClient, thing: _Thing) -> None:
         if not self.policy_ready:
@@ -472,7 +528,7 @@ class DittoUpdater:
             attributes = twin.attributes_for(thing.location, thing.devices)
             if client.create_thing(thing.tid, twin.new_thing_body(self.settings.policy_id, attributes)):
                 log.info("created twin %s", thing.tid)
-                thing.known, thing.attributes_sent = {}, attributes
+                thing.known, thing.attributes_sent, thing.envelope = {}, attributes, None
                 thing.ensured = True
                 return
             current = client.get_thing(thing.tid)
@@ -480,6 +536,7 @@ class DittoUpdater:
                 raise DittoError(404, f"thing {thing.tid} neither creatable nor readable")
         thing.known = twin.known_from_thing(current)
         thing.attributes_sent = current.get("attributes")
+        thing.envelope = twin.envelope_of(current)
         for position, state in thing.known.items():
             if state.device:
                 thing.devices.setdefault(position, state.device)
@@ -582,9 +639,14 @@ class DittoUpdater:
 
     def _watch(self) -> None:
         period = min(0.25, self.settings.ditto_release_after_s / 4)
+        silence_every = min(30.0, float(self.settings.reading_interval_s))
+        silence_due = time.monotonic() + silence_every
         while not self._watch_stop.wait(period):
             self.release_if_stalled()
             self._probe_if_stalled()
+            if time.monotonic() >= silence_due:
+                silence_due = time.monotonic() + silence_every
+                self.mark_silent_racks()
 
     def _probe_if_stalled(self, now: float | None = None) -> None:
         """While stalled, retry one backed-off update a second, so Ditto's return is seen within about a second."""
