@@ -117,9 +117,11 @@ LIMIT_MISSING_SERIES_EVALS = SILENT_LOOKBACK_S // GROUP_INTERVAL_S
 
 def limit_rule(*args: Any, **kwargs: Any) -> RuleSpec:
     """A rule on the last reading against an ASHRAE (or top − bottom) limit: it flaps at the threshold, and its
-    sensor going silent says nothing about the rack."""
+    sensor going silent says nothing about the rack. Nor does every sensor going silent (bridge or broker down):
+    Grafana applies the no-data state to every alert of the rule, so that is KeepLast, not OK, which would resolve
+    them all some 20 minutes on (no "no data" alert either way: silent-sensor and bridge-down report that)."""
     return RuleSpec(*args, keep_firing_for=ENVELOPE_KEEP_FIRING, missing_series_evals=LIMIT_MISSING_SERIES_EVALS,
-                    **kwargs)
+                    no_data="KeepLast", **kwargs)
 
 
 def rule_specs(t: Thresholds) -> list[RuleSpec]:
@@ -255,14 +257,19 @@ def rule(spec: RuleSpec) -> dict:
 
 
 def rules_file(t: Thresholds, watchdog: bool = False) -> dict:
-    """``watchdog``: add the watchdog rule (only where a WATCHDOG_URL takes its notifications)."""
+    """``watchdog``: add the watchdog rule (only where a WATCHDOG_URL takes its notifications). Without it, the
+    file deletes the rule: Grafana keeps a provisioned rule a file no longer lists, and with its route gone (the
+    policy file replaces the whole tree) an always-firing rule would reach the NOC."""
     groups: dict[str, list[dict]] = {}
     for spec in rule_specs(t) + ([watchdog_rule()] if watchdog else []):
         groups.setdefault(spec.group, []).append(rule(spec))
-    return {"apiVersion": 1, "groups": [
+    out: dict[str, Any] = {"apiVersion": 1, "groups": [
         {"orgId": 1, "name": name, "folder": WATCHDOG_FOLDER if name == WATCHDOG_GROUP else FOLDER,
          "interval": duration(GROUP_INTERVALS_S.get(name, GROUP_INTERVAL_S)), "rules": rules}
         for name, rules in groups.items()]}
+    if not watchdog:
+        out["deleteRules"] = [{"orgId": 1, "uid": watchdog_rule().uid}]
+    return out
 
 
 def contact_points_file(watchdog: bool = False) -> dict:

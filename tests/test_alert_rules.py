@@ -156,6 +156,10 @@ def test_when_all_telemetry_stops_the_silent_sensors_and_the_bridge_page_and_not
     assert paging["racktwin-sensor-silent"] == {(rack, pos) for rack in RACKS for pos in ("top", "bottom")}
     # A day without any reading at all leaves the silent rule nothing to name: then it says "no data".
     assert RULES["racktwin-sensor-silent"]["noDataState"] == "NoData"
+    # And what fired before keeps firing: Grafana applies the no-data state to every alert of a rule, and a rack
+    # at 29 °C is no cooler for its readings stopping (OK would resolve them all).
+    limit_rules = [r for r in RULES.values() if r.get("missing_series_evals_to_resolve")]
+    assert limit_rules and all(r["noDataState"] == "KeepLast" for r in limit_rules)
 
 
 def test_the_watchdog_fires_with_the_bridge_s_stats_and_without_them(fed, influxd, influx_db):

@@ -442,7 +442,7 @@ def test_rule_fields_and_expression_chain(rule):
     summary = rule["annotations"]["summary"]
     assert "\n" not in summary
     assert "$values.B.Value" in summary
-    if rule["noDataState"] != "OK":
+    if rule["noDataState"] in ("Alerting", "NoData"):  # OK and KeepLast raise no alert of their own
         # A no-data alert carries no values and no labels of the series (Grafana then fails "map has no entry
         # for key B" and prints the template half-expanded): such a rule must say something else without them.
         # (or, for a rule whose existing alert may get a placeholder value on no data, "$values and B >= 0")
@@ -515,7 +515,12 @@ def test_the_watchdog_only_with_a_url_and_its_notifications_go_there_alone():
     """Generated only where WATCHDOG_URL is set (the committed files are the default, without it). It always fires,
     so it must neither reach the NOC's receivers nor count on the wall, whose alert count reads its own folder."""
     default = generate.build_all(Thresholds())
-    assert "watchdog" not in default["alerting/rules.yaml"] + default["alerting/policies.yaml"]
+    assert "watchdog" not in default["alerting/policies.yaml"] + default["alerting/contact-points.yaml"]
+    rules_off = yaml.safe_load(default["alerting/rules.yaml"])
+    assert all(r["uid"] != "racktwin-watchdog" for g in rules_off["groups"] for r in g["rules"])
+    # Off after having been on: Grafana keeps a provisioned rule a file no longer lists, so the file deletes it
+    # (its route is gone with the policy file, and an always-firing rule would reach the NOC every 4 h).
+    assert rules_off["deleteRules"] == [{"orgId": 1, "uid": "racktwin-watchdog"}]
     with_it = generate.build_all(Thresholds(), watchdog=True)
     assert {k for k in default if default[k] != with_it[k]} == {
         "alerting/rules.yaml", "alerting/contact-points.yaml", "alerting/policies.yaml"}
@@ -528,6 +533,7 @@ def test_the_watchdog_only_with_a_url_and_its_notifications_go_there_alone():
     assert counts and all(p["options"]["folder"]["title"] == RULE_GROUPS[0]["folder"] for p in counts)
     (rule,) = group["rules"]
     check_loader_fields(rule)
+    assert "deleteRules" not in yaml.safe_load(with_it["alerting/rules.yaml"])
     # Fires on any answer, on none and on an error alike: only a Grafana that stops evaluating stops it.
     assert rule["noDataState"] == "Alerting" and rule["execErrState"] == "Alerting"
     threshold = next(d["model"] for d in rule["data"] if d["model"].get("type") == "threshold")

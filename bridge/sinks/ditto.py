@@ -642,11 +642,16 @@ class DittoUpdater:
         silence_every = min(30.0, float(self.settings.reading_interval_s))
         silence_due = time.monotonic() + silence_every
         while not self._watch_stop.wait(period):
-            self.release_if_stalled()
-            self._probe_if_stalled()
-            if time.monotonic() >= silence_due:
-                silence_due = time.monotonic() + silence_every
-                self.mark_silent_racks()
+            try:
+                self.release_if_stalled()
+                self._probe_if_stalled()
+                if time.monotonic() >= silence_due and not self._stopping:
+                    silence_due = time.monotonic() + silence_every
+                    self.mark_silent_racks()
+            except Exception:  # noqa: BLE001 - e.g. a twin edited into values we cannot judge: the watcher
+                # must live on, or a stalled Ditto would hold InfluxDB's writes up for good
+                log.exception("Ditto watcher: a check failed; carrying on")
+                self.metrics.internal_errors.inc()
 
     def _probe_if_stalled(self, now: float | None = None) -> None:
         """While stalled, retry one backed-off update a second, so Ditto's return is seen within about a second."""
