@@ -163,11 +163,25 @@ def silent_patch() -> dict[str, Any]:
     return {"features": {FEATURE: {"properties": {"envelope": SILENT}}}}
 
 
-def unchanged_condition(known: dict[Position, PositionState]) -> str:
-    """RQL that holds only while the twin's positions are still the ones in ``known`` (no newer reading written,
-    by this bridge or another replica): a rack marked silent must really have had none."""
-    parts = [f'eq({PROPS_PATH}/ts{SUFFIX[p]},"{iso_ms(known[p].ts_ms)}")' for p in POSITIONS if p in known]
+def nothing_newer(known: dict[Position, PositionState], positions: tuple[Position, ...] | list[Position]) -> list[str]:
+    """RQL parts that hold only while the twin has no newer reading at ``positions`` than ``known`` (none at all
+    where ``known`` has none): written by another replica, it would make a SILENT judged from ``known`` wrong."""
+    parts = []
+    for position in positions:
+        path = f"{PROPS_PATH}/ts{SUFFIX[position]}"
+        parts.append(f'le({path},"{iso_ms(known[position].ts_ms)}")' if position in known
+                     else f"not(exists({path}))")
+    return parts
+
+
+def all_of(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else f"and({','.join(parts)})"
+
+
+def unchanged_condition(known: dict[Position, PositionState]) -> str:
+    """RQL that holds only while the twin's positions are no newer than ``known`` (no reading written since, by
+    this bridge or another replica): a rack marked silent must really have had none."""
+    return all_of(nothing_newer(known, POSITIONS))
 
 
 def envelope_of(thing: dict[str, Any]) -> str | None:

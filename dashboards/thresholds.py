@@ -21,12 +21,12 @@ from bridge.thresholds import (ALLOWABLE_CLASSES, ALLOWABLE_DEW_POINT_MIN_C, ALL
 RATE_WINDOW_S = 900
 
 COLORS = {"cold_critical": "blue", "cold_warning": "light-blue", "ok": "green", "warning": "orange",
-          "critical": "red", "unknown": "text"}
+          "critical": "red", "unknown": "text", "none": "transparent"}
 # The twin's envelope state (bridge/thresholds.py envelope_state) -> tile colour: the same palette as the bands,
 # hot and humid on the warm side, cold and dry on the cold side.
 ENVELOPE_COLORS = {"HOT": "critical", "VERY HUMID": "critical", "COLD": "cold_critical", "VERY DRY": "cold_critical",
                    "WARM": "warning", "HUMID": "warning", "COOL": "cold_warning", "DRY": "cold_warning", "OK": "ok",
-                   "SILENT": "unknown"}  # a dead sensor's last values vouch for nothing: no band colour
+                   "SILENT": "none"}  # a dead sensor's last values vouch for nothing: no colour (not "no twin"'s grey)
 
 
 STUCK_WINDOW_MIN_S = 900

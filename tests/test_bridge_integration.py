@@ -340,6 +340,71 @@ def test_a_rack_that_stops_reporting_shows_silent_and_recovers_with_its_next_rea
         updater.stop(timeout=2)
 
 
+def test_two_replicas_writing_one_position_each_never_mark_a_reporting_rack_silent(bridge_environ, ditto):
+    """On a shared subscription the top and bottom of one rack may go to different replicas, each with an old view
+    of the other position: a write that would say SILENT because of it is conditioned on the twin having nothing
+    newer there, and re-reads the twin when it has."""
+    from bridge.mapping import RackLocation, SensorReading
+
+    loc = RackLocation("site1", "room1", "row1", "rack-split2")
+    a, _ = started_updater(reading_interval_s=1)
+    b = None
+    seen: set[str] = set()
+    try:
+        now = int(time.time() * 1000)
+        for pos in ("top", "bottom"):  # both replicas start with a view of both positions
+            a.submit(SensorReading(loc, pos, "d", now, 22.0, 45.0), None)
+        wait_until(lambda: "tsBottom" in props(ditto, "dc.test:rack-split2"), what="twin with both positions")
+        b, _ = started_updater(reading_interval_s=1)
+        b.submit(SensorReading(loc, "bottom", "b", now, 22.0, 45.0), None)  # b reads the twin (and drops this)
+        for i in range(14):  # 7 s, beyond the 3 s after which each replica's view of the other position is old
+            now = int(time.time() * 1000)
+            a.submit(SensorReading(loc, "top", "t", now, 22.0, 45.0), None)
+            b.submit(SensorReading(loc, "bottom", "b", now, 21.0, 45.0), None)
+            time.sleep(0.5)
+            seen.add(props(ditto, "dc.test:rack-split2").get("envelope"))
+        assert seen - {None} == {"OK"}, seen
+    finally:
+        a.stop(timeout=2)
+        if b is not None:
+            b.stop(timeout=2)
+
+
+def test_a_deleted_twin_is_not_brought_back_by_the_silence_sweep(bridge_environ, ditto):
+    """Ops delete a decommissioned rack's twin: marking it silent must not create it again (only a new reading
+    may)."""
+    from bridge.mapping import RackLocation, SensorReading
+
+    updater, _ = started_updater(reading_interval_s=1)
+    loc = RackLocation("site1", "room1", "row1", "rack-gone")
+    try:
+        updater.submit(SensorReading(loc, "top", "d", int(time.time() * 1000), 22.0, 45.0), None)
+        wait_until(lambda: props(ditto, "dc.test:rack-gone").get("envelope") == "OK", what="twin")
+        del ditto.things["dc.test:rack-gone"]
+        time.sleep(5.0)  # past the 3 s of silence, a sweep a second
+        assert "dc.test:rack-gone" not in ditto.things
+    finally:
+        updater.stop(timeout=2)
+
+
+def test_a_silence_mark_that_fails_is_retried(bridge_environ, ditto):
+    from bridge.mapping import RackLocation, SensorReading
+
+    updater, _ = started_updater(reading_interval_s=1)
+    updater._watch_stop.set()  # no sweeps of its own: the one below must carry the mark through its retry
+    loc = RackLocation("site1", "room1", "row1", "rack-retry")
+    try:
+        updater.submit(SensorReading(loc, "top", "d", int(time.time() * 1000), 22.0, 45.0), None)
+        wait_until(lambda: props(ditto, "dc.test:rack-retry").get("envelope") == "OK", what="twin")
+        time.sleep(3.2)
+        ditto.inject(status=503, count=1)
+        assert updater.mark_silent_racks() == 1
+        wait_until(lambda: props(ditto, "dc.test:rack-retry").get("envelope") == "SILENT", timeout=5,
+                   what="marked by the retry")
+    finally:
+        updater.stop(timeout=2)
+
+
 def test_a_hung_sink_shows_as_the_age_of_the_oldest_unconfirmed_message(running_bridge, bridge_env, publisher,
                                                                           ditto):
     """Nothing gets through a Ditto that hangs, so no lag is observed: the waiting message must show it."""

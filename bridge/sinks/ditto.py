@@ -205,14 +205,13 @@ class DittoClient:
             return status
         raise DittoError(status, data.decode(errors="replace"))
 
-    def patch_existing(self, tid: str, patch: dict[str, Any]) -> bool:
-        """Merge into a thing only if it exists (If-Match: *); False when it does not (yet).
+    def patch_existing(self, tid: str, patch: dict[str, Any], condition: str | None = None) -> bool:
+        """Merge into a thing only if it exists (If-Match: *) and ``condition`` holds; False when either fails.
 
         On the kept-alive connection too: the forecast publisher sends one per changed rack position."""
         body = json.dumps(patch, separators=(",", ":")).encode()
-        status, data = self.fast.request(
-            "PATCH", twin.thing_path(tid), body, {"Content-Type": MERGE_PATCH, "If-Match": "*"}
-        )
+        path = twin.thing_path(tid) + ("?condition=" + quote_component(condition) if condition else "")
+        status, data = self.fast.request("PATCH", path, body, {"Content-Type": MERGE_PATCH, "If-Match": "*"})
         if status in (201, 204):
             return True
         if status == 412:
@@ -404,23 +403,28 @@ class DittoUpdater:
             coalesced, self._coalesced = self._coalesced, 0
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
+        outcome: str | None = None
+        answered = False
         try:
-            if pending or not recheck:
+            if pending:
                 outcome, answered = self._send(client, thing, pending)
-            else:
+            elif recheck:
                 outcome, answered = self._send_silent(client, thing)
         except (requests.RequestException, DittoError) as exc:
+            thing.recheck = recheck and not pending  # the retry marks it then (the thing is ours: no sweep races)
             self._retry_later(thing, pending, waiters, exc)
             return
         except Exception:  # noqa: BLE001 - the worker must survive it, and the rack's readings must not be
             # stranded: left pending and scheduled, they would never be sent nor their messages acknowledged
+            thing.recheck = recheck and not pending
             self._failed_unexpectedly(thing, pending, waiters)
             return
         thing.unexpected_failures = 0
         if answered:  # an update found stale without a request says nothing about Ditto
             self._mark_healthy()
         self._settled(len(waiters), progress=answered)
-        self._count(outcome)
+        if outcome is not None:
+            self._count(outcome)
         now = time.time()
         for waiter in waiters:
             self._lag.observe(max(0.0, now - waiter.ts_ms / 1000))
@@ -456,7 +460,12 @@ class DittoUpdater:
             attributes = twin.attributes_for(thing.location, thing.devices)
             patch = twin.build_patch(fresh, known, None if attributes == thing.attributes_sent else attributes,
                                      (self.settings.ashrae_class, self.settings.rh_cap), self._silent_since_ms())
-            status = client.patch_thing(thing.tid, patch, twin.newer_than_condition(fresh))
+            condition = twin.newer_than_condition(fresh)
+            if patch["features"][twin.FEATURE]["properties"].get("envelope") == SILENT:
+                # Judged from positions this write does not carry: another replica may have newer readings there.
+                others = [p for p in twin.POSITIONS if p not in fresh]
+                condition = twin.all_of([condition, *twin.nothing_newer(thing.known, others)])
+            status = client.patch_thing(thing.tid, patch, condition)
             answered = True
             if status in (201, 204):
                 thing.known = known
@@ -473,9 +482,18 @@ class DittoUpdater:
         if current is None:
             thing.ensured = False
             raise DittoError(404, f"thing {thing.tid} vanished")
+        self._take(thing, current)
+
+    @staticmethod
+    def _take(thing: _Thing, current: dict[str, Any]) -> None:
+        """Our view of the twin from its JSON as Ditto holds it."""
         thing.known = twin.known_from_thing(current)
         thing.attributes_sent = current.get("attributes")
         thing.envelope = twin.envelope_of(current)
+        for position, state in thing.known.items():
+            if state.device:
+                thing.devices.setdefault(position, state.device)
+        thing.ensured = True
 
     # -- silent racks ----------------------------------------------------------------------------------
 
@@ -488,17 +506,30 @@ class DittoUpdater:
             thing.known, self.settings.ashrae_class, self.settings.rh_cap, self._silent_since_ms()) == SILENT
 
     def _send_silent(self, client: DittoClient, thing: _Thing) -> tuple[str, bool]:
-        """Mark the twin SILENT, on condition that it still holds the readings we know (else re-read it)."""
-        answered = not thing.ensured
+        """Mark the twin SILENT, on condition that it exists (never create one: ops may have deleted it) and still
+        holds no newer readings than we know; else take what it holds now."""
+        answered = False
         if not thing.ensured:
-            self._ensure_thing(client, thing)
-        if not self._silent_now(thing):  # a reading came meanwhile, or the re-read twin says otherwise
+            current, answered = client.get_thing(thing.tid), True
+            if current is None:
+                return self._gone(thing)
+            self._take(thing, current)
+        if not self._silent_now(thing):  # a reading came meanwhile, or the twin read says otherwise
             return "stale", answered
-        status = client.patch_thing(thing.tid, twin.silent_patch(), twin.unchanged_condition(thing.known))
-        if status in (201, 204):
+        if client.patch_existing(thing.tid, twin.silent_patch(), twin.unchanged_condition(thing.known)):
             thing.envelope = SILENT
             return "ok", True
-        self._reread(client, thing)
+        current = client.get_thing(thing.tid)
+        if current is None:
+            return self._gone(thing)
+        self._take(thing, current)
+        return "stale", True
+
+    @staticmethod
+    def _gone(thing: _Thing) -> tuple[str, bool]:
+        """The twin was deleted: nothing to mark, and nothing to sweep until a reading creates it again."""
+        log.info("twin %s is gone: not marked silent (a new reading creates it again)", thing.tid)
+        thing.known, thing.envelope, thing.ensured = {}, None, False
         return "stale", True
 
     def mark_silent_racks(self) -> int:
@@ -534,13 +565,7 @@ class DittoUpdater:
             current = client.get_thing(thing.tid)
             if current is None:
                 raise DittoError(404, f"thing {thing.tid} neither creatable nor readable")
-        thing.known = twin.known_from_thing(current)
-        thing.attributes_sent = current.get("attributes")
-        thing.envelope = twin.envelope_of(current)
-        for position, state in thing.known.items():
-            if state.device:
-                thing.devices.setdefault(position, state.device)
-        thing.ensured = True
+        self._take(thing, current)
 
     def _give_up(self, thing: _Thing, waiters: list[_Waiter]) -> None:
         """Drop this update (its readings are in InfluxDB already) and release its messages."""
