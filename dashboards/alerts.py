@@ -65,6 +65,7 @@ class RuleSpec:
     # Evaluations a firing alert whose series has gone from the result (its sensor went silent) stays firing;
     # Grafana's default is 2.
     missing_series_evals: int | None = None
+    reduce_settings: dict[str, Any] = field(default_factory=lambda: {"mode": "dropNN"})
 
 
 def latest(field_name: str) -> str:
@@ -162,7 +163,10 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
         limit_rule("racktwin-recirculation", "Top − bottom inlet difference (recirculation)",
                    delta_per_rack("", RACK_TAGS), 300, "last", "gt", (t.delta_t_limit_c,), "warning",
                    f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C above {num(t.delta_t_limit_c)} °C "
-                   f"for {t.delta_t_for} (recirculation?)", for_=t.delta_t_for, labels={"position": "top-bottom"}),
+                   f"for {t.delta_t_for} (recirculation?)", for_=t.delta_t_for, labels={"position": "top-bottom"},
+                   # One position silent leaves the rack's row with a null delta: dropped, it would reduce to NaN,
+                   # which Grafana takes for firing. As 0 it is not recirculation (the silent rule reports it).
+                   reduce_settings={"mode": "replaceNN", "replaceWithValue": 0}),
         RuleSpec("racktwin-rate-of-change", "Inlet temperature changing too fast",
                  f'SELECT spread("temperature") AS "spread" FROM "{MEASUREMENT}" WHERE $timeFilter '
                  f"GROUP BY {SENSOR_TAGS}", RATE_WINDOW_S, "last", "gt", (t.rate_limit_c,), "warning",
@@ -238,7 +242,7 @@ def rule(spec: RuleSpec) -> dict:
                        "datasource": {"type": "influxdb", "uid": INFLUX_UID}}},
             {"refId": "B", "queryType": "", "relativeTimeRange": {"from": 0, "to": 0}, "datasourceUid": "__expr__",
              "model": {"refId": "B", "type": "reduce", "expression": "A", "reducer": spec.reducer,
-                       "settings": {"mode": "dropNN"}, "datasource": expr_ds}},
+                       "settings": spec.reduce_settings, "datasource": expr_ds}},
             {"refId": "C", "queryType": "", "relativeTimeRange": {"from": 0, "to": 0}, "datasourceUid": "__expr__",
              "model": {"refId": "C", "type": "threshold", "expression": "B",
                        "conditions": [{"evaluator": {"type": spec.evaluator, "params": list(spec.params)}}],

@@ -237,13 +237,16 @@ class DuplicateLabels(RuntimeError):
     pass
 
 
-def reduce_frames(frames: list[Frame], reducer: str, mode: str | None) -> dict[tuple, float | None]:
+def reduce_frames(frames: list[Frame], reducer: str, mode: str | None,
+                  replace_with: float = 0.0) -> dict[tuple, float | None]:
     """pkg/expr reduce: one number per series, keyed by its label set (duplicates are an error)."""
     out: dict[tuple, float | None] = {}
     for frame in frames:
         values = [v for v in frame.values]
         if mode == "dropNN":
             values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        elif mode == "replaceNN":
+            values = [replace_with if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in values]
         elif mode is not None:
             raise ValueError(f"reduce mode {mode!r} is not supported by Grafana")
         key = tuple(sorted(frame.labels.items()))
@@ -274,7 +277,9 @@ def _reduce(values: list, reducer: str) -> float | None:
 
 def threshold(value: float | None, kind: str, params: list[float]) -> bool:
     if value is None:
-        return False
+        # A NaN (an empty series after dropNN, or a null reduced) goes through the threshold as NaN, and Grafana
+        # takes a NaN condition for firing (grafana/grafana issues #40392, #45952, #75594).
+        return True
     a = params[0]
     b = params[1] if len(params) > 1 else None
     checks = {
@@ -301,8 +306,9 @@ def evaluate_rule(rule: dict, run_query) -> RuleResult:
         if item["datasourceUid"] != "__expr__":
             nodes[item["refId"]] = run_query(model, item["relativeTimeRange"])
         elif model["type"] == "reduce":
-            nodes[item["refId"]] = reduce_frames(nodes[model["expression"]], model["reducer"],
-                                                 (model.get("settings") or {}).get("mode"))
+            settings = model.get("settings") or {}
+            nodes[item["refId"]] = reduce_frames(nodes[model["expression"]], model["reducer"], settings.get("mode"),
+                                                 settings.get("replaceWithValue", 0.0))
         elif model["type"] == "threshold":
             source = nodes[model["expression"]]
             evaluator = model["conditions"][0]["evaluator"]

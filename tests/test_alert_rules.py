@@ -140,6 +140,24 @@ def test_bridge_rules(fed, influxd, influx_db):
     assert later.state == "NoData" and RULES["racktwin-bridge-down"]["noDataState"] == "Alerting"
 
 
+def test_a_rack_with_one_position_silent_is_not_taken_for_recirculation(fed, influxd, influx_db):
+    """Its top still reports, its bottom went quiet: the recirculation query gives the rack a row with a null
+    top − bottom, which reduced to NaN would fire (Grafana takes a NaN condition for firing)."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks.influx import reading_line
+
+    loc = RackLocation("site1", "hall-1", "A", "rack-half")
+    lines = [reading_line(SensorReading(loc, "bottom", "b", fed.now_ms - 20 * 60_000, 21.0, 45.0))]
+    lines += [reading_line(SensorReading(loc, "top", "t", fed.now_ms - m * 60_000, 24.0, 45.0)) for m in range(4)]
+    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"}, data="\n".join(lines),
+                  timeout=10).raise_for_status()
+    result = evaluate_rule(RULES["racktwin-recirculation"], make_runner(influxd, influx_db, fed.now_ms))
+    assert ("rack-half", None) not in firing_set(result)
+    assert {k: v for k, v in result.values.items() if dict(k)["rack"] == "rack-half"} == {
+        k: 0.0 for k in result.values if dict(k)["rack"] == "rack-half"} != {}
+    assert firing_set(result) == EXPECTED["racktwin-recirculation"]
+
+
 def test_when_all_telemetry_stops_the_silent_sensors_and_the_bridge_page_and_nothing_else(fed, influxd, influx_db):
     """Half an hour after the last reading and the last bridge stats: every rule on readings finds no series,
     which Grafana turns into a DatasourceNoData alert unless the rule says OK. The absence is one cause, told by
