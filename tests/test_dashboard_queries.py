@@ -90,6 +90,32 @@ def test_expected_shape_parser():
     assert expected_shape('SELECT mean("t") FROM "m" WHERE $timeFilter') == (["mean"], set())
 
 
+def test_fields_the_panels_name_are_fields_their_queries_return():
+    """Overrides, organize and sort name fields by their InfluxDB column or tag: a renamed alias in a query must
+    not leave a panel formatting, hiding or sorting a field that no longer exists (Grafana would say nothing)."""
+    checked = 0
+    for uid, dash in DASHBOARDS.items():
+        for panel in dash["panels"]:
+            targets = [t for t in panel.get("targets", []) if t.get("datasource", {}).get("uid") == "influxdb"]
+            named = {o["matcher"]["options"] for o in panel.get("fieldConfig", {}).get("overrides", [])
+                     if o["matcher"]["id"] == "byName"}
+            for step in panel.get("transformations", []):
+                options = step.get("options", {})
+                for key in ("excludeByName", "indexByName", "renameByName"):
+                    named |= set(options.get(key, {}))
+                named |= {sort["field"] for sort in options.get("sort", [])}
+            named |= {sort["displayName"] for sort in (panel.get("options", {}).get("sortBy") or [])}
+            if not targets or not named:
+                continue
+            returned = {"Time"}
+            for target in targets:
+                columns, tags = expected_shape(target["query"])
+                returned |= set(columns) | tags
+            assert named <= returned, f"{uid} / {panel['title']}: {sorted(named - returned)} not returned"
+            checked += 1
+    assert checked >= 1  # the wall's forecast table at least
+
+
 # ------------------------------------------------------------------------------- helpers
 
 def run_influxql(influxd, db: str, query: str) -> dict:
