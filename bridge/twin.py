@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -35,9 +35,11 @@ SUFFIX: dict[Position, str] = {"top": "Top", "bottom": "Bottom"}
 
 def dew_point(temperature: float, humidity: float) -> float | None:
     """Dew point in °C by the Magnus formula; None where it is undefined (RH 0)."""
-    if humidity <= 0:
+    if humidity <= 0 or temperature == -MAGNUS_LAMBDA:
         return None
     gamma = math.log(humidity / 100.0) + MAGNUS_BETA * temperature / (MAGNUS_LAMBDA + temperature)
+    if gamma == MAGNUS_BETA:  # only for values no sensor sends (a twin edited by hand): undefined, not a crash
+        return None
     return round(MAGNUS_LAMBDA * gamma / (MAGNUS_BETA - gamma), 2)
 
 
@@ -75,6 +77,9 @@ class PositionState:
     temperature: float | None = None
     humidity: float | None = None
     device: str | None = None
+    # The timestamp as the twin holds it, where read from one: Ditto compares the strings, and one written by
+    # hand or another tool ("…:00Z", "+00:00") need not be ours (iso_ms) for the same instant.
+    ts_text: str | None = field(default=None, compare=False)
 
 
 # The twin holds temperature and RH to a tenth (°C, %), what such sensors resolve and finer than they are accurate
@@ -104,6 +109,7 @@ def newest_of(a: PositionState, b: PositionState) -> PositionState:
         temperature=newer.temperature if newer.temperature is not None else older.temperature,
         humidity=newer.humidity if newer.humidity is not None else older.humidity,
         device=newer.device or older.device,
+        ts_text=newer.ts_text or (older.ts_text if older.ts_ms == newer.ts_ms else None),
     )
 
 
@@ -169,8 +175,11 @@ def nothing_newer(known: dict[Position, PositionState], positions: tuple[Positio
     parts = []
     for position in positions:
         path = f"{PROPS_PATH}/ts{SUFFIX[position]}"
-        parts.append(f'le({path},"{iso_ms(known[position].ts_ms)}")' if position in known
-                     else f"not(exists({path}))")
+        if position in known:
+            state = known[position]
+            parts.append(f'le({path},"{state.ts_text or iso_ms(state.ts_ms)}")')
+        else:
+            parts.append(f"not(exists({path}))")
     return parts
 
 
@@ -234,7 +243,8 @@ def known_from_thing(thing: dict[str, Any]) -> dict[Position, PositionState]:
     known: dict[Position, PositionState] = {}
     for position in POSITIONS:
         sfx = SUFFIX[position]
-        ts = parse_iso_ms(props.get(f"ts{sfx}")) if isinstance(props.get(f"ts{sfx}"), str) else None
+        text = props.get(f"ts{sfx}")
+        ts = parse_iso_ms(text) if isinstance(text, str) else None
         if ts is None:
             continue
         known[position] = PositionState(
@@ -242,6 +252,7 @@ def known_from_thing(thing: dict[str, Any]) -> dict[Position, PositionState]:
             temperature=_num(props.get(f"temp{sfx}")),
             humidity=_num(props.get(f"humidity{sfx}")),
             device=devices.get(position) if isinstance(devices.get(position), str) else None,
+            ts_text=text,
         )
     return known
 

@@ -161,7 +161,10 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                    600, "last", "lt", (rh_lo,), "critical",
                    f"{WHERE_SENSOR} RH {VALUE} % below allowable {num(rh_lo)} %", for_="1m"),
         limit_rule("racktwin-recirculation", "Top − bottom inlet difference (recirculation)",
-                   delta_per_rack("", RACK_TAGS), 300, "last", "gt", (t.delta_t_limit_c,), "warning",
+                   # The window holds a reading of each live position: 5 min, or 3 reporting intervals if longer
+                   # (a position with none in it counts as 0 below, and would reset the 10-minute "for").
+                   delta_per_rack("", RACK_TAGS), max(300, t.silent_after_s), "last", "gt", (t.delta_t_limit_c,),
+                   "warning",
                    f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C above {num(t.delta_t_limit_c)} °C "
                    f"for {t.delta_t_for} (recirculation?)", for_=t.delta_t_for, labels={"position": "top-bottom"},
                    # One position silent leaves the rack's row with a null delta: dropped, it would reduce to NaN,

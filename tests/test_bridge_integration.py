@@ -405,6 +405,30 @@ def test_a_silence_mark_that_fails_is_retried(bridge_environ, ditto):
         updater.stop(timeout=2)
 
 
+def test_a_silent_write_goes_through_a_timestamp_the_twin_holds_in_another_form(bridge_environ, ditto):
+    """The other position's timestamp edited into "…:00Z": the SILENT write's condition on it, built from our own
+    form, fails; the re-read twin's own text makes the retry pass, instead of holding the reading for good."""
+    from bridge.mapping import RackLocation, SensorReading
+
+    updater, _ = started_updater(reading_interval_s=1)
+    loc = RackLocation("site1", "room1", "row1", "rack-form")
+    whole_s = int(time.time()) * 1000 - 1000
+    confirmed: list[str] = []
+    try:
+        for pos in ("top", "bottom"):
+            updater.submit(SensorReading(loc, pos, "d", whole_s, 22.0, 45.0), None)
+        wait_until(lambda: "tsBottom" in props(ditto, "dc.test:rack-form"), what="twin")
+        props(ditto, "dc.test:rack-form")["tsBottom"] = twin.iso_ms(whole_s).replace(".000Z", "Z")
+        time.sleep(3.5)  # the bottom is silent now
+        updater.submit(SensorReading(loc, "top", "d", int(time.time() * 1000), 23.0, 45.0),
+                       lambda: confirmed.append("top"))
+        wait_until(lambda: confirmed == ["top"], timeout=8, what="the top reading confirmed")
+        assert props(ditto, "dc.test:rack-form")["envelope"] == "SILENT"
+        assert props(ditto, "dc.test:rack-form")["tempTop"] == 23.0
+    finally:
+        updater.stop(timeout=2)
+
+
 def test_a_hung_sink_shows_as_the_age_of_the_oldest_unconfirmed_message(running_bridge, bridge_env, publisher,
                                                                           ditto):
     """Nothing gets through a Ditto that hangs, so no lag is observed: the waiting message must show it."""

@@ -497,6 +497,15 @@ def test_a_limit_alert_outlives_its_sensor_going_silent_as_long_as_the_silent_ru
     assert limit_rules <= {r["uid"] for g in groups.values() for r in g["rules"]}
 
 
+def test_the_recirculation_window_holds_a_reading_of_each_live_position():
+    """A position with no reading in the window counts as 0 (replaceNN), which resets the 10-minute "for": at a
+    long reporting interval the window must still hold one."""
+    for interval, expected in ((60, 300), (300, 900)):
+        rules = alerts.rules_file(from_env({"RACKTWIN_READING_INTERVAL_S": str(interval)}))
+        rule = next(r for g in rules["groups"] for r in g["rules"] if r["uid"] == "racktwin-recirculation")
+        assert rule["data"][0]["relativeTimeRange"]["from"] == expected, interval
+
+
 def test_contact_points_and_policy_grouped_by_room():
     cps = load("alerting/contact-points.yaml")["contactPoints"]
     receivers = {r["type"]: r for cp in cps for r in cp["receivers"]}

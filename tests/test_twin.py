@@ -106,6 +106,20 @@ def test_a_rack_with_a_silent_position_shows_silent_unless_its_last_values_are_o
         'not(exists(features/environment/properties/tsBottom)))')
 
 
+def test_conditions_compare_with_the_timestamp_text_the_twin_holds():
+    """Ditto compares timestamps as strings: one the twin holds in another form than ours ("…:00Z" for
+    "…:00.000Z", which sorts above it) must be compared as held, or le() would fail for good."""
+    known = twin.known_from_thing({"features": {"environment": {"properties": {
+        "tsTop": "2026-12-02T01:00:00Z", "tempTop": 22.0}}}})
+    assert known["top"].ts_ms == twin.parse_iso_ms("2026-12-02T01:00:00.000Z")
+    assert twin.nothing_newer(known, ["top"]) == ['le(features/environment/properties/tsTop,"2026-12-02T01:00:00Z")']
+    merged = twin.newest_of(twin.PositionState(known["top"].ts_ms, None, 40.0), known["top"])  # same instant
+    assert merged.ts_text == "2026-12-02T01:00:00Z"
+    # Values no sensor sends (a twin edited by hand) give no dew point rather than a ZeroDivisionError.
+    assert twin.dew_point(-243.12, 50.0) is None
+    assert twin.rack_state({"top": twin.PositionState(1, -243.12, 50.0)}, "A1", 70, 0) == "COLD"
+
+
 def test_a_redelivered_reading_adds_nothing_to_a_twin_holding_its_rounded_values():
     sent = twin.merge_reading(None, SensorReading(LOC, "top", "d", 10, 23.456, 45.249))
     from_ditto = twin.known_from_thing(twin.build_patch({"top": sent}, {"top": sent}, None))

@@ -543,7 +543,13 @@ class DittoUpdater:
                 # Not scheduled: no worker has the thing, so its known state is not being replaced.
                 if thing.scheduled or not thing.known or not any(s.ts_ms < since for s in thing.known.values()):
                     continue
-                if self._silent_now(thing):
+                try:
+                    silent = self._silent_now(thing)
+                except Exception:  # noqa: BLE001 - a twin edited into values we cannot judge: the others go on
+                    log.exception("cannot judge whether %s is silent", thing.tid)
+                    self.metrics.internal_errors.inc()
+                    continue
+                if silent:
                     thing.recheck = thing.scheduled = True
                     self._ready.append(thing.tid)
                     scheduled += 1
@@ -570,6 +576,7 @@ class DittoUpdater:
     def _give_up(self, thing: _Thing, waiters: list[_Waiter]) -> None:
         """Drop this update (its readings are in InfluxDB already) and release its messages."""
         self._count("error")
+        thing.recheck = False  # a silence mark given up with the rest: the next sweep judges again
         self._settled(len(waiters), progress=False)
         confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
         with self._cond:
