@@ -440,7 +440,7 @@ def influx_writer_cost(url: str, token: str, points: int) -> dict[str, Any]:
 # test about 1 ms of CPU per poll (2-5 % of its time while draining), a load no Prometheus puts on it.
 DELIVERY_METRICS = ["racktwin_messages_accepted_total", "racktwin_messages_rejected_total",
                     "racktwin_messages_in_flight", "racktwin_ditto_coalesced_total",
-                    # Acks that did not wait for the twin (Ditto failing): nonzero means the figure is not "fully
+                    # Acks that did not wait for the twin (Ditto stalled): nonzero means the figure is not "fully
                     # delivered" for them, so it is reported beside the throughput.
                     "racktwin_ditto_released_total"]
 

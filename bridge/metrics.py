@@ -66,7 +66,7 @@ class Metrics:
         )
         self.ditto_released = Counter(
             "racktwin_ditto_released",
-            "Readings acknowledged while Ditto was failing, before their twin update (InfluxDB has them; the twin "
+            "Readings acknowledged while Ditto was stalled, before their twin update (InfluxDB has them; the twin "
             "gets the newest per position once Ditto takes it)",
             registry=r,
         )

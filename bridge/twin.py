@@ -195,8 +195,13 @@ def unchanged_condition(known: dict[Position, PositionState]) -> str:
 
 def envelope_of(thing: dict[str, Any]) -> str | None:
     """The envelope state a thing JSON holds, if any."""
-    value = _object(_object(_object(_object(thing).get("features")).get(FEATURE)).get("properties")).get("envelope")
+    value = _properties(thing).get("envelope")
     return value if isinstance(value, str) else None
+
+
+def _properties(thing: Any) -> dict[str, Any]:
+    """features.environment.properties of a thing JSON; {} where anyone with WRITE made it another shape."""
+    return _object(_object(_object(_object(thing).get("features")).get(FEATURE)).get("properties"))
 
 
 def build_patch(
@@ -232,13 +237,13 @@ def newer_than_condition(pending: dict[Position, PositionState]) -> str:
         if position in pending:
             path = f"{PROPS_PATH}/ts{SUFFIX[position]}"
             parts.append(f'or(not(exists({path})),le({path},"{iso_ms(pending[position].ts_ms)}"))')
-    return parts[0] if len(parts) == 1 else f"and({','.join(parts)})"
+    return all_of(parts)
 
 
 def known_from_thing(thing: dict[str, Any]) -> dict[Position, PositionState]:
     """Read the twin's per-position state back from a thing JSON (as GET returns it)."""
     # Anyone with WRITE on the twin may have edited it into another shape: read what fits, skip the rest.
-    props = _object(_object(_object(_object(thing).get("features")).get(FEATURE)).get("properties"))
+    props = _properties(thing)
     devices = _object(_object(_object(thing).get("attributes")).get("tbDevices"))
     known: dict[Position, PositionState] = {}
     for position in POSITIONS:

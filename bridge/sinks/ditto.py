@@ -422,21 +422,13 @@ class DittoUpdater:
         thing.unexpected_failures = 0
         if answered:  # an update found stale without a request says nothing about Ditto
             self._mark_healthy()
-        self._settled(len(waiters), progress=answered)
         if outcome is not None:
             self._count(outcome)
         now = time.time()
         for waiter in waiters:
             self._lag.observe(max(0.0, now - waiter.ts_ms / 1000))
         confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
-        with self._cond:
-            thing.attempts = 0
-            if thing.pending:
-                self._ready.append(tid)
-                self._cond.notify()
-            else:
-                thing.scheduled = False
-                thing.released = False
+        self._finish(thing, len(waiters), progress=answered, delivered=True)
 
     def _send(self, client: DittoClient, thing: _Thing,
               pending: dict[Position, twin.PositionState]) -> tuple[str, bool]:
@@ -460,8 +452,9 @@ class DittoUpdater:
             attributes = twin.attributes_for(thing.location, thing.devices)
             patch = twin.build_patch(fresh, known, None if attributes == thing.attributes_sent else attributes,
                                      (self.settings.ashrae_class, self.settings.rh_cap), self._silent_since_ms())
+            envelope = patch["features"][twin.FEATURE]["properties"].get("envelope", thing.envelope)
             condition = twin.newer_than_condition(fresh)
-            if patch["features"][twin.FEATURE]["properties"].get("envelope") == SILENT:
+            if envelope == SILENT:
                 # Judged from positions this write does not carry: another replica may have newer readings there.
                 others = [p for p in twin.POSITIONS if p not in fresh]
                 condition = twin.all_of([condition, *twin.nothing_newer(thing.known, others)])
@@ -470,7 +463,7 @@ class DittoUpdater:
             if status in (201, 204):
                 thing.known = known
                 thing.attributes_sent = attributes
-                thing.envelope = patch["features"][twin.FEATURE]["properties"].get("envelope", thing.envelope)
+                thing.envelope = envelope
                 return ("created" if status == 201 else "ok"), answered
             self._reread(client, thing)
             fresh, stale = twin.drop_stale(fresh, thing.known)
@@ -478,11 +471,17 @@ class DittoUpdater:
 
     def _reread(self, client: DittoClient, thing: _Thing) -> None:
         """A condition failed: someone else wrote the twin; take what it holds now."""
-        current = client.get_thing(thing.tid)
-        if current is None:
+        if not self._refresh(client, thing):
             thing.ensured = False
             raise DittoError(404, f"thing {thing.tid} vanished")
+
+    def _refresh(self, client: DittoClient, thing: _Thing) -> bool:
+        """Take what the twin holds now; False if it is not there."""
+        current = client.get_thing(thing.tid)
+        if current is None:
+            return False
         self._take(thing, current)
+        return True
 
     @staticmethod
     def _take(thing: _Thing, current: dict[str, Any]) -> None:
@@ -508,22 +507,15 @@ class DittoUpdater:
     def _send_silent(self, client: DittoClient, thing: _Thing) -> tuple[str, bool]:
         """Mark the twin SILENT, on condition that it exists (never create one: ops may have deleted it) and still
         holds no newer readings than we know; else take what it holds now."""
-        answered = False
-        if not thing.ensured:
-            current, answered = client.get_thing(thing.tid), True
-            if current is None:
-                return self._gone(thing)
-            self._take(thing, current)
+        answered = not thing.ensured
+        if not thing.ensured and not self._refresh(client, thing):
+            return self._gone(thing)
         if not self._silent_now(thing):  # a reading came meanwhile, or the twin read says otherwise
             return "stale", answered
         if client.patch_existing(thing.tid, twin.silent_patch(), twin.unchanged_condition(thing.known)):
             thing.envelope = SILENT
             return "ok", True
-        current = client.get_thing(thing.tid)
-        if current is None:
-            return self._gone(thing)
-        self._take(thing, current)
-        return "stale", True
+        return ("stale", True) if self._refresh(client, thing) else self._gone(thing)
 
     @staticmethod
     def _gone(thing: _Thing) -> tuple[str, bool]:
@@ -577,15 +569,34 @@ class DittoUpdater:
         """Drop this update (its readings are in InfluxDB already) and release its messages."""
         self._count("error")
         thing.recheck = False  # a silence mark given up with the rest: the next sweep judges again
-        self._settled(len(waiters), progress=False)
         confirm_each([w.on_confirmed for w in waiters], self.metrics.internal_errors.inc)
+        self._finish(thing, len(waiters), progress=False, delivered=False)
+
+    def _finish(self, thing: _Thing, confirmed: int, progress: bool, delivered: bool) -> None:
+        """An update is over (sent, or given up): its ``confirmed`` waiting readings are done with, and the thing
+        goes again if readings arrived meanwhile, else idles. ``progress``: Ditto answered it, so it has not
+        stalled, and what waits out a back-off goes now. ``delivered``: the twin has all we had for it."""
         with self._cond:
+            self._waiting -= confirmed
+            resumed = False
+            if progress:
+                self._progress_at = time.monotonic()
+                self._ditto_wide_failure = False
+                resumed, self._stalled = self._stalled, False
+                if resumed:  # each back-off (up to 10 s) would hold its rack's readings up again, window and all
+                    self._ready.extend(tid for _, _, tid in self._delayed)
+                    self._delayed.clear()
+                    self._cond.notify_all()
             thing.attempts = 0
             if thing.pending:
                 self._ready.append(thing.tid)
                 self._cond.notify()
             else:
                 thing.scheduled = False
+                if delivered:
+                    thing.released = False
+        if resumed:
+            log.info("Ditto answers twin updates again: acknowledgements wait for the twin again")
 
     def _failed_unexpectedly(self, thing: _Thing, pending: dict, waiters: list[_Waiter]) -> None:
         """Called from an except block: log the traceback, re-read the twin next time, retry a few times."""
@@ -652,23 +663,6 @@ class DittoUpdater:
 
     # -- stall detection -------------------------------------------------------------------------------
 
-    def _settled(self, confirmed: int, progress: bool) -> None:
-        """An update's ``confirmed`` waiting readings are done with; ``progress``: Ditto answered it, so it has
-        not stalled, and what waits out a back-off goes now."""
-        with self._cond:
-            self._waiting -= confirmed
-            if not progress:
-                return
-            self._progress_at = time.monotonic()
-            self._ditto_wide_failure = False
-            resumed, self._stalled = self._stalled, False
-            if resumed:  # each back-off (up to 10 s) would hold its rack's readings up again, window and all
-                self._ready.extend(tid for _, _, tid in self._delayed)
-                self._delayed.clear()
-                self._cond.notify_all()
-        if resumed:
-            log.info("Ditto answers twin updates again: acknowledgements wait for the twin again")
-
     def _watch(self) -> None:
         period = min(0.25, self.settings.ditto_release_after_s / 4)
         silence_every = min(30.0, float(self.settings.reading_interval_s))
@@ -696,7 +690,7 @@ class DittoUpdater:
 
     def release_if_stalled(self, now: float | None = None) -> bool:
         """If Ditto has stalled (module docstring), release every waiting reading, and every reading from now on
-        until Ditto answers an update (``_settled``). True if it did."""
+        until Ditto answers an update (``_finish``). True if it did."""
         now = time.monotonic() if now is None else now
         after = self.settings.ditto_release_after_s
         with self._cond:
