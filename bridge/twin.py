@@ -262,6 +262,13 @@ def known_from_thing(thing: dict[str, Any]) -> dict[Position, PositionState]:
     return known
 
 
+def location_of(thing: dict[str, Any]) -> RackLocation:
+    """The rack's place as a thing JSON's attributes hold it; "" for what is missing or not text."""
+    attributes = _object(_object(thing).get("attributes"))
+    return RackLocation(*(value if isinstance(value := attributes.get(key), str) else ""
+                          for key in ("site", "room", "row", "rack")))
+
+
 def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 

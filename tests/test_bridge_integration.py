@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import pytest
@@ -338,6 +340,65 @@ def test_a_rack_that_stops_reporting_shows_silent_and_recovers_with_its_next_rea
         wait_until(lambda: envelope("dc.test:rack-quiet") == "WARM", what="the rack's state from both readings")
     finally:
         updater.stop(timeout=2)
+
+
+def test_racks_gone_quiet_before_the_bridge_started_are_marked_silent(bridge_environ, ditto, monkeypatch, caplog):
+    """A rack that stopped reporting while no bridge ran (an upgrade, a crash) sends nothing a new bridge would see
+    it by: 3 reporting intervals after start the bridge reads the twins Ditto holds, page by page, and sweeps the
+    silent ones like the racks it saw. A twin another replica keeps writing is left alone."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks import ditto as ditto_sink
+
+    racks = [f"rack-before-{i}" for i in range(6)]
+    where = {rack: RackLocation("site1", "room1", "row1", rack) for rack in racks}
+    envelopes = lambda: [props(ditto, f"dc.test:{r}").get("envelope") for r in racks]  # noqa: E731
+    first, _ = started_updater()
+    try:
+        now = int(time.time() * 1000)
+        for rack in racks:
+            for pos in ("top", "bottom"):
+                first.submit(SensorReading(where[rack], pos, "d", now, 22.0, 45.0), None)
+        wait_until(lambda: envelopes() == ["OK"] * 6, what="twins")
+    finally:
+        first.stop(timeout=2)
+    # rack-before-5 is another replica's: its twin is newer than this bridge's start.
+    later = twin.iso_ms(int(time.time() * 1000) + 60_000)
+    props(ditto, "dc.test:rack-before-5").update(tsTop=later, tsBottom=later)
+    caplog.set_level(logging.INFO, logger="bridge.sinks.ditto")
+    monkeypatch.setattr(ditto_sink, "SEARCH_PAGE_SIZE", 2)  # three pages: the cursor is followed
+    monkeypatch.setattr(ditto_sink, "ADOPT_RETRY_S", 0.2)
+    ditto.inject(status=503, count=1, paths_prefix="/api/2/search")  # Ditto not ready at the first try
+    second, _ = started_updater(reading_interval_s=1)  # silent after 3 s, swept every second
+    stop_live = threading.Event()
+
+    def live_rack() -> None:  # rack-before-0 reports to the new bridge throughout
+        while not stop_live.is_set():
+            ts = int(time.time() * 1000)
+            for pos in ("top", "bottom"):
+                second.submit(SensorReading(where["rack-before-0"], pos, "d", ts, 23.0, 45.0), None)
+            stop_live.wait(0.5)
+
+    reporter = threading.Thread(target=live_rack, daemon=True)
+    reporter.start()
+    try:
+        wait_until(lambda: envelopes()[1:5] == ["SILENT"] * 4, timeout=15, what="the quiet racks marked")
+        assert envelopes() == ["OK", "SILENT", "SILENT", "SILENT", "SILENT", "OK"]
+        assert props(ditto, "dc.test:rack-before-0")["tempTop"] == 23.0
+        assert "cannot read the twins already in Ditto yet (HTTP 503" in caplog.text
+        assert "4 silent racks' twins found in Ditto at start" in caplog.text
+        # Ops delete one; it reports again: its twin comes back whole, with our policy and its attributes.
+        del ditto.things["dc.test:rack-before-1"]
+        ts = int(time.time() * 1000)
+        for pos in ("top", "bottom"):
+            second.submit(SensorReading(where["rack-before-1"], pos, "d", ts, 24.0, 45.0), None)
+        wait_until(lambda: props(ditto, "dc.test:rack-before-1").get("envelope") == "OK", what="twin back")
+        thing = ditto.things["dc.test:rack-before-1"]
+        assert thing["policyId"] == "dc.test:racktwin"
+        assert thing["attributes"]["rack"] == "rack-before-1" and thing["attributes"]["room"] == "room1"
+    finally:
+        stop_live.set()
+        reporter.join(2)
+        second.stop(timeout=2)
 
 
 def test_two_replicas_writing_one_position_each_never_mark_a_reporting_rack_silent(bridge_environ, ditto):

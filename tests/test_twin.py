@@ -252,3 +252,9 @@ def test_which_ditto_answers_are_waited_out(status, retried):
     from bridge.sinks.ditto import retryable
 
     assert retryable(status) is retried
+
+
+def test_a_twins_location_is_read_from_its_attributes_and_what_is_not_text_is_left_empty():
+    thing = {"attributes": {"site": "s", "room": "hall1", "row": 3, "rack": "hall1-a03"}}
+    assert twin.location_of(thing) == RackLocation("s", "hall1", "", "hall1-a03")
+    assert twin.location_of({"attributes": []}) == twin.location_of({}) == RackLocation("", "", "", "")

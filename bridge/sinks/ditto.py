@@ -51,6 +51,8 @@ RETRY_STATUSES = {401, 403, 404, 408, 424, 429}  # and every 5xx: see retryable(
 # Failures that are Ditto's as a whole, not one twin's (403 and 404 are a thing's policy or existence): with every
 # 5xx and no answer at all, these can make a stall (module docstring). 401: our credentials, for every thing.
 DITTO_WIDE_STATUSES = {401, 408, 424, 429}
+SEARCH_PAGE_SIZE = 200  # Ditto's largest search page (ditto.md)
+ADOPT_RETRY_S = 30.0  # reading the twins already in Ditto at start, while Ditto cannot answer yet
 # A twin update that raised something unexpected (a bug, or a twin edited into a shape we cannot read) is retried
 # this many times, reading the twin afresh each time, and then given up: its readings stay in InfluxDB.
 MAX_UNEXPECTED_FAILURES = 3
@@ -176,6 +178,21 @@ class DittoClient:
             raise DittoError(resp.status_code, resp.text)
         return resp.json()
 
+    def search_page(self, namespace: str, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of the namespace's twins (id, attributes, environment properties) and the cursor to the next
+        page (None on the last). Ditto sorts by thingId unless told otherwise, which is what the cursor needs."""
+        option = f"size({SEARCH_PAGE_SIZE})" + (f",cursor({cursor})" if cursor else "")
+        resp = self.request("GET", "/api/2/search/things", params={
+            "namespaces": namespace, "fields": f"thingId,attributes,{twin.PROPS_PATH}", "option": option})
+        if resp.status_code != 200:
+            raise DittoError(resp.status_code, resp.text)
+        body = resp.json()
+        items = body.get("items") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise DittoError(resp.status_code, f"search answer without items: {resp.text[:200]}")
+        following = body.get("cursor")
+        return [item for item in items if isinstance(item, dict)], following if isinstance(following, str) else None
+
     def _create_only(self, path: str, body: dict[str, Any]) -> bool:
         """PUT with If-None-Match: * — True if created, False if it already existed."""
         resp = self.request(
@@ -192,16 +209,18 @@ class DittoClient:
 
     def patch_thing(self, tid: str, patch: dict[str, Any], condition: str) -> int:
         """The hot path: one conditional merge per thing update, on the WebSocket channel or as a
-        merge-PATCH on the kept-alive connection."""
+        merge-PATCH on the kept-alive connection. Into an existing thing only (If-Match: *): a merge into a
+        thing ops deleted would create it with Ditto's default policy, which Grafana cannot read; 412 then
+        makes the caller read it again, and create it properly."""
         if self.channel is not None:
             status, value = self.channel.merge(tid, patch, condition)
-            if status in (201, 204, 412):
+            if status in (204, 412):
                 return status
             raise DittoError(status, json.dumps(value)[:300])
         path = twin.thing_path(tid) + "?condition=" + quote_component(condition)
         body = json.dumps(patch, separators=(",", ":")).encode()
-        status, data = self.fast.request("PATCH", path, body, {"Content-Type": MERGE_PATCH})
-        if status in (201, 204, 412):
+        status, data = self.fast.request("PATCH", path, body, {"Content-Type": MERGE_PATCH, "If-Match": "*"})
+        if status in (204, 412):
             return status
         raise DittoError(status, data.decode(errors="replace"))
 
@@ -268,6 +287,7 @@ class DittoUpdater:
         self._last_probe = 0.0
         self._watch_stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="ditto-watch", daemon=True)
+        self._adopter = threading.Thread(target=self._adopt_existing, name="ditto-adopt", daemon=True)
 
     @staticmethod
     def _channel(settings: Settings) -> "DittoWebSocket | None":
@@ -284,6 +304,7 @@ class DittoUpdater:
         for worker in self._workers:
             worker.start()
         self._watcher.start()
+        self._adopter.start()
 
     def ensure_policy(self, client: DittoClient | None = None) -> None:
         own = client is None
@@ -435,8 +456,7 @@ class DittoUpdater:
         """Bring the twin up to ``pending``; returns the result label and whether Ditto answered a request (an
         update whose readings are all older than the twin needs none). Raises on retryable failure."""
         answered = not thing.ensured
-        if not thing.ensured:
-            self._ensure_thing(client, thing)
+        created = not thing.ensured and self._ensure_thing(client, thing)
         fresh, stale = twin.drop_stale(pending, thing.known)
         result = "ok"
         for _ in range(3):  # a failed condition means someone else wrote: re-read and try what is left
@@ -460,11 +480,11 @@ class DittoUpdater:
                 condition = twin.all_of([condition, *twin.nothing_newer(thing.known, others)])
             status = client.patch_thing(thing.tid, patch, condition)
             answered = True
-            if status in (201, 204):
+            if status == 204:
                 thing.known = known
                 thing.attributes_sent = attributes
                 thing.envelope = envelope
-                return ("created" if status == 201 else "ok"), answered
+                return ("created" if created else "ok"), answered
             self._reread(client, thing)
             fresh, stale = twin.drop_stale(fresh, thing.known)
         raise DittoError(412, f"condition kept failing on {thing.tid}")
@@ -524,6 +544,70 @@ class DittoUpdater:
         thing.known, thing.envelope, thing.ensured = {}, None, False
         return "stale", True
 
+    def _adopt_existing(self) -> None:
+        """Take the silent racks' twins Ditto already holds into the silence sweep: a rack that went quiet while no
+        bridge ran sends nothing that would bring it to this one's notice, and its tile would keep its last colour
+        for good. Waits 3 reporting intervals first: by then every rack still reporting (a backlog the broker held
+        included) has come in by its readings, and a twin another replica keeps writing is not silent, so only
+        the silent ones are taken. A failed page is tried again every ``ADOPT_RETRY_S`` (Ditto may be starting)."""
+        if self._watch_stop.wait(SILENT_AFTER_INTERVALS * self.settings.reading_interval_s):
+            return
+        client = DittoClient(self.settings)
+        adopted, cursor = 0, None
+        try:
+            while not self._watch_stop.is_set():
+                try:
+                    items, following = client.search_page(self.settings.ditto_namespace, cursor)
+                    adopted += self._adopt(items)
+                    if following is None:
+                        log.info("%d silent racks' twins found in Ditto at start, to be marked SILENT", adopted)
+                        return
+                    cursor = following
+                    continue
+                except DittoError as exc:
+                    if exc.status == 400 and cursor is not None:  # the cursor expired: from the first page again
+                        cursor = None
+                    elif not retryable(exc.status):
+                        log.error("cannot read the twins already in Ditto (%s): racks silent since before this "
+                                  "start are not marked SILENT", str(exc)[:200])
+                        return
+                    log.warning("cannot read the twins already in Ditto yet (%s); trying again in %.0f s",
+                                str(exc)[:200], ADOPT_RETRY_S)
+                except requests.RequestException as exc:
+                    log.warning("cannot read the twins already in Ditto yet (%s); trying again in %.0f s",
+                                str(exc)[:200], ADOPT_RETRY_S)
+                self._watch_stop.wait(ADOPT_RETRY_S)
+        except Exception:  # noqa: BLE001 - a bug here must not end the bridge
+            log.exception("reading the twins already in Ditto failed: racks silent since before this start are not "
+                          "marked SILENT")
+            self.metrics.internal_errors.inc()
+        finally:
+            client.close()
+
+    def _adopt(self, items: list[dict[str, Any]]) -> int:
+        """Add the twins of one search page that are silent and that no reading has brought in; how many."""
+        adopted = 0
+        for item in items:
+            tid = item.get("thingId")
+            if not isinstance(tid, str) or tid in self._things:  # a reading brought it in: its view is newer
+                continue
+            thing = _Thing(tid, twin.location_of(item))
+            self._take(thing, item)
+            # Read by search, not through the things API: its first write reads it again (a twin deleted
+            # meanwhile is then created with our policy and attributes, the policy ensured).
+            thing.ensured = False
+            try:
+                if not self._silent_now(thing):
+                    continue
+            except Exception:  # noqa: BLE001 - a twin edited into values we cannot judge: the others go on
+                log.exception("cannot judge whether %s is silent", tid)
+                self.metrics.internal_errors.inc()
+                continue
+            with self._cond:
+                if self._things.setdefault(tid, thing) is thing:
+                    adopted += 1
+        return adopted
+
     def mark_silent_racks(self) -> int:
         """Schedule the racks that have gone silent (a position without a reading for 3 reporting intervals) for
         a SILENT mark on their twin, so the wall's tile stops showing a dead sensor's last colour. Racks with work
@@ -549,7 +633,8 @@ class DittoUpdater:
                 self._cond.notify_all()
         return scheduled
 
-    def _ensure_thing(self, client: DittoClient, thing: _Thing) -> None:
+    def _ensure_thing(self, client: DittoClient, thing: _Thing) -> bool:
+        """Read the twin, creating it (with our policy) if it is not there; True if it created it."""
         if not self.policy_ready:
             self.ensure_policy(client)
         current = client.get_thing(thing.tid)
@@ -559,11 +644,12 @@ class DittoUpdater:
                 log.info("created twin %s", thing.tid)
                 thing.known, thing.attributes_sent, thing.envelope = {}, attributes, None
                 thing.ensured = True
-                return
+                return True
             current = client.get_thing(thing.tid)
             if current is None:
                 raise DittoError(404, f"thing {thing.tid} neither creatable nor readable")
         self._take(thing, current)
+        return False
 
     def _give_up(self, thing: _Thing, waiters: list[_Waiter]) -> None:
         """Drop this update (its readings are in InfluxDB already) and release its messages."""

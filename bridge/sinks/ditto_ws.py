@@ -35,9 +35,10 @@ TIMEOUTS_BEFORE_RECONNECT = 3
 
 
 def merge_command(thing_id: str, patch: dict[str, Any], condition: str | None, correlation_id: str) -> str:
-    """The Ditto Protocol merge of ``patch`` into the whole thing (path ``/``), as WebSocket text."""
+    """The Ditto Protocol merge of ``patch`` into the whole thing (path ``/``), as WebSocket text; into an existing
+    thing only (``if-match: *``, as on HTTP)."""
     namespace, _, name = thing_id.partition(":")
-    headers = {"content-type": MERGE_PATCH, "correlation-id": correlation_id}
+    headers = {"content-type": MERGE_PATCH, "correlation-id": correlation_id, "if-match": "*"}
     if condition:
         headers["condition"] = condition
     return json.dumps(

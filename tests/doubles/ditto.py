@@ -1245,6 +1245,9 @@ class DittoDouble:
         headers["Content-Type"] = MERGE_PATCH
         headers["correlation-id"] = command.correlation_id
         condition = command.headers.get("condition")
+        for name in ("if-match", "if-none-match"):  # same semantics as on HTTP (Ditto's protocol specification)
+            if isinstance(command.headers.get(name), str):
+                headers[name] = command.headers[name]
         ctx = _Ctx(
             method="PATCH",
             raw_path=command.http_path(),
