@@ -240,6 +240,12 @@ def newer_than_condition(pending: dict[Position, PositionState]) -> str:
     return all_of(parts)
 
 
+def older_than_filter(since_ms: int) -> str:
+    """RQL for the search: twins with a position whose timestamp is older than ``since_ms`` (text compared, as
+    Ditto compares the twin's strings; our ISO form sorts as time)."""
+    return "or(" + ",".join(f'lt({PROPS_PATH}/ts{SUFFIX[p]},"{iso_ms(since_ms)}")' for p in POSITIONS) + ")"
+
+
 def known_from_thing(thing: dict[str, Any]) -> dict[Position, PositionState]:
     """Read the twin's per-position state back from a thing JSON (as GET returns it)."""
     # Anyone with WRITE on the twin may have edited it into another shape: read what fits, skip the rest.

@@ -258,3 +258,8 @@ def test_a_twins_location_is_read_from_its_attributes_and_what_is_not_text_is_le
     thing = {"attributes": {"site": "s", "room": "hall1", "row": 3, "rack": "hall1-a03"}}
     assert twin.location_of(thing) == RackLocation("s", "hall1", "", "hall1-a03")
     assert twin.location_of({"attributes": []}) == twin.location_of({}) == RackLocation("", "", "", "")
+
+
+def test_the_search_filter_for_silent_twins_names_both_positions_timestamps():
+    assert twin.older_than_filter(0) == ('or(lt(features/environment/properties/tsTop,"1970-01-01T00:00:00.000Z"),'
+                                         'lt(features/environment/properties/tsBottom,"1970-01-01T00:00:00.000Z"))')

@@ -178,12 +178,15 @@ class DittoClient:
             raise DittoError(resp.status_code, resp.text)
         return resp.json()
 
-    def search_page(self, namespace: str, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        """One page of the namespace's twins (id, attributes, environment properties) and the cursor to the next
-        page (None on the last). Ditto sorts by thingId unless told otherwise, which is what the cursor needs."""
+    def search_page(self, namespace: str, rql_filter: str, cursor: str | None = None) -> tuple[list[dict[str, Any]],
+                                                                                            str | None]:
+        """One page of the namespace's twins matching ``rql_filter`` (id, attributes, environment properties) and the
+        cursor to the next page (None on the last), which needs the same filter. Ditto sorts by thingId unless told
+        otherwise."""
         option = f"size({SEARCH_PAGE_SIZE})" + (f",cursor({cursor})" if cursor else "")
         resp = self.request("GET", "/api/2/search/things", params={
-            "namespaces": namespace, "fields": f"thingId,attributes,{twin.PROPS_PATH}", "option": option})
+            "namespaces": namespace, "filter": rql_filter, "fields": f"thingId,attributes,{twin.PROPS_PATH}",
+            "option": option})
         if resp.status_code != 200:
             raise DittoError(resp.status_code, resp.text)
         body = resp.json()
@@ -556,8 +559,10 @@ class DittoUpdater:
         adopted, cursor = 0, None
         try:
             while not self._watch_stop.is_set():
+                if cursor is None:  # only the twins with a position silent by now: Ditto's index does the sifting
+                    rql_filter = twin.older_than_filter(self._silent_since_ms())
                 try:
-                    items, following = client.search_page(self.settings.ditto_namespace, cursor)
+                    items, following = client.search_page(self.settings.ditto_namespace, rql_filter, cursor)
                     adopted += self._adopt(items)
                     if following is None:
                         log.info("%d silent racks' twins found in Ditto at start, to be marked SILENT", adopted)
