@@ -81,6 +81,7 @@ class BootstrapConfig:
     tb_mqtt_host: str = "mosquitto"
     tb_mqtt_port: int = 1883
     mqtt_tb_password: str = ""
+    tb_device_profile: str = "rack-sensor"
     sim_racks: int = 40  # demo: the simulated hall's racks, created as ThingsBoard devices here
     ditto_admin_user: str = "ditto"
     ditto_policy_subjects: dict[str, list[str]] = field(
@@ -133,6 +134,7 @@ def config_from_env(env: Mapping[str, str] | None = None) -> BootstrapConfig:
         tb_mqtt_host=env.get("TB_MQTT_BROKER_HOST") or "mosquitto",
         tb_mqtt_port=int(env.get("TB_MQTT_BROKER_PORT") or 1883),
         mqtt_tb_password=need("MQTT_TB_PASSWORD") if tb_needed else "",
+        tb_device_profile=env.get("TB_DEVICE_PROFILE") or "rack-sensor",
         sim_racks=_positive_int(env, "SIM_RACKS", 40),
     )
 
@@ -376,6 +378,7 @@ def thingsboard_settings(cfg: BootstrapConfig) -> Settings:
         tb_broker_port=cfg.tb_mqtt_port,
         tb_broker_username=MQTT_TB_USER,
         tb_broker_password=cfg.mqtt_tb_password,
+        tb_device_profile=cfg.tb_device_profile,
         sim_racks=cfg.sim_racks,
     )
 

@@ -422,6 +422,11 @@ class Settings(BaseSettings):
             raise ValueError("temp_min_c must be below temp_max_c")
         if self.humidity_min_pct >= self.humidity_max_pct:
             raise ValueError("humidity_min_pct must be below humidity_max_pct")
+        if self.tb_url and self.mapping.device_types and self.tb_device_profile not in self.mapping.device_types:
+            raise ValueError(f"tb_device_profile ({self.tb_device_profile!r}) is not among mapping.device_types "
+                             f"({', '.join(map(repr, self.mapping.device_types))}): the bridge would place that "
+                             "profile's devices from ThingsBoard and then reject every reading they send; name the "
+                             "same profile in both (in the stack TB_DEVICE_PROFILE and BRIDGE_MAPPING)")
         if self.sync_backfill_hours * 3600 > self.max_age_s:
             raise ValueError(f"sync_backfill_hours ({self.sync_backfill_hours:g} h) reaches further back than "
                              f"max_age_s ({self.max_age_s:g} s), whose older readings are rejected: raise max_age_s "

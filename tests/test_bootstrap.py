@@ -183,7 +183,12 @@ def test_config_from_env_names_the_missing_variable():
         config_from_env({**external, "TB_URL": "http://thingsboard:8080"})
     with pytest.raises(BootstrapError, match="TB_MQTT_BROKER_HOST"):
         config_from_env({**external, "TB_MQTT_BROKER_HOST": "mosquitto"})
-    assert config_from_env({**external, "TB_TENANT_PASSWORD": "p", "MQTT_TB_PASSWORD": "m"}).tb_mqtt_host == "192.0.2.10"
+    ready = {**external, "TB_TENANT_PASSWORD": "p", "MQTT_TB_PASSWORD": "m"}
+    assert config_from_env(ready).tb_mqtt_host == "192.0.2.10"
+    # Your devices' profile reaches the installer (rule chain, profile) as the bridge's own setting.
+    from bridge.bootstrap import thingsboard_settings
+    assert thingsboard_settings(config_from_env(ready)).tb_device_profile == "rack-sensor"
+    assert thingsboard_settings(config_from_env({**ready, "TB_DEVICE_PROFILE": "TH"})).tb_device_profile == "TH"
 
 
 # --- ThingsBoard demo password rotation ------------------------------------------------------------------

@@ -66,6 +66,18 @@ def test_variables_of_the_projects_other_tools_do_not_stop_the_bridge(monkeypatc
     load_settings()
 
 
+def test_a_thingsboard_profile_the_mapping_would_reject_stops_start_up(monkeypatch):
+    monkeypatch.setenv("RACKTWIN_MAPPING", '{"device_types": ["rack-sensor"]}')
+    monkeypatch.setenv("RACKTWIN_TB_DEVICE_PROFILE", "TH-sensor")
+    assert load_settings().tb_device_profile == "TH-sensor"  # no ThingsBoard to read devices from: no conflict
+    monkeypatch.setenv("RACKTWIN_TB_URL", "http://tb:8080")
+    with pytest.raises(ConfigError, match=r"tb_device_profile \('TH-sensor'\) is not among mapping.device_types "
+                                          r"\('rack-sensor'\)"):
+        load_settings()
+    monkeypatch.setenv("RACKTWIN_MAPPING", '{"device_types": ["rack-sensor", "TH-sensor"]}')
+    assert load_settings().tb_device_profile == "TH-sensor"
+
+
 def test_bad_value_names_field_and_env(monkeypatch):
     monkeypatch.setenv("RACKTWIN_DITTO_NAMESPACE", "1bad ns")
     with pytest.raises(ConfigError) as info:

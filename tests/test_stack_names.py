@@ -451,6 +451,16 @@ _FILTERS = ["/".join(f) for n in (1, 2, 3) for f in itertools.product(_FILTER_LE
 _TOPICS = ["/".join(t) for n in (1, 2, 3, 4) for t in itertools.product(_TOPIC_LEVELS, repeat=n)]
 
 
+def test_one_device_profile_for_the_installer_the_bridge_and_the_simulator(real):
+    """The rule chain forwards one profile's telemetry, the bridge places that profile's devices and accepts their
+    device type, the simulator creates its devices with it: all from TB_DEVICE_PROFILE."""
+    with container_env(real.env(BOOTSTRAP_SVC)):
+        installer = bootstrap.thingsboard_settings(real.bootstrap).tb_device_profile
+    simulator = bridge_settings(real.env("simulator")).tb_device_profile
+    assert installer == real.bridge.tb_device_profile == simulator == "rack-sensor"
+    assert real.bridge.mapping.device_types == [installer]
+
+
 def test_filter_matching_agrees_with_paho():
     matched = {f: frozenset(t for t in _TOPICS if topic_matches_sub(f, t)) for f in _FILTERS}
     wrong_within = [(i, o) for i in _FILTERS for o in _FILTERS if filter_within(i, o) != (matched[i] <= matched[o])]
