@@ -401,6 +401,29 @@ def test_racks_gone_quiet_before_the_bridge_started_are_marked_silent(bridge_env
         second.stop(timeout=2)
 
 
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_a_twin_deleted_under_a_reporting_rack_comes_back_with_the_shared_policy(bridge_environ, ditto, transport):
+    """Ditto's merge creates a missing thing with a default policy only the writer may read (ditto.md): the bridge's
+    merges are update-only (If-Match: *), so a twin ops deleted is read again and created properly instead, and
+    Grafana still sees it."""
+    from bridge.mapping import RackLocation, SensorReading
+
+    updater, metrics = started_updater(ditto_transport=transport)
+    loc = RackLocation("site1", "room1", "row1", "rack-deleted")
+    try:
+        now = int(time.time() * 1000)
+        updater.submit(SensorReading(loc, "top", "d", now, 22.0, 45.0), None)
+        wait_until(lambda: props(ditto, "dc.test:rack-deleted").get("tempTop") == 22.0, what="twin")
+        del ditto.things["dc.test:rack-deleted"]
+        updater.submit(SensorReading(loc, "top", "d", now + 1000, 23.0, 45.0), None)
+        wait_until(lambda: props(ditto, "dc.test:rack-deleted").get("tempTop") == 23.0, what="twin back")
+        thing = ditto.things["dc.test:rack-deleted"]
+        assert thing["policyId"] == "dc.test:racktwin" and thing["attributes"]["rack"] == "rack-deleted"
+        assert metrics.ditto_updates.labels("created")._value.get() == 2  # once at first, once after the delete
+    finally:
+        updater.stop(timeout=2)
+
+
 def test_two_replicas_writing_one_position_each_never_mark_a_reporting_rack_silent(bridge_environ, ditto):
     """On a shared subscription the top and bottom of one rack may go to different replicas, each with an old view
     of the other position: a write that would say SILENT because of it is conditioned on the twin having nothing
