@@ -174,8 +174,8 @@ def test_influxdb_outage_backpressure_bounded_memory_nothing_lost(bridge_env, mo
         sender.join(60)
         # Backpressure: the broker holds the backlog; the bridge never holds more than its receive maximum, so
         # of the 3,000 messages published during the outage it took in about that many. Debian's Mosquitto 2.0.11
-        # can overrun a client's receive maximum by a few (seen once: 204 of 200; eclipse/mosquitto#2301, quota
-        # fixes in 2.0.13): what is bounded is the window, not the 3,000.
+        # can overrun a client's receive maximum by a few (seen once: 204 of 200; 2.0.13 fixed inflight quota
+        # handling, eclipse/mosquitto#2306): what is bounded is the window, not the 3,000.
         window = 200 + 200 // 20
         assert 0 < peak_in_flight <= window
         assert metric(bridge, "racktwin_messages_received_total") - received_at_start <= window

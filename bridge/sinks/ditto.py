@@ -598,8 +598,8 @@ class DittoUpdater:
                 continue
             thing = _Thing(tid, twin.location_of(item))
             self._take(thing, item)
-            # Read by search, not through the things API: its first write reads it again (a twin deleted
-            # meanwhile is then created with our policy and attributes, the policy ensured).
+            # Read by search, not through the things API: its first write reads it again (the SILENT mark drops a
+            # twin deleted meanwhile; a reading's update creates it with our policy and attributes).
             thing.ensured = False
             try:
                 if not self._silent_now(thing):
