@@ -401,6 +401,43 @@ def test_racks_gone_quiet_before_the_bridge_started_are_marked_silent(bridge_env
         second.stop(timeout=2)
 
 
+def test_the_start_up_search_starts_over_on_an_expired_cursor_and_gives_up_on_a_refusal(bridge_environ, monkeypatch,
+                                                                                        caplog):
+    from bridge.metrics import Metrics
+    from bridge.sinks import ditto as ditto_sink
+    from bridge.sinks.ditto import DittoError
+
+    calls: list[str | None] = []
+    answers: list = []
+
+    class Search:  # stands in for DittoClient: the search answers below, in order
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def search_page(self, namespace, rql_filter, cursor=None):
+            calls.append(cursor)
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ditto_sink, "DittoClient", Search)
+    monkeypatch.setattr(ditto_sink, "ADOPT_RETRY_S", 0.05)
+    monkeypatch.setattr(ditto_sink, "SILENT_AFTER_INTERVALS", 0)  # no wait before the search
+    caplog.set_level(logging.INFO, logger="bridge.sinks.ditto")
+    updater = ditto_sink.DittoUpdater(load_settings(), Metrics())
+    answers[:] = [([], "page-2"), DittoError(400, "cursor invalid"), ([], "page-2"), ([], None)]
+    updater._adopt_existing()
+    assert calls == [None, "page-2", None, "page-2"] and "0 silent racks' twins found" in caplog.text
+    calls.clear()
+    answers[:] = [DittoError(400, "filter invalid")]  # on the first page: waiting cannot fix it
+    updater._adopt_existing()
+    assert calls == [None] and "cannot read the twins already in Ditto (HTTP 400" in caplog.text
+
+
 @pytest.mark.parametrize("transport", ["http", "websocket"])
 def test_a_twin_deleted_under_a_reporting_rack_comes_back_with_the_shared_policy(bridge_environ, ditto, transport):
     """Ditto's merge creates a missing thing with a default policy only the writer may read (ditto.md): the bridge's

@@ -569,16 +569,16 @@ class DittoUpdater:
                         return
                     cursor = following
                     continue
-                except DittoError as exc:
-                    if exc.status == 400 and cursor is not None:  # the cursor expired: from the first page again
+                except (DittoError, requests.RequestException) as exc:
+                    if self._watch_stop.is_set():  # the bridge is stopping: a request cut short says nothing
+                        return
+                    status = exc.status if isinstance(exc, DittoError) else None
+                    if status == 400 and cursor is not None:  # the cursor expired: from the first page again
                         cursor = None
-                    elif not retryable(exc.status):
+                    elif not retryable(status):
                         log.error("cannot read the twins already in Ditto (%s): racks silent since before this "
                                   "start are not marked SILENT", str(exc)[:200])
                         return
-                    log.warning("cannot read the twins already in Ditto yet (%s); trying again in %.0f s",
-                                str(exc)[:200], ADOPT_RETRY_S)
-                except requests.RequestException as exc:
                     log.warning("cannot read the twins already in Ditto yet (%s); trying again in %.0f s",
                                 str(exc)[:200], ADOPT_RETRY_S)
                 self._watch_stop.wait(ADOPT_RETRY_S)
