@@ -527,6 +527,16 @@ class DittoUpdater:
         return thing.envelope != SILENT and twin.rack_state(
             thing.known, self.settings.ashrae_class, self.settings.rh_cap, self._silent_since_ms()) == SILENT
 
+    def _judged_silent(self, thing: _Thing) -> bool:
+        """``_silent_now`` for the sweeps over many twins: one edited into values we cannot judge is logged and
+        counted, and left out, so the others go on."""
+        try:
+            return self._silent_now(thing)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("cannot judge whether %s is silent", thing.tid)
+            self.metrics.internal_errors.inc()
+            return False
+
     def _send_silent(self, client: DittoClient, thing: _Thing) -> tuple[str, bool]:
         """Mark the twin SILENT, on condition that it exists (never create one: ops may have deleted it) and still
         holds no newer readings than we know; else take what it holds now."""
@@ -601,12 +611,7 @@ class DittoUpdater:
             # Read by search, not through the things API: its first write reads it again (the SILENT mark drops a
             # twin deleted meanwhile; a reading's update creates it with our policy and attributes).
             thing.ensured = False
-            try:
-                if not self._silent_now(thing):
-                    continue
-            except Exception:  # noqa: BLE001 - a twin edited into values we cannot judge: the others go on
-                log.exception("cannot judge whether %s is silent", tid)
-                self.metrics.internal_errors.inc()
+            if not self._judged_silent(thing):
                 continue
             with self._cond:
                 if self._things.setdefault(tid, thing) is thing:
@@ -624,13 +629,7 @@ class DittoUpdater:
                 # Not scheduled: no worker has the thing, so its known state is not being replaced.
                 if thing.scheduled or not thing.known or not any(s.ts_ms < since for s in thing.known.values()):
                     continue
-                try:
-                    silent = self._silent_now(thing)
-                except Exception:  # noqa: BLE001 - a twin edited into values we cannot judge: the others go on
-                    log.exception("cannot judge whether %s is silent", thing.tid)
-                    self.metrics.internal_errors.inc()
-                    continue
-                if silent:
+                if self._judged_silent(thing):
                     thing.recheck = thing.scheduled = True
                     self._ready.append(thing.tid)
                     scheduled += 1
