@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from bridge.thresholds import (ALLOWABLE_CLASSES, ALLOWABLE_DEW_POINT_MIN_C, ALLOWABLE_RH_MIN_PCT,  # noqa: F401
                                DEFAULT_CLASS, DEFAULT_RH_CAP, FORECAST_HORIZON_MIN, RECOMMENDED_DEW_POINT_C,
-                               RECOMMENDED_TEMP_C, RH_CAPS, check_class, check_rh_cap)
+                               RECOMMENDED_TEMP_C, RH_CAPS, SILENT_AFTER_INTERVALS, check_class, check_rh_cap)
 
 # ASHRAE "5/20": 20 °C per hour for IT equipment (5 °C/h for tape). Measured as max − min inlet temperature
 # over a window; 15 min at 20 °C/h gives 5 °C, which is also the (unverified) "5 °C in any 15 minutes" note.
@@ -90,7 +90,8 @@ class Thresholds:
 
     @property
     def silent_after_s(self) -> int:
-        return 3 * self.reading_interval_s
+        """No reading for this long: the sensor is silent (the alert rule, the wall's count, the bridge's tiles)."""
+        return SILENT_AFTER_INTERVALS * self.reading_interval_s
 
     @property
     def stuck_window_s(self) -> int:
