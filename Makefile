@@ -6,9 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
-APT_PACKAGES := mosquitto influxdb nginx fonts-inter chromium
+APT_PACKAGES := mosquitto influxdb nginx fonts-inter chromium nodejs npm
 
-.PHONY: help venv test deps-system contracts readme
+.PHONY: help venv test deps-system contracts readme grafana-js
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,13 +21,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create the virtualenv with the project and its test dependencies
 
-deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font, Chromium (and Python's venv if missing) for the tests (apt on Debian/Ubuntu)
+deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font, Chromium, Node.js and npm (and Python's venv if missing) for the tests (apt on Debian/Ubuntu)
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	[ -e /usr/share/fonts/opentype/inter/Inter-Regular.otf ] || missing="$$missing fonts-inter"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	[ -e $(VENV)/.installed ] || $(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
@@ -41,12 +43,20 @@ deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font, Chromium (an
 	      && echo "(their system services are stopped and disabled: the tests start their own, and make up needs ports 1883 and 8086)"; \
 	  else \
 	    echo "The tests need these programs:$$missing (Debian package names: $(APT_PACKAGES) python3-venv)."; \
-	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd), nginx, the Inter font (Inter-Regular.otf, Inter-Medium.otf in /usr/share/fonts/opentype/inter), Chromium and Python's venv module with your package manager, then re-run make test."; \
+	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd), nginx, the Inter font (Inter-Regular.otf, Inter-Medium.otf in /usr/share/fonts/opentype/inter), Chromium, Node.js 18+ with npm and Python's venv module with your package manager, then re-run make test."; \
 	    exit 1; \
 	  fi; \
 	fi
 
-test: deps-system venv contracts ## run the whole test suite (sets itself up from a fresh clone)
+GRAFANA_JS := tests/grafana_js
+
+$(GRAFANA_JS)/node_modules/.installed: $(GRAFANA_JS)/package.json $(GRAFANA_JS)/package-lock.json
+	cd $(GRAFANA_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+grafana-js: $(GRAFANA_JS)/node_modules/.installed ## install Grafana 13.2.2's frontend packages (npm) that the tests run panels through
+
+test: deps-system venv contracts grafana-js ## run the whole test suite (sets itself up from a fresh clone)
 	$(VENV)/bin/pytest -q
 
 readme: venv ## regenerate README's configuration reference from the settings model

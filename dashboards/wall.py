@@ -20,7 +20,7 @@ from .thresholds import COLORS, ENVELOPE_COLORS, STUCK_MIN_READINGS, Thresholds
 # Newest forecasts only: three 30 s publish intervals, the range the forecast alert rule looks at too.
 FORECAST_RANGE = f"{FORECAST_ALERT_QUERY_RANGE_S}s"
 HEADING_ROWS = 6  # rows of about 36 px (cell height sm) under the header fit 9 grid rows with room to spare
-RACK_LINK = RACK_PATH + "?var-rack=${__data.fields.rack:percentencode}&${__url_time_range}"  # names may hold & # +
+RACK_LINK = RACK_PATH + "?var-rack=${__data.fields.rack:percentencode}&${__url_time_range}"  # Grafana undoes it for & # + (README)
 
 
 def num(value: float) -> str:
@@ -118,10 +118,13 @@ TILE_COLUMNS = [
 ]
 # Title: rack, ▲top/▼bottom °C and RH top/bottom; the tile value is the rack's envelope state (worst of
 # temperature, humidity and dew point over both positions, computed by the bridge), coloured by band.
-# ${__cell_N} is column N's raw value as text (fieldDisplay.ts: toString(value)): no unit or decimals apply, the
-# twin's values show as stored. The title is the envelope field's display name, set by an override on that field
-# alone: the stat panel picks its fields by a regex on display names, so a title in the defaults would rename every
-# field and the regex would match none ("no twin" for the whole hall).
+# Grafana 13 turns ${__cell_N} into ${__data.fields[N]}: column N's display text (its field config applies; with
+# unit "none" and no decimals set, the twin's tenths show as stored, 24.0 as "24"; a missing value as
+# MISSING_CELL). tests/test_grafana_frontend.py runs this through Grafana's own code. The title is the envelope
+# field's display name, set by an override on that field alone: the stat panel picks its fields by a regex on
+# display names, so a title in the defaults would rename every field and the regex would match none ("no twin"
+# for the whole hall).
+MISSING_CELL = "–"
 TILE_TITLE = "${__cell_0}  ▲${__cell_3}° ▼${__cell_4}°  ${__cell_5}/${__cell_6}\u00a0%RH"  # no break before %RH
 # The envelope field's display name is that template, uninterpolated (the cells are filled per tile, later); its own
 # name too, should a Grafana ever match on that.
@@ -257,7 +260,11 @@ def build(t: Thresholds, site: Site = Site()) -> dict:
                                        "limit": TILE_LIMIT},
                      "textMode": "value_and_name", "text": TILE_TEXT},
             overrides=[{"matcher": {"id": "byName", "options": "envelope"},
-                        "properties": [{"id": "displayName", "value": TILE_TITLE}]}],
+                        "properties": [{"id": "displayName", "value": TILE_TITLE}]},
+                       # A title's cells are those fields' display texts: a position that never reported would
+                       # read "▲no twin°" with the panel's own noValue.
+                       {"matcher": {"id": "byType", "options": "number"},
+                        "properties": [{"id": "noValue", "value": MISSING_CELL}]}],
             links=[data_link("Rack detail", RACK_LINK)],
             description="One tile per rack from Ditto's current twin state (one search request): title = rack, "
                         "top/bottom °C, top/bottom RH; value and colour = the worst ASHRAE band of temperature, "

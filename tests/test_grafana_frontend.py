@@ -1,0 +1,159 @@
+"""The wall's rack tiles as Grafana 13.2.2's own frontend code makes them: the Infinity search's answer from the
+Ditto double (holding what the bridge wrote) goes through @grafana/data's field config and stat-panel display
+values and @grafana/scenes' variable interpolation (tests/grafana_js/panel_values.cjs, run by Node.js), and the
+tests check what each tile would say: its title, state word, colour and rack-detail link.
+
+Not covered: the stat panel's React rendering (sizes, layout: tests/test_wall_layout.py models those) and the
+Infinity plugin's parsing of the answer into a frame, which is Go and is modelled here (``infinity_frame``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.parse
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import requests
+
+from dashboards.common import RACK_PATH
+from dashboards.thresholds import COLORS, ENVELOPE_COLORS
+from dashboards.wall import MISSING_CELL
+from tests.conftest import DITTO_USERS
+from tests.dashboard_data import DASHBOARDS, DATASOURCES, RACKS, feed_through_bridge
+from tests.grafana_sim import gjson_get, interpolate, parse_duration_ms, variables_for
+
+GRAFANA_JS = Path(__file__).resolve().parent / "grafana_js"
+WALL = next(d for d in DASHBOARDS.values() if d["uid"] == "racktwin-wall")
+TILES = next(p for p in WALL["panels"] if p["title"].startswith("Racks (current twin state)"))
+WALL_TIME = {"from": "now-6h", "to": "now"}
+NUMBER = r"-?\d+(?:\.\d+)?"
+TITLE = re.compile(rf"(?P<rack>.+)  ▲(?P<tempTop>{NUMBER}|{MISSING_CELL})° ▼(?P<tempBottom>{NUMBER}|{MISSING_CELL})°  "
+                   rf"(?P<humidityTop>{NUMBER}|{MISSING_CELL})/(?P<humidityBottom>{NUMBER}|{MISSING_CELL})\u00a0%RH")
+
+
+def grafana_values(panel: dict, frames: list[dict], variables: dict[str, str], time_range: dict) -> dict:
+    """Display values of ``panel`` for ``frames``, computed by Grafana's packages (see panel_values.cjs)."""
+    if not (GRAFANA_JS / "node_modules" / "@grafana" / "data").is_dir():
+        pytest.fail("Grafana's frontend packages are not installed: run `make grafana-js` (make test does)")
+    request = {"panel": panel, "frames": frames, "variables": variables, "time": time_range,
+               "colors": sorted(set(COLORS.values()))}
+    proc = subprocess.run(["node", str(GRAFANA_JS / "panel_values.cjs")], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _epoch_ms(text: str) -> int:
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def infinity_frame(target: dict, rows: list[dict]) -> dict:
+    """The Infinity backend parser's table frame: one field per column, in column order, named by its text;
+    gjson selectors per row, a missing value null, timestamps as epoch ms."""
+    kinds = {"string": "string", "number": "number", "timestamp": "time"}
+    fields = []
+    for col in target["columns"]:
+        values = []
+        for row in rows:
+            found, value = gjson_get(row, col["selector"])
+            if found and col["type"] == "timestamp":
+                value = _epoch_ms(value)
+            values.append(value if found else None)
+        fields.append({"name": col["text"], "type": kinds[col["type"]], "values": values})
+    return {"fields": fields}
+
+
+def _same_color(grafana: str, expected: str) -> bool:
+    def transparent(c: str) -> bool:
+        return c.replace(" ", "").lower() in ("transparent", "#00000000", "rgba(0,0,0,0)")
+    return transparent(grafana) and transparent(expected) or grafana.lower() == expected.lower()
+
+
+def _rack_of(href: str) -> tuple[str, dict[str, list[str]]]:
+    parts = urllib.parse.urlsplit(href)
+    return parts.path, urllib.parse.parse_qs(parts.query)
+
+
+@pytest.fixture
+def fed(bridge_env, monkeypatch, mosquitto, influxd, influx_db, ditto):
+    return feed_through_bridge(bridge_env, monkeypatch, mosquitto, influxd, influx_db, ditto,
+                               stats_bucket_ms=parse_duration_ms(DATASOURCES["influxdb"]["jsonData"]["timeInterval"]))
+
+
+def test_each_twin_gets_one_tile_saying_its_state_in_its_colour_with_its_values_and_link(fed, ditto):
+    target = TILES["targets"][0]
+    variables = variables_for(WALL, {"room": [], "row": []}, fed.namespace,
+                              {"room": ["hall-1", "hall-2"], "row": ["A", "B"]})
+    params = {p["key"]: interpolate(p["value"], variables, default_format="raw") for p in target["url_options"]["params"]}
+    url = interpolate(target["url"], variables, default_format="raw").removeprefix(DATASOURCES["ditto"]["url"])
+    resp = requests.get(ditto.url + url, params=params, auth=("grafana", DITTO_USERS["grafana"]), timeout=10)
+    assert resp.status_code == 200, resp.text[:300]
+    rows = resp.json()[target["root_selector"]]
+    assert {r["attributes"]["rack"] for r in rows} == set(RACKS)
+
+    out = grafana_values(TILES, [infinity_frame(target, rows)], {"namespace": fed.namespace}, WALL_TIME)
+    tiles = out["values"]
+    # One value per twin: the envelope field alone is picked, row by row, in the search's order.
+    assert len(tiles) == len(rows)
+    states = set()
+    for row, tile in zip(rows, tiles):
+        rack, env = row["attributes"]["rack"], row["features"]["environment"]["properties"]
+        states.add(env["envelope"])
+        assert tile["text"] == env["envelope"], (rack, tile)
+        expected = out["colors"][COLORS[ENVELOPE_COLORS[env["envelope"]]]]
+        assert _same_color(tile["color"], expected), (rack, env["envelope"], tile["color"], expected)
+        title = TITLE.fullmatch(tile["title"])
+        assert title, tile["title"]
+        assert title["rack"] == rack
+        for name in ("tempTop", "tempBottom", "humidityTop", "humidityBottom"):
+            assert float(title[name]) == pytest.approx(env[name], abs=1e-9), (rack, name, tile["title"])
+        [link] = tile["links"]
+        path, query = _rack_of(link["href"])
+        assert path == RACK_PATH and query["var-rack"] == [rack], link
+        assert query["from"] == [WALL_TIME["from"]] and query["to"] == [WALL_TIME["to"]], link
+    # The crafted hall covers every colour family the wall uses.
+    assert {"OK", "WARM", "HOT", "VERY HUMID", "COLD"} <= states, states
+
+
+def _tile_frame(rows: list[dict]) -> dict:
+    target = TILES["targets"][0]
+    twins = [{"attributes": {"rack": r["rack"], "room": "hall-1", "row": "A"},
+              "features": {"environment": {"properties": {k: v for k, v in r.items() if k != "rack"}}}} for r in rows]
+    return infinity_frame(target, twins)
+
+
+def test_a_position_that_never_reported_shows_a_dash_not_the_panels_no_twin():
+    frame = _tile_frame([{"rack": "rack-new", "tempBottom": 21.5, "humidityBottom": 45.0, "envelope": "SILENT",
+                          "tsBottom": "2026-12-02T06:00:00.000Z"}])
+    [tile] = grafana_values(TILES, [frame], {"namespace": "racktwin"}, WALL_TIME)["values"]
+    assert tile["title"] == f"rack-new  ▲{MISSING_CELL}° ▼21.5°  {MISSING_CELL}/45\u00a0%RH", tile
+    assert tile["text"] == "SILENT" and _same_color(tile["color"], "transparent")
+
+
+def test_an_empty_search_says_no_twin():
+    [tile] = grafana_values(TILES, [_tile_frame([])], {"namespace": "racktwin"}, WALL_TIME)["values"]
+    assert tile["text"] == "no twin" and not tile.get("links")
+
+
+# Grafana passes every data link through textUtil.sanitizeUrl (@braintree/sanitize-url 7.1, which decodes the
+# percent-encoding; grafana/grafana #93072): a rack name's & # + reach the browser unencoded.
+SAFE_NAMES = ["rack-a01", "Rack_A.01", "rack a01", "Gang-Ü-01"]
+BROKEN_NAMES = {"r&d-01": "r", "rack#1": "rack", "a+b": "a b"}
+
+
+def test_rack_links_survive_grafanas_link_sanitizer_for_plain_names_and_break_on_and_hash_plus():
+    names = SAFE_NAMES + list(BROKEN_NAMES)
+    frame = _tile_frame([{"rack": n, "tempTop": 24.0, "tempBottom": 21.0, "humidityTop": 40.0,
+                          "humidityBottom": 45.0, "envelope": "OK"} for n in names])
+    tiles = grafana_values(TILES, [frame], {"namespace": "racktwin"}, WALL_TIME)["values"]
+    got = {}
+    for name, tile in zip(names, tiles):
+        [link] = tile["links"]
+        # What the browser makes of the href: it percent-encodes spaces and non-ASCII, and a # ends the query.
+        href = urllib.parse.quote(link["href"], safe="/?&=#%+:")
+        got[name] = _rack_of(href.split("#")[0])[1].get("var-rack", [""])[0]
+    assert {n: got[n] for n in SAFE_NAMES} == {n: n for n in SAFE_NAMES}
+    assert {n: got[n] for n in BROKEN_NAMES} == BROKEN_NAMES
