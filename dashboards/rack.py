@@ -80,10 +80,15 @@ DASHED = {"matcher": {"id": "byRegexp", "options": "/projected/"}, "properties":
     {"id": "custom.spanNulls", "value": 90_000}]}  # ms: bridge the 30 s publish grid, not a held-back forecast
 
 
+# A link's ${__data.fields.x} is field x's display text, formatted with the panel's unit: a device id under the last-
+# seen stats' dateTimeFromNow read "NaN". Text fields keep their text.
+TEXT_AS_IS = {"matcher": {"id": "byType", "options": "string"}, "properties": [{"id": "unit", "value": "string"}]}
+
+
 def twin_stat(title: str, pos, field: str, defaults: dict, links: list | None = None):
     # values=True: the twin's one row as it is, so data links can use its other fields (${__data.fields.x}).
     return stat(title, pos, [infinity_target(TWIN_PATH, TWIN_PARAMS, TWIN_COLUMNS)],
-                defaults, datasource=DITTO, links=links,
+                defaults, datasource=DITTO, links=links, overrides=[TEXT_AS_IS] if links else [],
                 options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{field}$/", "values": True},
                          "textMode": "value"})
 

@@ -3,14 +3,16 @@ Ditto double (holding what the bridge wrote) goes through @grafana/data's field 
 values and @grafana/scenes' variable interpolation (tests/grafana_js/panel_values.cjs, run by Node.js), and the
 tests check what each tile would say: its title, state word, colour and rack-detail link.
 
-Not covered: the stat panel's React rendering (sizes, layout: tests/test_wall_layout.py models those) and the
-Infinity plugin's parsing of the answer into a frame, which is Go and is modelled here (``infinity_frame``)."""
+Not covered: the panels' React rendering (sizes, layout: tests/test_wall_layout.py models those), and the parsing
+of an answer into frames by the Infinity plugin and Grafana's InfluxQL backend, which is Go and is modelled here
+(``infinity_frame``, ``influxql_table_frame``)."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import time
 import urllib.parse
 from datetime import datetime
 from pathlib import Path
@@ -19,11 +21,25 @@ import pytest
 import requests
 
 from dashboards.common import RACK_PATH
-from dashboards.thresholds import COLORS, ENVELOPE_COLORS
-from dashboards.wall import MISSING_CELL
+from dashboards.thresholds import COLORS, ENVELOPE_COLORS, Thresholds
+from dashboards.wall import HEADING_ROWS, MISSING_CELL, forecast_columns
 from tests.conftest import DITTO_USERS
-from tests.dashboard_data import DASHBOARDS, DATASOURCES, RACKS, feed_through_bridge
-from tests.grafana_sim import gjson_get, interpolate, parse_duration_ms, variables_for
+from tests.dashboard_data import (
+    DASHBOARDS,
+    DATASOURCES,
+    DS_MIN_INTERVAL,
+    RACKS,
+    RISING_FAST,
+    RISING_SLOW,
+    feed_through_bridge,
+)
+from tests.grafana_sim import (
+    gjson_get,
+    interpolate,
+    parse_duration_ms,
+    target_query,
+    variables_for,
+)
 
 GRAFANA_JS = Path(__file__).resolve().parent / "grafana_js"
 WALL = next(d for d in DASHBOARDS.values() if d["uid"] == "racktwin-wall")
@@ -157,3 +173,99 @@ def test_rack_links_survive_grafanas_link_sanitizer_for_plain_names_and_break_on
         got[name] = _rack_of(href.split("#")[0])[1].get("var-rack", [""])[0]
     assert {n: got[n] for n in SAFE_NAMES} == {n: n for n in SAFE_NAMES}
     assert {n: got[n] for n in BROKEN_NAMES} == BROKEN_NAMES
+
+
+RACK = next(d for d in DASHBOARDS.values() if d["uid"] == "racktwin-rack")
+TWIN_STATS = [p for p in RACK["panels"] if p["type"] == "stat" and p["targets"][0]["datasource"]["uid"] == "ditto"]
+RACK_VARIABLES = {v["name"]: v["query"] for v in RACK["templating"]["list"] if v["type"] == "constant"}
+UNIT_SUFFIX = {"celsius": "°C", "percent": "%"}
+
+
+def test_the_rack_details_twin_stats_show_the_twins_values_and_link_to_the_sensors(fed, ditto):
+    rack = "rack-a02"
+    target = TWIN_STATS[0]["targets"][0]
+    assert all(p["targets"][0] == target for p in TWIN_STATS)  # one request shape, one row: the twin
+    variables = variables_for(RACK, {"rack": [rack]}, fed.namespace, {})
+    url = interpolate(target["url"], variables, default_format="raw").removeprefix(DATASOURCES["ditto"]["url"])
+    params = {p["key"]: interpolate(p["value"], variables, default_format="raw") for p in target["url_options"]["params"]}
+    resp = requests.get(ditto.url + url, params=params, auth=("grafana", DITTO_USERS["grafana"]), timeout=10)
+    assert resp.status_code == 200, resp.text[:300]
+    twin = resp.json()
+    env = twin["features"]["environment"]["properties"]
+    frame = infinity_frame(target, [twin])
+    names = dict(RACK_VARIABLES, namespace=fed.namespace, rack=rack)
+    checked = 0
+    for panel in TWIN_STATS:
+        field = panel["options"]["reduceOptions"]["fields"].strip("/^$")
+        [value] = grafana_values(panel, [frame], names, RACK["time"])["values"]
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        if unit == "dateTimeFromNow":  # last seen: relative to now, and a link to the sensor's device
+            assert value["text"].endswith("ago"), (panel["title"], value)
+            [link] = value["links"]
+            # The live bridge does not know ThingsBoard's device ids (racktwin sync writes them): the device list.
+            assert link["href"] == RACK_VARIABLES["thingsboard"] + "/entities/devices/", link
+        else:
+            assert float(value["text"]) == pytest.approx(env[field], abs=0.05), (panel["title"], value)
+            assert value["suffix"].strip() == UNIT_SUFFIX.get(unit, "°C"), (panel["title"], value)
+        checked += 1
+    assert checked == len(TWIN_STATS) == 9
+
+
+def test_last_seen_links_open_the_sensors_device_once_sync_wrote_its_id():
+    target = TWIN_STATS[0]["targets"][0]
+    twin = {"attributes": {"rack": "rack-a01", "tbDeviceIds": {"top": "9f1c-top", "bottom": "9f1c-bottom"}},
+            "features": {"environment": {"properties": {"tsTop": "2026-12-02T06:00:00.000Z",
+                                                        "tsBottom": "2026-12-02T06:00:00.000Z"}}}}
+    hrefs = {}
+    for panel in TWIN_STATS:
+        if panel["fieldConfig"]["defaults"]["unit"] == "dateTimeFromNow":
+            [value] = grafana_values(panel, [infinity_frame(target, [twin])], RACK_VARIABLES, RACK["time"])["values"]
+            hrefs[panel["title"]] = [link["href"] for link in value["links"]]
+    base = RACK_VARIABLES["thingsboard"] + "/entities/devices/"
+    assert hrefs == {"Top last seen": [base + "9f1c-top"], "Bottom last seen": [base + "9f1c-bottom"]}
+
+
+def influxql_table_frame(body: dict) -> list[dict]:
+    """Grafana's InfluxQL backend for a table-format query (pkg/tsdb/influxdb/influxql/buffered/response_parser.go,
+    transformRowsForTable): one frame for all series: Time, the first series' tag keys (Go map order, here sorted),
+    then the value columns, a row per series value."""
+    series = [s for r in body.get("results", []) for s in (r.get("series") or [])]
+    if not series:
+        return []
+    tags = sorted(series[0].get("tags") or {})
+    columns = series[0]["columns"]
+    rows = [(s.get("tags") or {}, v) for s in series for v in s["values"]]
+    fields = [{"name": "Time", "type": "time", "values": [v[0] for _, v in rows]}]
+    fields += [{"name": k, "type": "string", "values": [t.get(k) for t, _ in rows]} for k in tags]
+    fields += [{"name": c, "type": "number", "values": [v[i] for _, v in rows]} for i, c in enumerate(columns) if i]
+    return [{"fields": fields}]
+
+
+def test_the_heading_for_trouble_table_lists_the_forecast_racks_soonest_first_with_their_links(fed, influxd,
+                                                                                           influx_db):
+    panel = next(p for p in WALL["panels"] if p["title"] == "Heading for trouble")
+    [target] = panel["targets"]
+    now_ms = int(time.time() * 1000)
+    variables = variables_for(WALL, {"room": [], "row": []}, fed.namespace,
+                              {"room": ["hall-1", "hall-2"], "row": ["A", "B"]})
+    resp = requests.post(influxd.url + "/query", params={
+        "q": target_query(WALL, panel, target, variables, now_ms, DS_MIN_INTERVAL), "db": influx_db,
+        "epoch": "ms"}, timeout=30)
+    resp.raise_for_status()
+    frames = influxql_table_frame(resp.json())
+    assert frames, resp.text[:300]
+    out = grafana_values(panel, frames, {"namespace": fed.namespace}, WALL_TIME)
+    fields = {f["displayName"]: f for f in out["fields"]}
+    rec, trend, level, allowable = forecast_columns(Thresholds()).values()
+    # organize: the columns in the panel's order, Time and room hidden
+    assert [f["displayName"] for f in out["fields"]] == ["rack", "position", rec, trend, level, allowable, "row"]
+    # sortBy then limit: the rack positions heading for the limit, soonest first
+    listed = list(zip(fields["rack"]["texts"], fields["position"]["texts"]))
+    assert listed == [RISING_FAST, RISING_SLOW] and len(listed) <= HEADING_ROWS, listed
+    # Grafana's "m" unit: about 26 minutes, and 2 h 10 min with no decimals as "2 hours"
+    assert re.fullmatch(r"2[0-9] min", fields[rec]["texts"][0]) and fields[rec]["texts"][1] == "2 hours", \
+        fields[rec]["texts"]
+    for rack, links in zip(fields["rack"]["texts"], fields["rack"]["links"]):
+        [href] = links
+        path, query = _rack_of(href)
+        assert path == RACK_PATH and query["var-rack"] == [rack], href

@@ -3,9 +3,11 @@
 // @grafana/scenes for the dashboard's variable interpolation) rather than by our Python model of them.
 //
 // stdin: {"panel": <panel JSON>, "frames": [{"fields": [{"name", "type", "values"}]}],
-//         "variables": {"name": "value"}, "time": {"from": "now-6h", "to": "now"}}
-// stdout: {"values": [{"title", "text", "prefix", "suffix", "color", "links": [{"title", "href"}]}],
-//          "colors": {"<name>": "<the dark theme's colour>"}}
+//         "variables": {"name": "value"}, "time": {"from": "now-6h", "to": "now"}, "colors": ["<name>"]}
+// stdout for a stat panel: {"values": [{"title", "text", "prefix", "suffix", "color", "links": [{"title", "href"}]}],
+//                           "colors": {"<name>": "<the dark theme's colour>"}}
+// for a table: {"fields": [{"name", "displayName", "texts": [...], "links": [[href, ...] per row]}], "colors"}
+// after the panel's transformations.
 'use strict';
 
 // The packages are built for a browser: they load with a DOM (jsdom) and without their stylesheets.
@@ -50,8 +52,14 @@ const STANDARD_OPTIONS = [
   { id: 'thresholds', process: data.thresholdsOverrideProcessor, settings: {}, shouldApply: always },
 ].map((item) => ({ ...item, path: item.id, name: item.id }));
 data.standardFieldConfigEditorRegistry.setInit(() => STANDARD_OPTIONS);
+// The transformations: Grafana's own, registered as the app does (its registry adds only editors; some
+// transformers are exported under two names).
+const transformers = new Map(Object.values(data.standardTransformers).map((t) => [t.id, t]));
+data.standardTransformersRegistry.setInit(() => [...transformers.values()].map((transformer) => ({
+  id: transformer.id, name: transformer.name, description: transformer.description, transformation: () => transformer,
+})));
 
-function run(input) {
+async function run(input) {
   const { panel } = input;
   const theme = data.createTheme({ colors: { mode: 'dark' } });
   const scene = new scenes.EmbeddedScene({
@@ -63,7 +71,11 @@ function run(input) {
   });
   // VizPanel.interpolate: the dashboard's variables, the panel's scoped ones and Grafana's macros (__data, ...).
   const interpolate = (value, scopedVars, format) => scenes.sceneGraph.interpolate(scene, value, scopedVars, format);
-  const frames = input.frames.map((frame) => data.toDataFrame({ refId: 'A', ...frame }));
+  let frames = input.frames.map((frame) => data.toDataFrame({ refId: 'A', ...frame }));
+  if (panel.transformations && panel.transformations.length) {  // SceneDataTransformer
+    const { lastValueFrom } = require('rxjs');
+    frames = await lastValueFrom(data.transformDataFrame(panel.transformations, frames, { interpolate }));
+  }
   const series = data.applyFieldOverrides({
     data: frames,
     fieldConfig: panel.fieldConfig,
@@ -72,6 +84,23 @@ function run(input) {
     theme,
     timeZone: 'browser',
   });
+  const colors = {};
+  for (const name of input.colors || []) {
+    colors[name] = theme.visualization.getColorByName(name);
+  }
+  if (panel.type === 'table') {
+    const [frame] = series;
+    return {
+      fields: (frame ? frame.fields : []).map((field) => ({
+        name: field.name,
+        displayName: data.getFieldDisplayName(field, frame, series),
+        texts: field.values.map((v) => data.formattedValueToString(field.display(v))),
+        links: field.values.map((_, i) => (field.getLinks ? field.getLinks({ valueRowIndex: i }) : [])
+          .map((link) => link.href)),
+      })),
+      colors,
+    };
+  }
   // StatPanel.getValues
   const values = data.getFieldDisplayValues({
     fieldConfig: panel.fieldConfig,
@@ -82,10 +111,6 @@ function run(input) {
     sparkline: false,
     timeZone: 'browser',
   });
-  const colors = {};
-  for (const name of input.colors || []) {
-    colors[name] = theme.visualization.getColorByName(name);
-  }
   return {
     values: values.map((value) => ({
       title: value.display.title ?? null,
@@ -106,8 +131,8 @@ if (require.main !== module) {
 let text = '';
 process.stdin.setEncoding('utf8');
 process.stdin.on('data', (chunk) => { text += chunk; });
-process.stdin.on('end', () => {
-  const out = run(JSON.parse(text));
+process.stdin.on('end', async () => {
+  const out = await run(JSON.parse(text));
   process.stdout.write(JSON.stringify(out));
   process.exit(0); // the packages leave timers behind
 });
