@@ -339,3 +339,10 @@ def test_sigterm_while_waiting_for_the_first_sync_stops_the_bridge_at_once(bridg
     finally:
         bridge.kill()
 
+
+def test_a_thingsboard_that_does_not_answer_fails_the_sync_with_its_own_error(bridge_environ, monkeypatch):
+    """The worker logs what run_sync raised: it must be the connection's error, not one of run_sync's own."""
+    monkeypatch.delenv("RACKTWIN_CONFIG", raising=False)
+    settings = load_settings(tb_url=unreachable_tb_url(), tb_username="t", tb_password="p")
+    with pytest.raises(requests.ConnectionError):
+        run_sync(settings)
