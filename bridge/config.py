@@ -358,6 +358,11 @@ class Settings(BaseSettings):
     sync_interval_s: float = Field(
         300.0, ge=0, description="The bridge re-syncs ThingsBoard devices this often, so new devices appear (0 = only at start)."
     )
+    sync_first_wait_s: float = Field(
+        60.0, ge=0, le=3600,
+        description="At start the bridge consumes MQTT only after the first sync placed the racks, waiting at most "
+        "this long; then it consumes anyway, placing by the mapping until a sync succeeds (0 = do not wait).",
+    )
     sync_backfill_hours: float = Field(
         0.0, ge=0, le=24 * 30, description="Sync copies this many hours of ThingsBoard history into InfluxDB (0 = none)."
     )

@@ -29,6 +29,14 @@ class Bridge:
         hooks = [self.forecast.observe] if self.forecast is not None else []
         self.pipeline = Pipeline(settings, self.influx, self.ditto, self.metrics, hooks=hooks)
         self.source = MqttSource(settings, self.metrics, self.pipeline.handle)
+        self._stopped = threading.Event()
+        # With a ThingsBoard, consuming waits for the first sync (bounded by sync_first_wait_s): readings taken in
+        # before it would be placed at the default site/room/row, ghost racks in InfluxDB and flipped twins.
+        self._first_sync = threading.Event()
+        self._stop_waiting = threading.Event()  # the first sync came, or the bridge is stopping
+        self._source_lock = threading.Lock()  # stop() must not run while the source is being started
+        self._consuming = threading.Event()
+        self._starter: threading.Thread | None = None
         self.sync = self._sync_worker(settings)
         self.ops = OpsServer(settings.http_host, settings.http_port, self.metrics.registry, self.readiness,
                              sync_now=self.sync.trigger if self.sync is not None else None)
@@ -39,7 +47,6 @@ class Bridge:
             lambda lines: self.influx.submit(lines, None, kind="stats"),
             lambda: all(self.readiness().values()),
         )
-        self._stopped = threading.Event()
 
     def _forecast(self, settings: Settings):  # noqa: ANN202
         """Trend per rack and position, published to InfluxDB (rack_forecast) and the twins' forecast feature."""
@@ -71,15 +78,21 @@ class Bridge:
             self.pipeline.mapper.replace_mapping(merged_mapping(configured, result.racks))
             self.pipeline.mapper.replace_placements(placement_index(result.placements))
             log.info("ThingsBoard sync: %d devices, %d racks placed", result.devices, len(result.racks))
+            self._first_sync.set()
+            self._stop_waiting.set()
 
         return SyncWorker(settings, learnt)
 
     def readiness(self) -> dict[str, bool]:
-        return {
+        checks = {
             "mqtt": self.source.connected.is_set(),
             "influxdb": self.influx.healthy,
             "ditto": self.ditto.healthy and self.ditto.policy_ready,
         }
+        if self.sync is not None:
+            # False while consuming waits for the first ThingsBoard sync; true once it came or the wait ran out.
+            checks["thingsboard_first_sync"] = self._consuming.is_set()
+        return checks
 
     def start(self) -> None:
         self.ops.start()
@@ -89,9 +102,41 @@ class Bridge:
         self.stats.start()
         if self.forecast_publisher is not None:
             self.forecast_publisher.start()
-        if self.sync is not None:
-            self.sync.start()
-        self.source.start()
+        if self.sync is None:
+            self._start_source()
+            return
+        self.sync.start()
+        wait = self.settings.sync_first_wait_s
+        if wait <= 0:
+            self._start_source()
+            return
+        log.info("waiting for the first ThingsBoard sync (up to %.0f s) before consuming MQTT", wait)
+        # On a thread of its own, so start() returns and SIGTERM during the wait stops the bridge at once.
+        self._starter = threading.Thread(target=self._consume_after_first_sync, args=(wait,),
+                                         name="await-first-sync", daemon=True)
+        self._starter.start()
+
+    def _consume_after_first_sync(self, wait: float) -> None:
+        began = time.monotonic()
+        self._stop_waiting.wait(wait)
+        if self._stopped.is_set():
+            return
+        if self._first_sync.is_set():
+            log.info("first ThingsBoard sync done after %.1f s; consuming MQTT", time.monotonic() - began)
+        else:
+            m = self.settings.mapping
+            log.warning("no ThingsBoard sync within %.0f s (RACKTWIN_SYNC_FIRST_WAIT_S): consuming MQTT anyway; "
+                        "until a sync succeeds, readings of racks placed by ThingsBoard attributes get the default "
+                        "site/room/row (%s/%s/%s) or what the mapping says, in InfluxDB and in the twins",
+                        wait, m.default_site, m.default_room, m.default_row)
+        self._start_source()
+
+    def _start_source(self) -> None:
+        with self._source_lock:
+            if self._stopped.is_set():
+                return
+            self.source.start()
+            self._consuming.set()
 
     def _prepare_ditto(self) -> None:
         # Not fatal: Ditto may still be starting. Updates create the policy on first use and retry.
@@ -108,6 +153,11 @@ class Bridge:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._stop_waiting.set()
+        with self._source_lock:
+            pass  # a start of the source under way has finished; none begins after this
+        if self._starter is not None:
+            self._starter.join(timeout=1.0)
         timeout = self.settings.shutdown_timeout_s
         log.info("shutting down: %d messages in flight", self.pipeline.in_flight.count)
         self.source.leave_shared_group(timeout=2.0)

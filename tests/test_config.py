@@ -85,6 +85,16 @@ def test_bad_value_names_field_and_env(monkeypatch):
     assert "ditto_namespace (env RACKTWIN_DITTO_NAMESPACE)" in str(info.value)
 
 
+@pytest.mark.parametrize("value", ["-1", "3601"])
+def test_the_wait_for_the_first_sync_is_bounded(monkeypatch, value):
+    """Telemetry must never wait on ThingsBoard without end: no negative wait, none longer than an hour."""
+    assert load_settings().sync_first_wait_s == 60.0
+    monkeypatch.setenv("RACKTWIN_SYNC_FIRST_WAIT_S", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "sync_first_wait_s (env RACKTWIN_SYNC_FIRST_WAIT_S)" in str(info.value)
+
+
 def test_yaml_file_with_mapping_and_unknown_key(tmp_path, monkeypatch):
     path = tmp_path / "racktwin.yaml"
     path.write_text("mqtt_host: broker\nmapping:\n  mode: per_sensor\n"

@@ -230,3 +230,119 @@ def test_backfill_cannot_reach_past_the_readings_age_limit():
     with pytest.raises(ConfigError, match="sync_backfill_hours .* max_age_s"):
         load_settings(sync_backfill_hours=200)  # 7 days = 168 h is the default max age
     assert load_settings(sync_backfill_hours=200, max_age_s=200 * 3600).sync_backfill_hours == 200
+
+
+def leave_a_session(bridge_env) -> None:
+    """Run the bridge once without ThingsBoard and stop it: the broker keeps its session and queues what comes
+    while it is away, as after any restart."""
+    from bridge.service import Bridge
+
+    first = Bridge(load_settings())
+    first.start()
+    try:
+        wait_until(first.source.connected.is_set, what="first bridge connected")
+    finally:
+        first.stop()
+
+
+def publish_backlog(mosquitto, bridge_env, device, stamps):
+    from tests.harness.mqtt import Publisher
+
+    publisher = Publisher(mosquitto.port)
+    topic = bridge_env["RACKTWIN_MQTT_TOPIC"].rstrip("#") + device
+    publisher.publish_all([(topic, {"deviceName": device, "ts": ts, "values": {"tempTop": 20.0 + i}})
+                           for i, ts in enumerate(stamps)])
+    publisher.close()
+
+
+def unreachable_tb_url() -> str:
+    from tests.harness.services import free_port
+
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens: every sync fails at once
+
+
+def test_the_backlog_after_a_restart_is_placed_by_thingsboard_not_by_the_defaults(tb_double, ditto, settings_factory,
+                                                                                  mosquitto, influxd, influx_db,
+                                                                                  bridge_env):
+    """Readings the broker queued while the bridge was away are consumed only after the first sync placed their
+    rack, so none reaches InfluxDB or the twin at default_site/room/row (ghost racks, wrong alert labels)."""
+    from bridge.service import Bridge
+
+    now = int(time.time() * 1000)
+    add_rack(tb_double, "rack-77", now - 60_000, 24.0, 20.0, attrs={"site": "fra1", "room": "hall-9", "row": "C"})
+    leave_a_session(bridge_env)
+    stamps = [now - 5000 + i * 1000 for i in range(5)]
+    publish_backlog(mosquitto, bridge_env, "rack-77", stamps)
+    tb_double.delay_s = 0.3  # a ThingsBoard that takes a moment: the first sync needs over a second
+    bridge = Bridge(settings_factory(sync_interval_s=0, sync_first_wait_s=30))
+    bridge.start()
+    try:
+        checks = bridge.readiness()
+        assert checks["thingsboard_first_sync"] is False and not checks["mqtt"]
+        resp = requests.get(f"http://127.0.0.1:{bridge.ops.port}/readyz", timeout=5)
+        assert resp.status_code == 503 and resp.json()["checks"]["thingsboard_first_sync"] is False
+        rows = wait_until(lambda: (lambda r: len(r) == 5 and r)(influxd.rows(
+            "SELECT temperature FROM rack_environment WHERE position = 'top' GROUP BY site, room, row", influx_db)),
+            what="the backlog written")
+        assert {(r["site"], r["room"], r["row"]) for r in rows} == {("fra1", "hall-9", "C")}
+        wait_until(lambda: thing(ditto, "rack-77")["features"]["environment"]["properties"].get("tempTop") == 24.0,
+                   what="twin has the newest backlog reading")
+        assert {k: thing(ditto, "rack-77")["attributes"][k] for k in ("site", "room", "row")} == {
+            "site": "fra1", "room": "hall-9", "row": "C"}
+        assert bridge.readiness()["thingsboard_first_sync"] is True
+    finally:
+        bridge.stop()
+
+
+def test_with_thingsboard_down_the_bridge_consumes_after_the_wait_and_says_what_that_means(
+        bridge_env, bridge_environ, mosquitto, influxd, influx_db, monkeypatch, caplog):
+    from bridge.service import Bridge
+
+    monkeypatch.delenv("RACKTWIN_CONFIG", raising=False)
+    now = int(time.time() * 1000)
+    leave_a_session(bridge_env)
+    publish_backlog(mosquitto, bridge_env, "rack-78", [now - 1000])
+    caplog.set_level("INFO", logger="bridge.service")
+    bridge = Bridge(load_settings(tb_url=unreachable_tb_url(), tb_username="t", tb_password="p", sync_first_wait_s=1.5))
+    began = time.monotonic()
+    bridge.start()
+    try:
+        assert any("waiting for the first ThingsBoard sync (up to 2 s) before consuming" in r.getMessage()
+                   for r in caplog.records)
+        rows = wait_until(lambda: influxd.rows("SELECT temperature FROM rack_environment GROUP BY room", influx_db),
+                          what="the reading consumed after the wait")
+        assert time.monotonic() - began >= 1.5
+        assert [r["room"] for r in rows] == ["room1"]  # the default: ThingsBoard never said otherwise
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "bridge.service"]
+        assert any("no ThingsBoard sync within 2 s" in w and "consuming MQTT anyway" in w
+                   and "default site/room/row (site1/room1/row1)" in w for w in warnings), warnings
+        wait_until(lambda: bridge.readiness()["thingsboard_first_sync"], what="the wait over in readiness")
+    finally:
+        bridge.stop()
+
+
+def test_sigterm_while_waiting_for_the_first_sync_stops_the_bridge_at_once(bridge_env, tmp_path):
+    from tests.harness.process import BridgeProcess
+
+    env = dict(bridge_env, RACKTWIN_TB_URL=unreachable_tb_url(), RACKTWIN_TB_USERNAME="t",
+               RACKTWIN_TB_PASSWORD="p", RACKTWIN_SYNC_FIRST_WAIT_S="60")
+    bridge = BridgeProcess(env, tmp_path / "bridge.log").start(wait_ready=False)
+    try:
+        readyz = wait_until(lambda: requests.get(f"http://127.0.0.1:{bridge.port}/readyz", timeout=1).json(),
+                            timeout=30, what="ops endpoint up")
+        assert readyz["ready"] is False and readyz["checks"]["thingsboard_first_sync"] is False
+        wait_until(lambda: "waiting for the first ThingsBoard sync (up to 60 s)" in bridge.log(), what="wait logged")
+        began = time.monotonic()
+        assert bridge.terminate(timeout=15) == 0
+        assert time.monotonic() - began < 10
+        assert "connecting to MQTT" not in bridge.log()  # never started consuming
+    finally:
+        bridge.kill()
+
+
+def test_a_thingsboard_that_does_not_answer_fails_the_sync_with_its_own_error(bridge_environ, monkeypatch):
+    """The worker logs what run_sync raised: it must be the connection's error, not one of run_sync's own."""
+    monkeypatch.delenv("RACKTWIN_CONFIG", raising=False)
+    settings = load_settings(tb_url=unreachable_tb_url(), tb_username="t", tb_password="p")
+    with pytest.raises(requests.ConnectionError):
+        run_sync(settings)

@@ -191,6 +191,8 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
     ditto = DittoClient(settings)
     result = SyncResult()
     hours = settings.sync_backfill_hours if backfill_hours is None else backfill_hours
+    # Before the try: its finally closes it, and a ThingsBoard that does not answer fails in the try's first line.
+    history_writer = _HistoryWriter(settings)  # per device, so memory does not grow with the fleet
     try:
         devices = list(tb.devices(settings.tb_device_profile, settings.sync_page_size))
         mapper = Mapper(settings)
@@ -198,7 +200,6 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
         keys = sorted(mapper.key_index)
         by_rack: dict[str, list[DevicePlacement]] = {}
         readings: dict[str, list[SensorReading]] = {}
-        history_writer = _HistoryWriter(settings)  # per device, so memory does not grow with the fleet
         now_ms = int(time.time() * 1000)
         for done, device in enumerate(devices, 1):
             try:

@@ -136,6 +136,7 @@ class ThingsBoardDouble:
         self.writes: list[tuple[str, str]] = []
         self.requests: list[tuple[str, str]] = []
         self.violations: list[str] = []
+        self.delay_s = 0.0  # each answer this much later, as a busy or distant ThingsBoard gives it
         self._add_profile("default", default=True)
         root = self._add_chain("Root Rule Chain", root=True)
         self._set_metadata(root, default_root_chain_metadata())
@@ -266,6 +267,8 @@ class ThingsBoardDouble:
         query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
+        if self.delay_s:
+            time.sleep(self.delay_s)
         with self._lock:
             self.requests.append((method, parsed.path))
             try:
