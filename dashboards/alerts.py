@@ -13,7 +13,7 @@ from typing import Any
 from bridge.thresholds import (FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, FORECAST_ALERT_KEEP_FIRING_S,
                                FORECAST_ALERT_QUERY_RANGE_S)
 
-from .common import BRIDGE_UID, FORECAST_MEASUREMENT, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID
+from .common import BRIDGE_UID, FORECAST_MEASUREMENT, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID, WALL_PATH
 from .datasources import WALL_FOLDER
 from .thresholds import RATE_WINDOW_S, STUCK_MIN_READINGS, Thresholds
 from .wall import SENSOR_TAGS, delta_per_rack, num, silent_sensors_per_series, stuck_sensors_per_series
@@ -33,7 +33,10 @@ WATCHDOG_RECEIVER = "racktwin-watchdog"
 WATCHDOG_GROUP = "watchdog"
 WATCHDOG_FOLDER = f"{WALL_FOLDER} watchdog"
 WATCHDOG_REPEAT = "5m"  # how often the switch hears from a healthy Grafana
-RACK_LINK = "${GRAFANA_ROOT_URL}" + RACK_PATH + "?var-rack={{ urlquery $labels.rack }}"  # rack names may hold & # +
+# Rack names may hold & # +. A "no data" or "error" alert carries only the rule's labels, no rack: it links the
+# wall (unguarded, Grafana's missing key reaches urlquery as nil, and the link read ?var-rack=%3Cnil%3E).
+RACK_LINK = ("{{ if $labels.rack }}${GRAFANA_ROOT_URL}" + RACK_PATH + "?var-rack={{ urlquery $labels.rack }}"
+             "{{ else }}${GRAFANA_ROOT_URL}" + WALL_PATH + "{{ end }}")
 WHERE_SENSOR = "{{ $labels.rack }} {{ $labels.position }}"
 
 
@@ -80,7 +83,23 @@ SILENT_LOOKBACK_S = 24 * 3600
 
 
 VALUE = '{{ printf "%.1f" $values.B.Value }}'
-MINUTES = '{{ printf "%.0f" $values.B.Value }}'
+MINUTES = COUNT = '{{ printf "%.0f" $values.B.Value }}'
+
+
+RESOLVED_READY = "in a resolved notification: ready again"
+
+
+def breach(firing: str, back: str, no_data: str | None = None) -> str:
+    """A summary that says what the condition's value says. Grafana renders annotations on every evaluation
+    from that evaluation's values, so the text of an alert held by keepFiringFor, and of its "resolved"
+    notification, comes from an evaluation where the condition no longer holds: that one reads ``back``.
+    C is the threshold (1 breached, 0 not); a NaN C, which Grafana takes for firing, reads ``firing``.
+    ``no_data``: the text for no values at all (a rule whose no-data state raises an alert of its own);
+    without it such a rule would print the template half-expanded."""
+    text = f"{{{{ if and $values (lt $values.C.Value 0.5) }}}}{back}"
+    if no_data is None:
+        return text + f"{{{{ else }}}}{firing}{{{{ end }}}}"
+    return text + f"{{{{ else if $values }}}}{firing}{{{{ else }}}}{no_data}{{{{ end }}}}"
 
 
 def duration(seconds: int) -> str:
@@ -99,7 +118,10 @@ def forecast_rule(t: Thresholds) -> RuleSpec:
         # Within (0, horizon): 0 means the line is already above the limit, which the inlet rule reports; counted
         # in, the alert would fire and resolve after the breach as the trend of a rack at its peak wavers.
         FORECAST_ALERT_QUERY_RANGE_S, "last", "within_range", (0, t.forecast_horizon_min), "warning",
-        f"{WHERE_SENSOR} forecast to pass {num(limit)} °C in {MINUTES} min",
+        breach(f"{WHERE_SENSOR} forecast to pass {num(limit)} °C in {MINUTES} min",
+               f"{{{{ if gt $values.B.Value 0.0 }}}}{WHERE_SENSOR} no longer forecast to pass {num(limit)} °C "
+               f"within {num(t.forecast_horizon_min)} min (in {MINUTES} min){{{{ else }}}}{WHERE_SENSOR} forecast "
+               f"already at or above {num(limit)} °C (the inlet rule reports it){{{{ end }}}}"),
         for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"}, group=FORECAST_GROUP,
         keep_firing_for=duration(FORECAST_ALERT_KEEP_FIRING_S))
 
@@ -133,68 +155,100 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
     return [
         limit_rule("racktwin-inlet-recommended", "Inlet temperature outside recommended envelope",
                    latest("temperature"), 600, "last", "outside_range", (t_rec_lo, t_rec_hi), "warning",
-                   f"{WHERE_SENSOR} inlet {VALUE} °C outside recommended {num(t_rec_lo)}–{num(t_rec_hi)} °C",
+                   breach(f"{WHERE_SENSOR} inlet {VALUE} °C outside recommended {num(t_rec_lo)}–{num(t_rec_hi)} °C",
+                          f"{WHERE_SENSOR} inlet {VALUE} °C, back inside recommended "
+                          f"{num(t_rec_lo)}–{num(t_rec_hi)} °C"),
                    for_="5m"),
         limit_rule("racktwin-inlet-allowable", f"Inlet temperature outside {cls} allowable", latest("temperature"),
                    600, "last", "outside_range", (t_all_lo, t_all_hi), "critical",
-                   f"{WHERE_SENSOR} inlet {VALUE} °C outside {cls} allowable {num(t_all_lo)}–{num(t_all_hi)} °C",
+                   breach(f"{WHERE_SENSOR} inlet {VALUE} °C outside {cls} allowable "
+                          f"{num(t_all_lo)}–{num(t_all_hi)} °C",
+                          f"{WHERE_SENSOR} inlet {VALUE} °C, back inside {cls} allowable "
+                          f"{num(t_all_lo)}–{num(t_all_hi)} °C"),
                    for_="1m"),
         limit_rule("racktwin-dewpoint-recommended", "Dew point above recommended", latest("dew_point"),
                    600, "last", "gt", (dp_rec_hi,), "warning",
-                   f"{WHERE_SENSOR} dew point {VALUE} °C above recommended {num(dp_rec_hi)} °C", for_="5m"),
+                   breach(f"{WHERE_SENSOR} dew point {VALUE} °C above recommended {num(dp_rec_hi)} °C",
+                          f"{WHERE_SENSOR} dew point {VALUE} °C, back at or below recommended {num(dp_rec_hi)} °C"),
+                   for_="5m"),
         limit_rule("racktwin-dewpoint-allowable", f"Dew point above {cls} allowable", latest("dew_point"),
                    600, "last", "gt", (dp_all_hi,), "critical",
-                   f"{WHERE_SENSOR} dew point {VALUE} °C above {cls} allowable {num(dp_all_hi)} °C", for_="1m"),
+                   breach(f"{WHERE_SENSOR} dew point {VALUE} °C above {cls} allowable {num(dp_all_hi)} °C",
+                          f"{WHERE_SENSOR} dew point {VALUE} °C, back at or below {cls} allowable "
+                          f"{num(dp_all_hi)} °C"),
+                   for_="1m"),
         limit_rule("racktwin-humidity-recommended", "Relative humidity above recommended cap", latest("humidity"),
                    600, "last", "gt", (t.rh_cap,), "warning",
-                   f"{WHERE_SENSOR} RH {VALUE} % above recommended {num(t.rh_cap)} %", for_="5m"),
+                   breach(f"{WHERE_SENSOR} RH {VALUE} % above recommended {num(t.rh_cap)} %",
+                          f"{WHERE_SENSOR} RH {VALUE} %, back at or below recommended {num(t.rh_cap)} %"), for_="5m"),
         limit_rule("racktwin-humidity-allowable", f"Relative humidity above {cls} allowable", latest("humidity"),
                    600, "last", "gt", (rh_hi,), "critical",
-                   f"{WHERE_SENSOR} RH {VALUE} % above {cls} allowable {num(rh_hi)} %", for_="1m"),
+                   breach(f"{WHERE_SENSOR} RH {VALUE} % above {cls} allowable {num(rh_hi)} %",
+                          f"{WHERE_SENSOR} RH {VALUE} %, back at or below {cls} allowable {num(rh_hi)} %"), for_="1m"),
         limit_rule("racktwin-dry-dewpoint-recommended", "Dry air: dew point below recommended", latest("dew_point"),
                    600, "last", "lt", (dp_rec_lo,), "warning",
-                   f"{WHERE_SENSOR} dew point {VALUE} °C below recommended {num(dp_rec_lo)} °C", for_="5m"),
+                   breach(f"{WHERE_SENSOR} dew point {VALUE} °C below recommended {num(dp_rec_lo)} °C",
+                          f"{WHERE_SENSOR} dew point {VALUE} °C, back at or above recommended {num(dp_rec_lo)} °C"),
+                   for_="5m"),
         limit_rule("racktwin-dry-dewpoint-allowable", "Dry air: dew point below allowable", latest("dew_point"),
                    600, "last", "lt", (dp_all_lo,), "critical",
-                   f"{WHERE_SENSOR} dew point {VALUE} °C below allowable {num(dp_all_lo)} °C", for_="1m"),
+                   breach(f"{WHERE_SENSOR} dew point {VALUE} °C below allowable {num(dp_all_lo)} °C",
+                          f"{WHERE_SENSOR} dew point {VALUE} °C, back at or above allowable {num(dp_all_lo)} °C"),
+                   for_="1m"),
         limit_rule("racktwin-dry-humidity-allowable", "Dry air: RH below allowable", latest("humidity"),
                    600, "last", "lt", (rh_lo,), "critical",
-                   f"{WHERE_SENSOR} RH {VALUE} % below allowable {num(rh_lo)} %", for_="1m"),
+                   breach(f"{WHERE_SENSOR} RH {VALUE} % below allowable {num(rh_lo)} %",
+                          f"{WHERE_SENSOR} RH {VALUE} %, back at or above allowable {num(rh_lo)} %"), for_="1m"),
         limit_rule("racktwin-recirculation", "Top − bottom inlet difference (recirculation)",
                    # The window holds a reading of each live position: 5 min, or 3 reporting intervals if longer
                    # (a position with none in it counts as 0 below, and would reset the 10-minute "for").
                    delta_per_rack("", RACK_TAGS), max(300, t.silent_after_s), "last", "gt", (t.delta_t_limit_c,),
                    "warning",
-                   f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C above {num(t.delta_t_limit_c)} °C "
-                   f"for {t.delta_t_for} (recirculation?)", for_=t.delta_t_for, labels={"position": "top-bottom"},
+                   breach(f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C above {num(t.delta_t_limit_c)} °C "
+                          f"for {t.delta_t_for} (recirculation?)",
+                          f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C, back at or below "
+                          f"{num(t.delta_t_limit_c)} °C"),
+                   for_=t.delta_t_for, labels={"position": "top-bottom"},
                    # One position silent leaves the rack's row with a null delta: dropped, it would reduce to NaN,
                    # which Grafana takes for firing. As 0 it is not recirculation (the silent rule reports it).
                    reduce_settings={"mode": "replaceNN", "replaceWithValue": 0}),
         RuleSpec("racktwin-rate-of-change", "Inlet temperature changing too fast",
                  f'SELECT spread("temperature") AS "spread" FROM "{MEASUREMENT}" WHERE $timeFilter '
                  f"GROUP BY {SENSOR_TAGS}", RATE_WINDOW_S, "last", "gt", (t.rate_limit_c,), "warning",
-                 f"{WHERE_SENSOR} inlet changed {VALUE} °C within {RATE_WINDOW_S // 60} min "
-                 f"(limit {num(t.rate_limit_c_per_h)} °C/h)"),
+                 breach(f"{WHERE_SENSOR} inlet changed {VALUE} °C within {RATE_WINDOW_S // 60} min "
+                        f"(limit {num(t.rate_limit_c_per_h)} °C/h)",
+                        f"{WHERE_SENSOR} inlet changed {VALUE} °C within {RATE_WINDOW_S // 60} min, back within "
+                        f"the limit of {num(t.rate_limit_c)} °C ({num(t.rate_limit_c_per_h)} °C/h)")),
         RuleSpec("racktwin-sensor-silent", "Sensor stopped reporting",
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
-                 f"{{{{ if $values }}}}{WHERE_SENSOR} sent no reading for more than {t.silent_after_s} s "
-                 f"({{{{ printf \"%.0f\" $values.B.Value }}}} readings in 3 intervals of {t.reading_interval_s} s)"
-                 f"{{{{ else }}}}No rack sensor has reported in the last {SILENT_LOOKBACK_S // 3600} h (on a new "
-                 f"install: none yet): is ThingsBoard's rule chain forwarding telemetry?{{{{ end }}}}",
+                 breach(f"{WHERE_SENSOR} sent no reading for more than {t.silent_after_s} s "
+                        f"({COUNT} readings in {t.silent_after_s // t.reading_interval_s} intervals of "
+                        f"{t.reading_interval_s} s)",
+                        f"{WHERE_SENSOR} reporting again ({COUNT} readings in the last {t.silent_after_s} s)",
+                        no_data=f"No rack sensor has reported in the last {SILENT_LOOKBACK_S // 3600} h (on a new "
+                                "install: none yet): is ThingsBoard's rule chain forwarding telemetry?"),
                  # no sensor reported all day: say so. The 5 min give a fresh stack time for its first reading
                  # (a window of no data at all also waits out "for") and a sensor a minute's hiccup.
                  for_="5m", no_data="NoData"),
         RuleSpec("racktwin-sensor-stuck", "Sensor stuck (reports the same values)",
                  stuck_sensors_per_series(), t.stuck_window_s, "last", "lt", (0.001,), "warning",
-                 f"{WHERE_SENSOR} reported identical temperature and humidity for {t.stuck_window_s // 60} min "
-                 f"(spread {VALUE}, at least {STUCK_MIN_READINGS} readings)"),
+                 breach(f"{WHERE_SENSOR} reported identical temperature and humidity for "
+                        f"{t.stuck_window_s // 60} min (spread {VALUE}, at least {STUCK_MIN_READINGS} readings)",
+                        f"{WHERE_SENSOR} readings vary again (spread {VALUE} over {t.stuck_window_s // 60} min)")),
         forecast_rule(t),
         RuleSpec("racktwin-bridge-down", "Bridge down or not ready",
                  'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',
                  120, "last", "lt", (1,), "critical",
-                 # No data (no bridge wrote stats) leaves $values empty on a new alert, and an alert that was
-                 # already there may carry a placeholder below 0 (or NaN) for B: both take the second branch.
-                 "{{ if and $values (ge $values.B.Value 0.0) }}Bridge {{ $labels.instance }} is not ready "
+                 # No data (no bridge wrote stats) with an alert of the bridge already there: Grafana copies it
+                 # to the no-data state without rendering its annotations again (state manager,
+                 # setNextStateForAll), so it fires with the text rendered while the bridge was ready (B >= 1).
+                 # That text therefore tells of the silence; it is also the text of the "resolved" once the
+                 # bridge is ready again. No alert there yet: a new one without values (third branch), as is
+                 # one with a placeholder below 0 or NaN for B.
+                 "{{ if and $values (ge $values.B.Value 1.0) }}No stats from bridge {{ $labels.instance }} in "
+                 f"InfluxDB for 2 min (its last said ready; {RESOLVED_READY}): the bridge is down or cut off from "
+                 "InfluxDB, or Grafana cannot query InfluxDB"
+                 "{{ else if and $values (ge $values.B.Value 0.0) }}Bridge {{ $labels.instance }} is not ready "
                  "(ready = {{ $values.B.Value }}): MQTT, Ditto or InfluxDB unreachable, see its /readyz{{ else }}"
                  "No bridge stats in InfluxDB for 2 min: the bridge is down or cut off from InfluxDB, or Grafana "
                  "cannot query InfluxDB{{ end }}",
@@ -208,9 +262,15 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  '(SELECT last("oldest_in_flight_s") AS "lag" FROM "racktwin_bridge" WHERE $timeFilter '
                  'GROUP BY "instance") GROUP BY "instance"',
                  300, "last", "gt", (t.bridge_lag_limit_s,), "warning",
-                 f"Bridge {{{{ $labels.instance }}}} lags {VALUE} s behind (p95 to a sink, or its oldest unconfirmed "
-                 f"message), more than {num(t.bridge_lag_limit_s)} s",
-                 for_="5m", labels={"component": "bridge"}, group="bridge", dashboard_uid=BRIDGE_UID),
+                 breach(f"Bridge {{{{ $labels.instance }}}} lags {VALUE} s behind (p95 to a sink, or its oldest "
+                        f"unconfirmed message), more than {num(t.bridge_lag_limit_s)} s",
+                        f"Bridge {{{{ $labels.instance }}}} lag {VALUE} s, back at or below "
+                        f"{num(t.bridge_lag_limit_s)} s"),
+                 # KeepLast, not OK: without stats (bridge-down reports that) OK would resolve a firing lag alert
+                 # from a copy of its firing state, annotations not rendered again: a "resolved" that still reads
+                 # "lags 45 s behind" while nobody knows. Its next stats judge it.
+                 for_="5m", no_data="KeepLast", labels={"component": "bridge"}, group="bridge",
+                 dashboard_uid=BRIDGE_UID),
     ]
 
 

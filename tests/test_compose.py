@@ -969,6 +969,14 @@ def test_grafana_entrypoint_fills_empty_receivers_and_wires_smtp(tmp_path):
     assert (got["ALERT_WEBHOOK_URL"], got["ALERT_EMAIL_TO"]) == ("https://hooks.example/x", "noc@example.org")
     assert (got["GF_SMTP_ENABLED"], got["GF_SMTP_HOST"], got["GF_SMTP_PASSWORD"]) == ("true", "smtp.example.org:587", "p")
     assert log == ""
+    # Half an email setup starts all the same, with a warning: recipients and no relay, a relay and no sender.
+    got, log = start(ALERT_WEBHOOK_URL="https://hooks.example/x", ALERT_EMAIL_TO="noc@example.org", SMTP_HOST="")
+    assert "GF_SMTP_ENABLED" not in got and got["ALERT_EMAIL_TO"] == "noc@example.org"
+    assert log.count("\n") == 1 and "ALERT_EMAIL_TO is set but SMTP_HOST is empty" in log, log
+    got, log = start(ALERT_WEBHOOK_URL="https://hooks.example/x", ALERT_EMAIL_TO="noc@example.org",
+                     SMTP_HOST="smtp.example.org:587", SMTP_FROM="")
+    assert (got["GF_SMTP_ENABLED"], got["GF_SMTP_FROM_ADDRESS"]) == ("true", "racktwin@localhost")
+    assert log.count("\n") == 1 and "SMTP_HOST is set but SMTP_FROM is empty" in log, log
 
 
 class _FolderPermissionsDouble(ThreadingHTTPServer):

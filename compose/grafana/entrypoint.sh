@@ -5,7 +5,9 @@
 # - Alert receivers: Grafana refuses to start when a provisioned webhook has no url or an email receiver no
 #   address, so an unset ALERT_WEBHOOK_URL / ALERT_EMAIL_TO becomes a placeholder that delivers nowhere
 #   (alerts still show on the wall and in Grafana's alert list).
-# - Email: SMTP_HOST set switches Grafana's SMTP client on, with SMTP_USER, SMTP_PASSWORD, SMTP_FROM.
+# - Email: SMTP_HOST set switches Grafana's SMTP client on, with SMTP_USER, SMTP_PASSWORD, SMTP_FROM. It warns
+#   (and starts all the same) of recipients without SMTP_HOST (no email can go out) and of SMTP_HOST without
+#   SMTP_FROM (the fallback sender racktwin@localhost is refused by many relays).
 set -eu
 
 token_file=${GRAFANA_INFLUX_TOKEN_FILE:-/run/racktwin/influx-grafana.token}
@@ -25,6 +27,8 @@ fi
 if [ -z "${ALERT_EMAIL_TO:-}" ]; then
     ALERT_EMAIL_TO=alert-email-not-configured@racktwin.invalid
     echo "grafana: ALERT_EMAIL_TO is empty: alert emails go nowhere until it is set in compose/.env" >&2
+elif [ -z "${SMTP_HOST:-}" ]; then
+    echo "grafana: ALERT_EMAIL_TO is set but SMTP_HOST is empty: Grafana cannot send alert emails until SMTP_HOST (and SMTP_FROM) are set in compose/.env" >&2
 fi
 # The watchdog's contact point exists only where grafana-provisioning saw WATCHDOG_URL set; should Grafana be
 # started alone after it was cleared, a placeholder still lets it start.
@@ -32,6 +36,9 @@ WATCHDOG_URL=${WATCHDOG_URL:-http://127.0.0.1:9/racktwin-watchdog-not-configured
 export ALERT_WEBHOOK_URL ALERT_EMAIL_TO WATCHDOG_URL
 
 if [ -n "${SMTP_HOST:-}" ]; then
+    if [ -z "${SMTP_FROM:-}" ]; then
+        echo "grafana: SMTP_HOST is set but SMTP_FROM is empty: alert emails are sent from racktwin@localhost, which many relays reject; set SMTP_FROM in compose/.env" >&2
+    fi
     GF_SMTP_ENABLED=true
     GF_SMTP_HOST=$SMTP_HOST
     GF_SMTP_USER=${SMTP_USER:-}
