@@ -9,8 +9,11 @@ of an answer into frames by the Infinity plugin and Grafana's InfluxQL backend, 
 
 from __future__ import annotations
 
+import html
 import json
+import math
 import re
+import shutil
 import subprocess
 import time
 import urllib.parse
@@ -269,3 +272,87 @@ def test_the_heading_for_trouble_table_lists_the_forecast_racks_soonest_first_wi
         [href] = links
         path, query = _rack_of(href)
         assert path == RACK_PATH and query["var-rack"] == [rack], href
+
+
+# -------------------------------------------------------------------------- the tiles drawn by Grafana's components
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def bundle(tmp_path: Path) -> Path:
+    """stat_tiles.jsx with Grafana's packages, bundled for the browser."""
+    out = tmp_path / "stat_tiles.js"
+    proc = subprocess.run(
+        [str(GRAFANA_JS / "node_modules" / ".bin" / "esbuild"), str(GRAFANA_JS / "stat_tiles.jsx"), "--bundle",
+         "--format=iife", f"--outfile={out}", "--loader:.css=empty", "--loader:.svg=empty", "--log-level=error",
+         "--define:process.env.NODE_ENV=\"production\"", "--define:global=window",
+         # imported by @grafana/runtime for the app's router; never run by these components
+         "--external:react-router-dom-v5-compat"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def draw(tmp_path: Path, panels: list[dict]) -> dict:
+    script = bundle(tmp_path)
+    page = tmp_path / "tiles.html"
+    page.write_text(
+        '<!doctype html><html><head><meta charset="utf-8"></head><body><div id="styles"></div><div id="panels">'
+        f'</div><pre id="out"></pre><script>window.RACKTWIN = {json.dumps(panels)};</script>'
+        f'<script src="{script.as_uri()}"></script></body></html>', encoding="utf-8")
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--allow-file-access-from-files", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=10000", "--window-size=2600,1500", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="out">([^<]*)</pre>', proc.stdout)
+    assert found and found.group(1), f"Chromium gave no result: {proc.stderr[-3000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium missing (make deps-system installs it)")
+def test_grafanas_own_stat_components_fit_every_tile_text_inside_its_tile(tmp_path):
+    """40 tiles on the wall's panel, drawn by Grafana 13.2.2's VizRepeater and BigValue in Chromium, for both
+    screens and both panel header heights: the longest titles the twin's values can make (the layout model's
+    worst cases) with every state word, each tile's text inside its tile and every tile inside the panel."""
+    from tests.grafana_layout import fit_tile, stat_content_px, text_width
+    from tests.test_wall_layout import HEADERS_PX, SCREENS, state_texts, worst_titles
+    from tests.test_wall_layout import RACKS as HALL_RACKS
+
+    size = TILES["options"]["text"]["titleSize"]
+    titles = sorted(worst_titles(), key=lambda t: -text_width(t, size))[:3]
+    combos = [(title, state) for title in titles for state in state_texts()]
+    assert HALL_RACKS >= len(combos)
+    cases = [combos[i % len(combos)] for i in range(HALL_RACKS)]
+    panels, where = [], []
+    for screen in SCREENS:
+        for header in HEADERS_PX:
+            width, height = stat_content_px(TILES, screen, header)
+            values = [{"display": {"text": state, "title": title, "color": "#FF9830", "numeric": 0},
+                       "links": ["/d/racktwin-rack/rack-detail?var-rack=x"]} for title, state in cases]
+            panels.append({"width": width, "height": height, "options": TILES["options"], "values": values})
+            where.append((screen, header))
+    result = draw(tmp_path, panels)
+    assert result["inter"] and result["font"].startswith("Inter"), result["font"]
+    text = TILES["options"]["text"]
+    for (screen, header), panel in zip(where, result["panels"]):
+        assert len(panel["tiles"]) == HALL_RACKS, (screen.name, header)
+        for i, ((title, state), tile) in enumerate(zip(cases, panel["tiles"])):
+            at = f"{screen.name}, {header} px header: {title!r} / {state!r} in {tile['width']:.0f} x {tile['height']:.0f}"
+            assert tile["left"] + tile["width"] <= panel["width"] + 0.5, at
+            assert tile["top"] + tile["height"] <= panel["height"] + 0.5, f"{at}: below the panel"
+            assert {run["size"] for run in tile["runs"]} == {text["titleSize"], text["valueSize"]}, at
+            for run in tile["runs"]:
+                assert run["left"] >= -0.5 and run["right"] <= tile["width"] + 0.5, f"{at}: {run}"
+                assert run["top"] >= -0.5 and run["bottom"] <= tile["height"] + 0.5, f"{at}: {run}"
+            # The layout model, which the other wall tests use, never counts fewer lines than Grafana draws.
+            fit = fit_tile(TILES, screen, header, HALL_RACKS, title, state)
+            drawn = [sum(1 for r in tile["runs"] if r["size"] == s) for s in (text["titleSize"], text["valueSize"])]
+            model = [math.inf if lines is None else len(lines) for lines in (fit.title_lines, fit.value_lines)]
+            assert model[0] >= drawn[0] and model[1] >= drawn[1], f"{at}: model {model} lines, Grafana {drawn}"
+            # The model's grid: its last row's tiles share that row's width.
+            last_row = i >= (fit.grid.rows - 1) * fit.grid.columns
+            model_w = fit.grid.last_row_w if last_row else fit.grid.tile_w
+            assert model_w == pytest.approx(tile["width"], abs=1) and \
+                fit.grid.tile_h == pytest.approx(tile["height"], abs=1), f"{at}: model {fit.grid}"
