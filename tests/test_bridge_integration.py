@@ -242,6 +242,42 @@ def test_one_twin_refused_on_its_own_releases_nothing_however_quiet_the_traffic(
         updater.stop(timeout=2)
 
 
+@pytest.mark.parametrize("refused", ["every twin", "the shared policy"])
+def test_refusals_of_every_twin_or_of_the_policy_are_a_stall_and_log_once(refused, bridge_environ, monkeypatch,
+                                                                           ditto, caplog):
+    """A grant that lets the bridge write no twin (read-only, or a user the policy does not name) refuses every
+    update with 403, as does a shared policy the bridge may not create or read. Those are not one twin's policy:
+    held back, the readings would fill the receive window and stop InfluxDB's writes for every rack. They are
+    released once nothing was taken for the release period, with one log line for all twins, not one each."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks import ditto as ditto_sink
+    from bridge.sinks.ditto import DittoError
+
+    if refused == "every twin":
+        patch_things_failing(monkeypatch, lambda rack: DittoError(
+            403, f'{{"error":"things:thing.notmodifiable","message":"The Thing with ID \'dc.test:{rack}\' could '
+                 'not be modified as the requester had insufficient permissions"}'))
+    else:
+        def refuse(self, policy_id, body):  # noqa: ANN001, ANN202
+            raise DittoError(403, '{"error":"policies:policy.notcreatable"}')
+        monkeypatch.setattr(ditto_sink.DittoClient, "ensure_policy", refuse)
+    updater, metrics = started_updater(ditto_release_after_s=0.5)
+    now = int(time.time() * 1000)
+    confirmed: list[str] = []
+    racks = [f"rack-r{i}" for i in range(5)]
+    try:
+        for rack in racks:
+            loc = RackLocation("site1", "room1", "row1", rack)
+            updater.submit(SensorReading(loc, "top", rack, now - 5_000, 21.0, 40.0), lambda r=rack: confirmed.append(r))
+        wait_until(lambda: sorted(confirmed) == racks, timeout=10, what="readings released though Ditto refuses")
+        assert metrics.ditto_released._value.get() == len(racks)
+        assert not updater.healthy
+        failed = [r for r in caplog.records if r.getMessage().startswith("Ditto update of")]
+        assert len(failed) == 1, [r.getMessage() for r in failed]
+    finally:
+        updater.stop(timeout=2)
+
+
 def test_a_hung_ditto_is_let_go_before_its_requests_time_out(bridge_environ, ditto):
     """A request out for the release period with nothing answered: a hang. What waits behind it is released
     without waiting for the 10 s timeout (the reading in the hung request itself goes when it ends); once Ditto

@@ -86,6 +86,7 @@ class DittoError(Exception):
     def __init__(self, status: int | None, text: str):
         super().__init__(f"HTTP {status}: {text[:200]}" if status is not None else text[:200])
         self.status = status  # None: no answer (connection refused, reset, timeout): always retried
+        self.of_policy = False  # refused on the shared policy, which every twin update needs first
 
 
 class _KeptAliveConnection:
@@ -279,6 +280,8 @@ class DittoUpdater:
         self.healthy = True
         self.policy_ready = False
         self.last_error: str | None = None
+        self._last_error_kind: str | None = None
+        self._refused: set[str] = set()  # twins refused (403) since Ditto last took an update
         self.channel = self._channel(settings)
         # Stall detection (module docstring): readings waiting on Ditto, since when Ditto last made progress for
         # them (an update taken, or the first of them arriving), and whether we are releasing.
@@ -640,7 +643,11 @@ class DittoUpdater:
     def _ensure_thing(self, client: DittoClient, thing: _Thing) -> bool:
         """Read the twin, creating it (with our policy) if it is not there; True if it created it."""
         if not self.policy_ready:
-            self.ensure_policy(client)
+            try:
+                self.ensure_policy(client)
+            except DittoError as exc:
+                exc.of_policy = True
+                raise
         current = client.get_thing(thing.tid)
         if current is None:
             attributes = twin.attributes_for(thing.location, thing.devices)
@@ -672,6 +679,7 @@ class DittoUpdater:
             if progress:
                 self._progress_at = time.monotonic()
                 self._ditto_wide_failure = False
+                self._refused.clear()
                 resumed, self._stalled = self._stalled, False
                 if resumed:  # each back-off (up to 10 s) would hold its rack's readings up again, window and all
                     self._ready.extend(tid for _, _, tid in self._delayed)
@@ -712,14 +720,24 @@ class DittoUpdater:
             return
         self._count("retry")
         error = str(exc)
-        if self.healthy or error != self.last_error:
+        # One line per kind of failure, not per twin: Ditto's answer names the thing.
+        kind = error.replace(thing.tid, "<thing>").replace(thing.tid.split(":", 1)[-1], "<thing>")
+        if self.healthy or kind != self._last_error_kind:
             log.warning("Ditto update of %s failed, will retry: %s", thing.tid, error[:200])
         self.healthy = False
-        self.last_error = error
+        self.last_error, self._last_error_kind = error, kind
         if status in (401, 403, 404):
             thing.ensured = False
-        if status is None or status >= 500 or status in DITTO_WIDE_STATUSES:
+        if status is None or status >= 500 or status in DITTO_WIDE_STATUSES or getattr(exc, "of_policy", False):
             self._ditto_wide_failure = True
+        elif status == 403:
+            # One twin refused is that twin's policy; refusals of two twins with none taken meanwhile are our
+            # permissions on them all (e.g. a read-only grant): a stall, or the receive window fills and
+            # InfluxDB's writes stop behind them.
+            with self._cond:
+                self._refused.add(thing.tid)
+                if len(self._refused) >= 2:
+                    self._ditto_wide_failure = True
         self._requeue(thing, pending, waiters)
 
     def _requeue(self, thing: _Thing, pending: dict, waiters: list[_Waiter]) -> None:
