@@ -6,6 +6,8 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 
 from .config import Settings
 from .http_api import OpsServer
@@ -19,6 +21,43 @@ from .stats import StatsReporter
 log = logging.getLogger(__name__)
 
 
+class HeldUntilPlaced:
+    """An MQTT handler that holds messages, unacknowledged and in arrival order, until ``release()``, then hands
+    them and every later one to ``handle``. The broker sends no more unacknowledged messages than the receive
+    window, so the hold is bounded; what the bridge never releases (it stopped) the broker redelivers."""
+
+    def __init__(self, handle: Callable[..., None]):
+        self._handle = handle
+        self._lock = threading.Lock()
+        self._held: deque[tuple[str, bytes, Callable[[], None], int]] = deque()
+        self._holding = True
+
+    def __call__(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        with self._lock:
+            if self._holding:  # the arrival time, for readings without a timestamp of their own
+                self._held.append((topic, payload, ack, int(time.time() * 1000)))
+                return
+        self._handle(topic, payload, ack)
+
+    @property
+    def count(self) -> int:
+        return len(self._held)
+
+    def release(self, stopped: threading.Event) -> int:
+        """Hand the held messages over in order, then stop holding; how many were held. Messages arriving
+        meanwhile queue behind them, so the order stays the broker's."""
+        released = 0
+        while not stopped.is_set():
+            with self._lock:
+                if not self._held:
+                    self._holding = False
+                    return released
+                topic, payload, ack, received_ms = self._held.popleft()
+            self._handle(topic, payload, ack, now_ms=received_ms)
+            released += 1
+        return released
+
+
 class Bridge:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -28,14 +67,18 @@ class Bridge:
         self.forecast, self.forecast_publisher = self._forecast(settings)
         hooks = [self.forecast.observe] if self.forecast is not None else []
         self.pipeline = Pipeline(settings, self.influx, self.ditto, self.metrics, hooks=hooks)
-        self.source = MqttSource(settings, self.metrics, self.pipeline.handle)
         self._stopped = threading.Event()
-        # With a ThingsBoard, consuming waits for the first sync (bounded by sync_first_wait_s): readings taken in
-        # before it would be placed at the default site/room/row, ghost racks in InfluxDB and flipped twins.
+        # With a ThingsBoard, messages are held (subscribed, unacknowledged) until the first sync placed the racks,
+        # at most sync_first_wait_s: readings mapped before it would be placed at the default site/room/row,
+        # ghost racks in InfluxDB and flipped twins. Subscribed at once, so nothing published meanwhile is lost.
         self._first_sync = threading.Event()
         self._stop_waiting = threading.Event()  # the first sync came, or the bridge is stopping
-        self._source_lock = threading.Lock()  # stop() must not run while the source is being started
-        self._consuming = threading.Event()
+        self._placed = threading.Event()  # holding is over: the first sync came, or the wait ran out
+        self._held = (HeldUntilPlaced(self.pipeline.handle)
+                      if settings.tb_url and settings.sync_first_wait_s > 0 else None)
+        if self._held is None:
+            self._placed.set()
+        self.source = MqttSource(settings, self.metrics, self._held or self.pipeline.handle)
         self._starter: threading.Thread | None = None
         self.sync = self._sync_worker(settings)
         self.ops = OpsServer(settings.http_host, settings.http_port, self.metrics.registry, self.readiness,
@@ -45,7 +88,7 @@ class Bridge:
             settings.mqtt_client_id,
             settings.influx_stats_interval_s,
             lambda lines: self.influx.submit(lines, None, kind="stats"),
-            lambda: all(self.readiness().values()),
+            self._stats_ready,
         )
 
     def _forecast(self, settings: Settings):  # noqa: ANN202
@@ -89,10 +132,15 @@ class Bridge:
             "influxdb": self.influx.healthy,
             "ditto": self.ditto.healthy and self.ditto.policy_ready,
         }
-        if self.sync is not None:
-            # False while consuming waits for the first ThingsBoard sync; true once it came or the wait ran out.
-            checks["thingsboard_first_sync"] = self._consuming.is_set()
+        if self._held is not None:
+            # False while messages are held for the first ThingsBoard sync; true once it came or the wait ran out.
+            checks["first_sync_wait_over"] = self._placed.is_set()
         return checks
+
+    def _stats_ready(self) -> bool:
+        """The readiness the stats report (and the bridge-down rule judges): the sinks and MQTT. The bounded
+        wait for the first sync is a start-up phase, not an outage; /readyz shows it."""
+        return all(ok for name, ok in self.readiness().items() if name != "first_sync_wait_over")
 
     def start(self) -> None:
         self.ops.start()
@@ -102,41 +150,34 @@ class Bridge:
         self.stats.start()
         if self.forecast_publisher is not None:
             self.forecast_publisher.start()
-        if self.sync is None:
-            self._start_source()
-            return
-        self.sync.start()
-        wait = self.settings.sync_first_wait_s
-        if wait <= 0:
-            self._start_source()
-            return
-        log.info("waiting for the first ThingsBoard sync (up to %.0f s) before consuming MQTT", wait)
-        # On a thread of its own, so start() returns and SIGTERM during the wait stops the bridge at once.
-        self._starter = threading.Thread(target=self._consume_after_first_sync, args=(wait,),
-                                         name="await-first-sync", daemon=True)
-        self._starter.start()
+        if self.sync is not None:
+            self.sync.start()
+        self.source.start()
+        if self._held is not None:
+            wait = self.settings.sync_first_wait_s
+            log.info("holding MQTT messages until the first ThingsBoard sync places the racks (up to %.0f s)", wait)
+            # On a thread of its own, so start() returns and SIGTERM during the wait stops the bridge at once.
+            self._starter = threading.Thread(target=self._release_after_first_sync, args=(wait,),
+                                             name="await-first-sync", daemon=True)
+            self._starter.start()
 
-    def _consume_after_first_sync(self, wait: float) -> None:
+    def _release_after_first_sync(self, wait: float) -> None:
         began = time.monotonic()
         self._stop_waiting.wait(wait)
         if self._stopped.is_set():
             return
         if self._first_sync.is_set():
-            log.info("first ThingsBoard sync done after %.1f s; consuming MQTT", time.monotonic() - began)
+            log.info("first ThingsBoard sync done after %.1f s; processing the %d messages held meanwhile",
+                     time.monotonic() - began, self._held.count)
         else:
             m = self.settings.mapping
-            log.warning("no ThingsBoard sync within %.0f s (RACKTWIN_SYNC_FIRST_WAIT_S): consuming MQTT anyway; "
-                        "until a sync succeeds, readings of racks placed by ThingsBoard attributes get the default "
-                        "site/room/row (%s/%s/%s) or what the mapping says, in InfluxDB and in the twins",
-                        wait, m.default_site, m.default_room, m.default_row)
-        self._start_source()
-
-    def _start_source(self) -> None:
-        with self._source_lock:
-            if self._stopped.is_set():
-                return
-            self.source.start()
-            self._consuming.set()
+            log.warning("no ThingsBoard sync within %.0f s (RACKTWIN_SYNC_FIRST_WAIT_S): processing MQTT messages "
+                        "anyway (%d held); until a sync succeeds, readings of racks placed by ThingsBoard "
+                        "attributes get the default site/room/row (%s/%s/%s) or what the mapping says, in InfluxDB "
+                        "and in the twins", wait, self._held.count, m.default_site, m.default_room, m.default_row)
+        self._held.release(self._stopped)
+        if not self._stopped.is_set():
+            self._placed.set()
 
     def _prepare_ditto(self) -> None:
         # Not fatal: Ditto may still be starting. Updates create the policy on first use and retry.
@@ -153,9 +194,7 @@ class Bridge:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._stop_waiting.set()
-        with self._source_lock:
-            pass  # a start of the source under way has finished; none begins after this
+        self._stop_waiting.set()  # held messages stay unacknowledged: the broker redelivers them
         if self._starter is not None:
             self._starter.join(timeout=1.0)
         timeout = self.settings.shutdown_timeout_s

@@ -264,7 +264,7 @@ def unreachable_tb_url() -> str:
 def test_the_backlog_after_a_restart_is_placed_by_thingsboard_not_by_the_defaults(tb_double, ditto, settings_factory,
                                                                                   mosquitto, influxd, influx_db,
                                                                                   bridge_env):
-    """Readings the broker queued while the bridge was away are consumed only after the first sync placed their
+    """Readings the broker queued while the bridge was away are processed only after the first sync placed their
     rack, so none reaches InfluxDB or the twin at default_site/room/row (ghost racks, wrong alert labels)."""
     from bridge.service import Bridge
 
@@ -277,10 +277,13 @@ def test_the_backlog_after_a_restart_is_placed_by_thingsboard_not_by_the_default
     bridge = Bridge(settings_factory(sync_interval_s=0, sync_first_wait_s=30))
     bridge.start()
     try:
-        checks = bridge.readiness()
-        assert checks["thingsboard_first_sync"] is False and not checks["mqtt"]
+        assert bridge.readiness()["first_sync_wait_over"] is False
         resp = requests.get(f"http://127.0.0.1:{bridge.ops.port}/readyz", timeout=5)
-        assert resp.status_code == 503 and resp.json()["checks"]["thingsboard_first_sync"] is False
+        assert resp.status_code == 503 and resp.json()["checks"]["first_sync_wait_over"] is False
+        # Subscribed at once (nothing published meanwhile is lost), processing held back.
+        wait_until(lambda: bridge.readiness()["mqtt"], what="subscribed during the wait")
+        assert bridge.readiness()["first_sync_wait_over"] is False
+        assert not influxd.rows("SELECT temperature FROM rack_environment", influx_db)
         rows = wait_until(lambda: (lambda r: len(r) == 5 and r)(influxd.rows(
             "SELECT temperature FROM rack_environment WHERE position = 'top' GROUP BY site, room, row", influx_db)),
             what="the backlog written")
@@ -289,7 +292,7 @@ def test_the_backlog_after_a_restart_is_placed_by_thingsboard_not_by_the_default
                    what="twin has the newest backlog reading")
         assert {k: thing(ditto, "rack-77")["attributes"][k] for k in ("site", "room", "row")} == {
             "site": "fra1", "room": "hall-9", "row": "C"}
-        assert bridge.readiness()["thingsboard_first_sync"] is True
+        assert bridge.readiness()["first_sync_wait_over"] is True
     finally:
         bridge.stop()
 
@@ -298,25 +301,27 @@ def test_with_thingsboard_down_the_bridge_consumes_after_the_wait_and_says_what_
         bridge_env, bridge_environ, mosquitto, influxd, influx_db, monkeypatch, caplog):
     from bridge.service import Bridge
 
+    """No session at the broker yet (a first start): what is published during the wait must not be lost, so the
+    bridge subscribes at once and only holds the messages back."""
     monkeypatch.delenv("RACKTWIN_CONFIG", raising=False)
     now = int(time.time() * 1000)
-    leave_a_session(bridge_env)
-    publish_backlog(mosquitto, bridge_env, "rack-78", [now - 1000])
     caplog.set_level("INFO", logger="bridge.service")
     bridge = Bridge(load_settings(tb_url=unreachable_tb_url(), tb_username="t", tb_password="p", sync_first_wait_s=1.5))
     began = time.monotonic()
     bridge.start()
     try:
-        assert any("waiting for the first ThingsBoard sync (up to 2 s) before consuming" in r.getMessage()
-                   for r in caplog.records)
+        assert any("holding MQTT messages until the first ThingsBoard sync places the racks (up to 2 s)"
+                   in r.getMessage() for r in caplog.records)
+        wait_until(bridge.source.connected.is_set, what="subscribed during the wait")
+        publish_backlog(mosquitto, bridge_env, "rack-78", [now - 1000])
         rows = wait_until(lambda: influxd.rows("SELECT temperature FROM rack_environment GROUP BY room", influx_db),
                           what="the reading consumed after the wait")
         assert time.monotonic() - began >= 1.5
         assert [r["room"] for r in rows] == ["room1"]  # the default: ThingsBoard never said otherwise
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "bridge.service"]
-        assert any("no ThingsBoard sync within 2 s" in w and "consuming MQTT anyway" in w
+        assert any("no ThingsBoard sync within 2 s" in w and "processing MQTT messages anyway (1 held)" in w
                    and "default site/room/row (site1/room1/row1)" in w for w in warnings), warnings
-        wait_until(lambda: bridge.readiness()["thingsboard_first_sync"], what="the wait over in readiness")
+        wait_until(lambda: bridge.readiness()["first_sync_wait_over"], what="the wait over in readiness")
     finally:
         bridge.stop()
 
@@ -330,12 +335,13 @@ def test_sigterm_while_waiting_for_the_first_sync_stops_the_bridge_at_once(bridg
     try:
         readyz = wait_until(lambda: requests.get(f"http://127.0.0.1:{bridge.port}/readyz", timeout=1).json(),
                             timeout=30, what="ops endpoint up")
-        assert readyz["ready"] is False and readyz["checks"]["thingsboard_first_sync"] is False
-        wait_until(lambda: "waiting for the first ThingsBoard sync (up to 60 s)" in bridge.log(), what="wait logged")
+        assert readyz["ready"] is False and readyz["checks"]["first_sync_wait_over"] is False
+        wait_until(lambda: "holding MQTT messages until the first ThingsBoard sync" in bridge.log(),
+                   what="wait logged")
         began = time.monotonic()
         assert bridge.terminate(timeout=15) == 0
         assert time.monotonic() - began < 10
-        assert "connecting to MQTT" not in bridge.log()  # never started consuming
+        assert "processing" not in bridge.log()  # nothing held was processed: the broker redelivers it
     finally:
         bridge.kill()
 
