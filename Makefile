@@ -43,14 +43,15 @@ deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font, Chromium, No
 	      && echo "(their system services are stopped and disabled: the tests start their own, and make up needs ports 1883 and 8086)"; \
 	  else \
 	    echo "The tests need these programs:$$missing (Debian package names: $(APT_PACKAGES) python3-venv)."; \
-	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd), nginx, the Inter font (Inter-Regular.otf, Inter-Medium.otf in /usr/share/fonts/opentype/inter), Chromium, Node.js 18+ with npm and Python's venv module with your package manager, then re-run make test."; \
+	    echo "Install Mosquitto 2.x, InfluxDB 1.6+ (influxd), nginx, the Inter font (Inter-Regular.otf, Inter-Medium.otf in /usr/share/fonts/opentype/inter), Chromium, Node.js 20+ with npm and Python's venv module with your package manager, then re-run make test."; \
 	    exit 1; \
 	  fi; \
 	fi
 
 GRAFANA_JS := tests/grafana_js
 
-$(GRAFANA_JS)/node_modules/.installed: $(GRAFANA_JS)/package.json $(GRAFANA_JS)/package-lock.json
+$(GRAFANA_JS)/node_modules/.installed: $(GRAFANA_JS)/package.json $(GRAFANA_JS)/package-lock.json | deps-system
+	@node -e 'process.exit(+process.versions.node.split(".")[0] < 20)' || { echo "the tests need Node.js 20+ (this is $$(node --version)); Debian 12's nodejs is 18: install 20+, e.g. from nodejs.org or NodeSource"; exit 1; }
 	cd $(GRAFANA_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 

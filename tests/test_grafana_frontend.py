@@ -3,9 +3,10 @@ Ditto double (holding what the bridge wrote) goes through @grafana/data's field 
 values and @grafana/scenes' variable interpolation (tests/grafana_js/panel_values.cjs, run by Node.js), and the
 tests check what each tile would say: its title, state word, colour and rack-detail link.
 
-Not covered: the panels' React rendering (sizes, layout: tests/test_wall_layout.py models those), and the parsing
-of an answer into frames by the Infinity plugin and Grafana's InfluxQL backend, which is Go and is modelled here
-(``infinity_frame``, ``influxql_table_frame``)."""
+The tile panel is also drawn in Chromium by Grafana's own stat components (VizRepeater, BigValue). Not covered:
+the app's StatPanel glue and panel chrome (modelled), and the parsing of an answer into frames by the Infinity
+plugin and Grafana's InfluxQL backend, which is Go and is modelled here (``infinity_frame``,
+``influxql_table_frame``)."""
 
 from __future__ import annotations
 
@@ -356,3 +357,19 @@ def test_grafanas_own_stat_components_fit_every_tile_text_inside_its_tile(tmp_pa
             model_w = fit.grid.last_row_w if last_row else fit.grid.tile_w
             assert model_w == pytest.approx(tile["width"], abs=1) and \
                 fit.grid.tile_h == pytest.approx(tile["height"], abs=1), f"{at}: model {fit.grid}"
+
+
+def test_the_heading_for_trouble_table_shows_the_soonest_rows_only():
+    """More rack positions heading for the limit than the table has rows: the soonest HEADING_ROWS, in order."""
+    panel = next(p for p in WALL["panels"] if p["title"] == "Heading for trouble")
+    rec, trend, level, allowable = forecast_columns(Thresholds()).values()
+    minutes = [44.0, 3.0, 25.0, 12.0, 7.0, 58.0, 1.0, 19.0]
+    body = {"results": [{"series": [
+        {"name": "rack_forecast", "tags": {"room": "hall-1", "row": "A", "rack": f"rack-{i}", "position": "top"},
+         "columns": ["time", rec, trend, level, allowable], "values": [[0, m, 6.0, 24.0, m + 50]]}
+        for i, m in enumerate(minutes)]}]}
+    out = grafana_values(panel, influxql_table_frame(body), {"namespace": "racktwin"}, WALL_TIME)
+    fields = {f["displayName"]: f for f in out["fields"]}
+    soonest = sorted(range(len(minutes)), key=lambda i: minutes[i])[:HEADING_ROWS]
+    assert fields["rack"]["texts"] == [f"rack-{i}" for i in soonest]
+    assert [t.split()[0] for t in fields[rec]["texts"]] == [f"{minutes[i]:.0f}" for i in soonest]
