@@ -151,6 +151,9 @@ class SecretFileSource(PydanticBaseSettingsSource):
                 continue
             env = f"{ENV_PREFIX}{name.upper()}_FILE"
             path = os.environ.get(env)
+            if path and os.environ.get(env.removesuffix("_FILE")):
+                # Which one wins is not something to find out from a failed login.
+                raise ConfigError(f"{env.removesuffix('_FILE')} and {env} are both set: keep one")
             if path:
                 try:
                     values[name] = Path(path).read_text(encoding="utf-8").strip()

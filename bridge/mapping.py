@@ -128,7 +128,8 @@ class Mapper:
         if group.ts_ms > now_ms + s.max_future_s * 1000:
             raise Rejected("ts_future", f"ts {group.ts_ms} is {(group.ts_ms - now_ms) / 1000:.0f} s in the future")
         if group.ts_ms < now_ms - s.max_age_s * 1000:
-            raise Rejected("ts_too_old", f"ts {group.ts_ms} is older than {s.max_age_s:.0f} s")
+            seconds = " (in seconds? ThingsBoard's ts is in milliseconds)" if 0 < group.ts_ms < 10**11 else ""
+            raise Rejected("ts_too_old", f"ts {group.ts_ms} is older than {s.max_age_s:.0f} s{seconds}")
 
         values: dict[Position, dict[str, float]] = {}
         for key, raw in group.values.items():

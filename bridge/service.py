@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .http_api import OpsServer
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -81,8 +81,12 @@ class Bridge:
         self.source = MqttSource(settings, self.metrics, self._held or self.pipeline.handle)
         self._starter: threading.Thread | None = None
         self.sync = self._sync_worker(settings)
-        self.ops = OpsServer(settings.http_host, settings.http_port, self.metrics.registry, self.readiness,
-                             sync_now=self.sync.trigger if self.sync is not None else None)
+        try:
+            self.ops = OpsServer(settings.http_host, settings.http_port, self.metrics.registry, self.readiness,
+                                 sync_now=self.sync.trigger if self.sync is not None else None)
+        except OSError as exc:  # e.g. another bridge on the port: say which setting, not a traceback
+            raise ConfigError(f"http_port: cannot listen on {settings.http_host}:{settings.http_port} "
+                              f"({exc.strerror}); set RACKTWIN_HTTP_PORT to a free port") from exc
         self.stats = StatsReporter(
             self.metrics,
             settings.mqtt_client_id,
@@ -130,7 +134,8 @@ class Bridge:
         checks = {
             "mqtt": self.source.connected.is_set(),
             "influxdb": self.influx.healthy,
-            "ditto": self.ditto.healthy and self.ditto.policy_ready,
+            # Stalled: a hung Ditto answers nothing, so no failure says so until the requests time out.
+            "ditto": self.ditto.healthy and self.ditto.policy_ready and not self.ditto.stalled,
         }
         if self._held is not None:
             # False while messages are held for the first ThingsBoard sync; true once it came or the wait ran out.

@@ -126,6 +126,28 @@ def test_secret_from_file_is_masked_in_effective_config(tmp_path, monkeypatch):
     assert "s3cret" not in shown and effective_config(s)["ditto_password"] == "***"
 
 
+def test_a_secret_set_both_directly_and_as_a_file_is_refused_naming_both(tmp_path, monkeypatch):
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("RACKTWIN_DITTO_PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("RACKTWIN_DITTO_PASSWORD", "from-env")
+    with pytest.raises(ConfigError, match="RACKTWIN_DITTO_PASSWORD and RACKTWIN_DITTO_PASSWORD_FILE are both set"):
+        load_settings()
+
+
+def test_a_busy_ops_port_stops_start_up_naming_the_setting(monkeypatch):
+    import socket
+
+    from bridge.service import Bridge
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        settings = load_settings(http_host="127.0.0.1", http_port=busy.getsockname()[1])
+        with pytest.raises(ConfigError, match="http_port: cannot listen on 127.0.0.1:.*RACKTWIN_HTTP_PORT"):
+            Bridge(settings)
+
+
 def test_check_config_exits_2_naming_the_field():
     env = {"RACKTWIN_INFLUX_URL": "ftp://nope", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-m", "bridge", "check-config"], env=env, cwd=REPO_ROOT,
@@ -161,3 +183,17 @@ def test_forecast_horizon_beyond_the_furthest_reported_crossing_stops_start_up(m
         load_settings()
     monkeypatch.setenv("RACKTWIN_FORECAST_MAX_MINUTES", "300")
     assert load_settings().forecast_horizon_min == 300
+
+
+def test_readiness_says_ditto_is_down_once_the_bridge_found_it_stalled():
+    """A hung Ditto fails nothing until its requests time out; the stall the bridge found is the better word."""
+    from bridge.service import Bridge
+
+    bridge = Bridge(load_settings(http_port=0))
+    try:
+        bridge.ditto.healthy, bridge.ditto.policy_ready = True, True
+        assert bridge.readiness()["ditto"] is True
+        bridge.ditto._stalled = True
+        assert bridge.readiness()["ditto"] is False
+    finally:
+        bridge.ops.server.server_close()

@@ -144,3 +144,12 @@ def test_only_listed_racks():
     s = settings(mapping=MappingConfig(only_listed_racks=True, racks={"r1": {}}))
     assert run({"tempTop": 1}, topic="t/r1", s=s)
     assert reason({"tempTop": 1}, topic="t/r2", s=s) == "unknown_device"
+
+
+def test_a_timestamp_in_seconds_is_rejected_with_a_hint():
+    with pytest.raises(Rejected) as info:
+        run({"ts": NOW // 1000, "values": {"tempTop": 25}})
+    assert info.value.reason == "ts_too_old" and "in seconds?" in str(info.value)
+    with pytest.raises(Rejected) as info:
+        run({"ts": NOW - 8 * 86400_000, "values": {"tempTop": 25}})
+    assert "in seconds?" not in str(info.value)

@@ -344,6 +344,11 @@ class DittoUpdater:
         if self.channel is not None:
             self.channel.close()
 
+    @property
+    def stalled(self) -> bool:
+        """Readings are being acknowledged without their twin update (module docstring)."""
+        return self._stalled
+
     def _count(self, outcome: str) -> None:
         (self._outcomes.get(outcome) or self.metrics.ditto_updates.labels(outcome)).inc()
 

@@ -392,7 +392,7 @@ class InfluxWriter:
                     self.healthy, self.last_error = True, None
                     self._release_side()
                 else:
-                    error = f"no answer to /ping at {self.settings.influx_url}"
+                    error = f"/ping at {self.settings.influx_url} did not answer as InfluxDB does (204)"
                     if error != self.last_error:
                         log.warning("InfluxDB not reachable (%s); asking again every %.0f s", error,
                                     PROBE_INTERVAL_S)
