@@ -25,6 +25,9 @@ LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
 POINT_KINDS = ("reading", "forecast", "stats")
 # The result label of racktwin_ditto_updates_total.
 DITTO_OUTCOMES = ("ok", "created", "stale", "retry", "error")
+# The result label of racktwin_forecast_twin_patches_total: patched, the thing not there yet, failed, not tried
+# because Ditto was down (the round's patches stopped early).
+FORECAST_PATCH_RESULTS = ("ok", "absent", "error", "skipped")
 
 
 class Metrics:
@@ -70,6 +73,12 @@ class Metrics:
             "gets the newest per position once Ditto takes it)",
             registry=r,
         )
+        self.forecast_twin_patches = Counter(
+            "racktwin_forecast_twin_patches",
+            "Forecast feature patches of the twins by result: ok, absent (no such thing yet), error, skipped (not "
+            "tried: Ditto was down, the round stopped early); each tried again next round unless ok",
+            ["result"], registry=r,
+        )
         self.stale = Counter(
             "racktwin_ditto_stale", "Readings older than the twin's state, not written", registry=r
         )
@@ -95,6 +104,8 @@ class Metrics:
             self.rejected.labels(reason)
         for result in ("ok", "created", "stale", "retry", "error"):
             self.ditto_updates.labels(result)
+        for result in FORECAST_PATCH_RESULTS:
+            self.forecast_twin_patches.labels(result)
         for sink in ("influx", "ditto"):
             self.lag.labels(sink)
         for kind in POINT_KINDS:

@@ -108,7 +108,8 @@ class Bridge:
             return client.patch_existing(tid, patch)  # False: the readings have not created the twin yet
 
         publisher = ForecastPublisher(
-            tracker, settings, lambda lines: self.influx.submit(lines, None, kind="forecast"), patch_thing
+            tracker, settings, lambda lines: self.influx.submit(lines, None, kind="forecast"), patch_thing,
+            metrics=self.metrics,
         )
         return tracker, publisher
 

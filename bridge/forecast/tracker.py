@@ -6,7 +6,7 @@ Wiring (bridge/service.py)::
     pipeline = Pipeline(..., hooks=[tracker.observe])
     publisher = ForecastPublisher(tracker, settings,
                                   submit_lines=lambda lines: influx.submit(lines, None, kind="forecast"),
-                                  patch_thing=<callable(thing_id, merge_patch)>)
+                                  patch_thing=<callable(thing_id, merge_patch)>, metrics=metrics)
     publisher.start() ... publisher.stop()
 
 Where forecasts go:
@@ -35,8 +35,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import requests
+
 from ..config import Settings
 from ..mapping import POSITIONS, Position, RackLocation, SensorReading
+from ..metrics import FORECAST_PATCH_RESULTS, Metrics
+from ..sinks.ditto import DITTO_WIDE_STATUSES, DittoError
 from ..sinks.influx import escape_tag, format_float
 from ..twin import SUFFIX, dew_point, iso_ms, thing_id
 from .estimator import Status, TrendWindow, minutes_until
@@ -265,6 +269,23 @@ def heading_for_trouble(forecasts: Iterable[Forecast], horizon_min: float) -> li
 
 # -- publishing: the periodic adapter -------------------------------------------------------------
 
+# Twin patches failing this many racks in a row, each in a way that is Ditto's as a whole (no answer or a timeout,
+# 5xx, 401/403/408/424/429), end the round's twin patches: the rest are skipped until the next round. Three, not
+# one: a single reset connection or 503 can be a blip (one Ditto service restarting), three different things in a
+# row failing alike is Ditto, or the way to it, being down. So a round against a dead Ditto costs at most three
+# timeouts, and sends it three requests rather than one per rack. A failure of one twin's own (404, 400, ...) ends
+# the run of failures: Ditto answered.
+TWIN_FAILURES_TO_STOP = 3
+# 403 counts too although it is a thing's policy: every rack thing shares one policy, so 403 for racks in a row is
+# that policy no longer letting the bridge write. A round stopped by a few odd twins in a row costs little: the
+# next round starts after the rack that stopped it (see ``_resume_after``).
+_DITTO_WIDE = DITTO_WIDE_STATUSES | {403}
+
+
+def _ditto_wide(exc: BaseException) -> bool:
+    status = exc.status if isinstance(exc, DittoError) else None
+    return status is None or status >= 500 or status in _DITTO_WIDE
+
 
 @dataclass
 class PublishResult:
@@ -272,6 +293,9 @@ class PublishResult:
     lines: int = 0
     patches: int = 0
     heading: int = 0
+    patches_absent: int = 0  # twin patches not sent: no such thing yet
+    patch_failures: int = 0  # twin patches that failed this round
+    patches_skipped: int = 0  # twin patches not tried this round: Ditto was down (TWIN_FAILURES_TO_STOP)
 
 
 class ForecastPublisher:
@@ -281,7 +305,17 @@ class ForecastPublisher:
     passed in so this class has no I/O of its own. A twin is patched when its rounded forecast
     changed, or ``forecast_twin_refresh_s`` after the last patch (so computedAt stays fresh).
     ``patch_thing`` returns False when the thing does not exist yet (a new rack whose first reading
-    is still on its way to Ditto); that patch is tried again next round.
+    is still on its way to Ditto); that patch is tried again next round. A patch that fails is tried
+    again next round too.
+
+    Started, the InfluxDB lines go out on the publisher's thread every interval and the twin patches on a
+    thread of their own, so a slow or failing Ditto never delays the lines; a twin round still going when the
+    next forecasts are ready takes the newest of them when it ends (the ones between are not sent to the twins).
+    ``publish_once`` does one round of both, in that order, on the caller's thread.
+
+    Failing patches make one log line per round (how many, and the first one's reason; a traceback only for an
+    unexpected exception) and one "recovered" line when they go through again; counted in
+    ``racktwin_forecast_twin_patches_total{result}``.
     """
 
     def __init__(
@@ -291,18 +325,36 @@ class ForecastPublisher:
         submit_lines: Callable[[list[str]], None] | None,
         patch_thing: Callable[[str, dict[str, Any]], bool | None] | None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ):
         self.tracker = tracker
         self.settings = settings
         self.submit_lines = submit_lines
         self.patch_thing = patch_thing
         self.clock = clock
+        self.metrics = metrics
+        self._patch_counts = (
+            {result: metrics.forecast_twin_patches.labels(result) for result in FORECAST_PATCH_RESULTS}
+            if metrics is not None else {}
+        )
         self._sent: dict[str, tuple[dict[str, Any], float]] = {}
+        self._failing = False  # the last round with patches to send had failures
+        self._resume_after: str | None = None  # the thing that stopped the last round early: the next starts after it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forecast-publisher", daemon=True)
+        self._twin_thread = threading.Thread(target=self._run_twins, name="forecast-twins", daemon=True)
+        self._twin_cond = threading.Condition()
+        self._twin_job: tuple[list[Forecast], float] | None = None
         self._last_heading = 0
 
     def publish_once(self, now_s: float | None = None) -> PublishResult:
+        """One round on the caller's thread: the InfluxDB lines, then the twin patches."""
+        forecasts, now, result = self._publish_lines(now_s)
+        if self.patch_thing is not None:
+            self._patch_twins(forecasts, now, result)
+        return result
+
+    def _publish_lines(self, now_s: float | None) -> tuple[list[Forecast], float, PublishResult]:
         now = self.clock() if now_s is None else now_s
         forecasts = self.tracker.forecasts(now, forget_after_s=max(3600.0, self.settings.forecast_window_s))
         result = PublishResult(positions=len(forecasts))
@@ -312,53 +364,122 @@ class ForecastPublisher:
             lines += [line for f in forecasts if (line := projection_line(f))]
             if lines:
                 self.submit_lines(lines)
-        if self.patch_thing is not None:
-            result.patches = self._patch_twins(forecasts, now)
         result.heading = len(heading_for_trouble(forecasts, self.settings.forecast_horizon_min))
         if result.heading != self._last_heading:
             log.info("%d rack positions heading for the recommended limit within %.0f min",
                      result.heading, self.settings.forecast_horizon_min)
             self._last_heading = result.heading
-        return result
+        return forecasts, now, result
 
-    def _patch_twins(self, forecasts: list[Forecast], now: float) -> int:
+    def _patch_twins(self, forecasts: list[Forecast], now: float, result: PublishResult) -> None:
+        """One round of twin patches, counted into ``result``'s patch fields."""
         by_rack: dict[str, list[Forecast]] = {}
         for f in forecasts:
-            by_rack.setdefault(f.rack, []).append(f)
+            by_rack.setdefault(thing_id(self.settings.ditto_namespace, f.rack), []).append(f)
         refresh = self.settings.forecast_twin_refresh_s
-        patches = 0
-        for rack, group in by_rack.items():
-            tid = thing_id(self.settings.ditto_namespace, rack)
-            props = forecast_properties(group)
+        due = []
+        for tid in sorted(by_rack):
+            props = forecast_properties(by_rack[tid])
             content = {k: v for k, v in props.items() if k != "computedAt"}
             previous = self._sent.get(tid)
-            if previous is not None and previous[0] == content and now - previous[1] < refresh:
-                continue
+            if previous is None or previous[0] != content or now - previous[1] >= refresh:
+                due.append((tid, props, content))
+        if self._resume_after is not None:  # the racks after the one that stopped the last round go first
+            first = next((i for i, (tid, _, _) in enumerate(due) if tid > self._resume_after), 0)
+            due = due[first:] + due[:first]
+            self._resume_after = None
+        first_error: str | None = None
+        unexpected: BaseException | None = None
+        in_a_row = 0
+        for n, (tid, props, content) in enumerate(due):
+            if self._stop.is_set():  # stopping: the rest are neither sent nor failures
+                break
             try:
-                if self.patch_thing(tid, {"features": {FEATURE: {"properties": props}}}) is False:  # type: ignore[misc]
-                    continue  # no such thing yet: not sent, so tried again next round
-            except Exception:  # noqa: BLE001 - one twin failing must not stop the others
-                log.exception("forecast patch of %s failed", tid)
+                sent = self.patch_thing(tid, {"features": {FEATURE: {"properties": props}}})  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - one twin failing must not stop the others
+                result.patch_failures += 1
+                expected = isinstance(exc, (DittoError, requests.RequestException, OSError))
+                if first_error is None:
+                    first_error = f"{tid}: {str(exc)[:200] or type(exc).__name__}"
+                if not expected and unexpected is None:
+                    unexpected = exc
+                in_a_row = in_a_row + 1 if expected and _ditto_wide(exc) else 0
+                if in_a_row >= TWIN_FAILURES_TO_STOP and n + 1 < len(due):
+                    result.patches_skipped = len(due) - n - 1
+                    self._resume_after = tid
+                    break
+                continue
+            in_a_row = 0
+            if sent is False:
+                result.patches_absent += 1  # no such thing yet: not sent, so tried again next round
                 continue
             self._sent[tid] = (content, now)
-            patches += 1
-        gone = set(self._sent) - {thing_id(self.settings.ditto_namespace, r) for r in by_rack}
-        for tid in gone:
+            result.patches += 1
+        for tid in set(self._sent) - set(by_rack):
             del self._sent[tid]
-        return patches
+        self._report(result, first_error, unexpected)
+
+    def _report(self, r: PublishResult, first_error: str | None, unexpected: BaseException | None) -> None:
+        """Count the round's patches and log it: at most one line, and none while all is well."""
+        for label, n in (("ok", r.patches), ("absent", r.patches_absent), ("error", r.patch_failures),
+                         ("skipped", r.patches_skipped)):
+            if n and label in self._patch_counts:
+                self._patch_counts[label].inc(n)
+        if r.patch_failures:
+            tried = r.patches + r.patches_absent + r.patch_failures
+            skipped = (f"; Ditto looks down ({TWIN_FAILURES_TO_STOP} failed in a row), the other {r.patches_skipped} "
+                       "skipped until the next round") if r.patches_skipped else ""
+            text = (f"forecast twin patches: {r.patch_failures} of {tried} racks failed{skipped} "
+                    f"(first: {first_error}); InfluxDB's forecast lines are not affected")
+            if unexpected is not None:  # a bug, not Ditto: its traceback, once a round
+                log.error("%s; unexpected error:", text, exc_info=unexpected)
+                if self.metrics is not None:
+                    self.metrics.internal_errors.inc()
+            else:
+                log.warning("%s", text)
+            self._failing = True
+        elif self._failing and r.patches:
+            log.info("forecast twin patches recovered: %d twins patched", r.patches)
+            self._failing = False
 
     def start(self) -> None:
+        if self.patch_thing is not None:
+            self._twin_thread.start()
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        with self._twin_cond:
+            self._twin_cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in (self._thread, self._twin_thread):
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         interval = self.settings.forecast_publish_interval_s
         while not self._stop.wait(interval):
             try:
-                self.publish_once()
+                forecasts, now, _ = self._publish_lines(None)
             except Exception:  # noqa: BLE001 - keep publishing; the next round may succeed
                 log.exception("forecast publishing failed")
+                continue
+            if self.patch_thing is not None:
+                with self._twin_cond:  # replaces forecasts the twin thread has not taken yet: the newest win
+                    self._twin_job = (forecasts, now)
+                    self._twin_cond.notify()
+
+    def _run_twins(self) -> None:
+        while True:
+            with self._twin_cond:
+                while self._twin_job is None and not self._stop.is_set():
+                    self._twin_cond.wait()
+                if self._stop.is_set():
+                    return
+                job, self._twin_job = self._twin_job, None
+            try:
+                self._patch_twins(*job, PublishResult())  # type: ignore[misc]
+            except Exception:  # noqa: BLE001 - keep patching; the next round may succeed
+                log.exception("forecast twin patching failed")
+                if self.metrics is not None:
+                    self.metrics.internal_errors.inc()
