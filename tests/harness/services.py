@@ -59,16 +59,25 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen, name: str, log
 class Mosquitto:
     """A real broker with persistence, so a restart keeps queued messages of persistent sessions."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = ""):
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "",
+                 users: dict[str, str] | None = None):
+        """``users``: logins (user name: password) the broker requires instead of allowing anonymous clients."""
         self.binary = _binary("mosquitto", "mosquitto")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.conf = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
+        auth = "allow_anonymous true\n"
+        if users is not None:
+            passwd, passwords = _binary("mosquitto_passwd", "mosquitto"), self.workdir / "passwords"
+            passwords.write_text("")
+            for user, password in users.items():
+                subprocess.run([passwd, "-b", str(passwords), user, password], check=True, capture_output=True)
+            auth = f"allow_anonymous false\npassword_file {passwords}\n"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + auth +
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
