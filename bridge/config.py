@@ -417,6 +417,19 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("mqtt_host", "sim_tb_mqtt_host")
+    @classmethod
+    def _host_name(cls, value: str) -> str:
+        # paho's network thread dies on a name the resolver cannot encode (a label over 63 characters), and
+        # never connects again: say so here instead.
+        if not value or any(c.isspace() or c == "/" for c in value):
+            raise ValueError("must be a host name or address (no scheme, path or spaces)")
+        if not value.startswith("[") and ":" not in value:  # not an IPv6 literal
+            labels = value.rstrip(".").split(".")
+            if len(value) > 253 or any(not 0 < len(label) <= 63 for label in labels):
+                raise ValueError("not a valid host name: at most 253 characters, dot-separated labels of 1-63")
+        return value
+
     @field_validator("ditto_ws_url")
     @classmethod
     def _ws_url(cls, value: str | None) -> str | None:

@@ -197,3 +197,14 @@ def test_readiness_says_ditto_is_down_once_the_bridge_found_it_stalled():
         assert bridge.readiness()["ditto"] is False
     finally:
         bridge.ops.server.server_close()
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "mqtt://broker", "broker:1883/x", "my broker", ""])
+def test_an_mqtt_host_the_client_could_never_connect_to_is_refused_naming_the_field(host):
+    with pytest.raises(ConfigError, match="mqtt_host"):
+        load_settings(mqtt_host=host)
+
+
+@pytest.mark.parametrize("host", ["localhost", "mosquitto", "broker.dc1.example.com", "10.0.0.5", "::1"])
+def test_ordinary_mqtt_hosts_are_accepted(host):
+    assert load_settings(mqtt_host=host).mqtt_host == host
