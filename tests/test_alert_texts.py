@@ -13,6 +13,7 @@ import pytest
 
 from tests.dashboard_data import RULE_GROUPS
 from tests.gotemplate import TemplateError, go_float, render
+from tests.grafana_sim import threshold
 
 RULES = {r["uid"]: r for g in RULE_GROUPS for r in g["rules"]}
 SENSOR = {"site": "site1", "room": "hall1", "row": "A", "rack": "hall1-a03", "position": "top"}
@@ -75,6 +76,14 @@ def summary(uid: str, labels: dict, values: dict) -> str:
     return render(RULES[uid]["annotations"]["summary"], labels, values)
 
 
+def condition(uid: str, b: float) -> float:
+    """The rule's threshold expression (its condition refId) on the reduced value B, as Grafana computes C."""
+    rule = RULES[uid]
+    [node] = [d["model"] for d in rule["data"] if d["refId"] == rule["condition"]]
+    evaluator = node["conditions"][0]["evaluator"]
+    return 1.0 if threshold(b, evaluator["type"], evaluator["params"]) else 0.0
+
+
 def test_every_rule_has_its_texts_checked():
     assert set(TEXTS) == set(RULES)
 
@@ -82,6 +91,7 @@ def test_every_rule_has_its_texts_checked():
 @pytest.mark.parametrize("uid", sorted(TEXTS))
 def test_a_firing_alert_says_what_is_wrong(uid):
     labels, (b, text), _ = TEXTS[uid]
+    assert condition(uid, b) == 1.0, f"{uid}: B = {b} does not meet the rule's own threshold"
     assert summary(uid, labels, {"B": b, "C": 1.0}) == text
     # Grafana takes a NaN condition for firing: so does the text.
     assert summary(uid, labels, {"B": b, "C": float("nan")}) == text
@@ -92,6 +102,7 @@ def test_an_alert_whose_condition_no_longer_holds_says_so(uid):
     """keepFiringFor holds it firing (Recovering), then the "resolved" goes out: both rendered from an evaluation
     where the condition is 0, which must not read as the breach it no longer is."""
     labels, _, (b, text) = TEXTS[uid]
+    assert condition(uid, b) == 0.0, f"{uid}: B = {b} still meets the rule's own threshold"
     assert summary(uid, labels, {"B": b, "C": 0.0}) == text
 
 
