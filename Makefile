@@ -51,7 +51,7 @@ deps-system: ## install Mosquitto, InfluxDB, nginx, the Inter font, Chromium, No
 GRAFANA_JS := tests/grafana_js
 
 $(GRAFANA_JS)/node_modules/.installed: $(GRAFANA_JS)/package.json $(GRAFANA_JS)/package-lock.json | deps-system
-	@node -e 'process.exit(+process.versions.node.split(".")[0] < 20)' || { echo "the tests need Node.js 20+ (this is $$(node --version)); Debian 12's nodejs is 18: install 20+, e.g. from nodejs.org or NodeSource"; exit 1; }
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' || { echo "the tests need Node.js 20+ (this is $$(node --version)); Debian 12's nodejs is 18: install 20+, e.g. from nodejs.org or NodeSource"; exit 1; }
 	cd $(GRAFANA_JS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
