@@ -373,3 +373,35 @@ def test_the_heading_for_trouble_table_shows_the_soonest_rows_only():
     soonest = sorted(range(len(minutes)), key=lambda i: minutes[i])[:HEADING_ROWS]
     assert fields["rack"]["texts"] == [f"rack-{i}" for i in soonest]
     assert [t.split()[0] for t in fields[rec]["texts"]] == [f"{minutes[i]:.0f}" for i in soonest]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium missing (make deps-system installs it)")
+def test_grafana_sizes_the_summary_numbers_to_be_read_from_across_the_room(tmp_path):
+    """The top row's values (a hot inlet, a two-digit count), formatted by Grafana's field config and sized by its
+    BigValue to each panel, on a 55-inch 1080p screen under both header heights: legible from 5 m or more, and
+    the layout model's size (tests/test_wall_layout.py) within 10 % of Grafana's."""
+    from tests.grafana_layout import single_stat_value_px, stat_content_px
+    from tests.test_wall_layout import HEADERS_PX, SCREENS, legible_from_m
+
+    screen = SCREENS[0]
+    summary = [p for p in WALL["panels"] if p["type"] == "stat" and p["gridPos"]["y"] == 0]
+    panels, cases = [], []
+    for header in HEADERS_PX:
+        for panel in summary:
+            value = 33.0 if panel["fieldConfig"]["defaults"]["unit"] == "celsius" else 12.0
+            frame = {"fields": [{"name": "Time", "type": "time", "values": [0]},
+                                {"name": "value", "type": "number", "values": [value]}]}
+            [shown] = grafana_values(panel, [frame], {"namespace": "racktwin"}, {"from": "now-15m", "to": "now"})["values"]
+            width, height = stat_content_px(panel, screen, header)
+            display = {k: shown[k] for k in ("text", "prefix", "suffix", "color")} | {"numeric": value}
+            panels.append({"width": width, "height": height, "options": panel["options"],
+                           "values": [{"display": display, "links": []}]})
+            cases.append((header, panel, shown))
+    result = draw(tmp_path, panels)
+    for (header, panel, shown), drawn in zip(cases, result["panels"]):
+        [tile] = drawn["tiles"]
+        value_px = max(run["size"] for run in tile["runs"] if run["text"].strip() == shown["text"])
+        at = f"{panel['title']} ({shown['text']}{shown['suffix']}), {header} px header"
+        assert legible_from_m(value_px, screen) >= 5.0, f"{at}: {value_px} px"
+        text = shown["text"] + shown["suffix"]
+        assert single_stat_value_px(panel, screen, header, text) == pytest.approx(value_px, rel=0.1), at
