@@ -102,7 +102,7 @@ class Bridge:
         from .forecast.tracker import ForecastPublisher, ForecastTracker
 
         tracker = ForecastTracker.from_settings(settings)
-        client = DittoClient(settings)  # its own connection: forecasts must not queue behind readings
+        client = self._forecast_client = DittoClient(settings)  # its own connection: not behind the readings
 
         def patch_thing(tid: str, patch: dict) -> bool:
             return client.patch_existing(tid, patch)  # False: the readings have not created the twin yet
@@ -210,6 +210,8 @@ class Bridge:
         self.stats.stop()
         if self.forecast_publisher is not None:
             self.forecast_publisher.stop(timeout=2.0)
+            if not self.forecast_publisher.running:  # a patch still out keeps its connection until it ends
+                self._forecast_client.close()
         if self.sync is not None:
             self.sync.stop(timeout=1.0)
         drained = self.pipeline.in_flight.wait_empty(timeout)

@@ -447,6 +447,11 @@ class ForecastPublisher:
             self._twin_thread.start()
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """A thread of the publisher is still at work (a stop that timed out)."""
+        return self._thread.is_alive() or self._twin_thread.is_alive()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         with self._twin_cond:
