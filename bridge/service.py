@@ -122,14 +122,17 @@ class Bridge:
 
         configured = settings.mapping
 
-        def learnt(result) -> None:  # noqa: ANN001
+        def placed(result) -> None:  # noqa: ANN001 - the placements, before the sync's slower telemetry and twins
             self.pipeline.mapper.replace_mapping(merged_mapping(configured, result.racks))
             self.pipeline.mapper.replace_placements(placement_index(result.placements))
-            log.info("ThingsBoard sync: %d devices, %d racks placed", result.devices, len(result.racks))
             self._first_sync.set()
             self._stop_waiting.set()
 
-        return SyncWorker(settings, learnt)
+        def learnt(result) -> None:  # noqa: ANN001
+            placed(result)
+            log.info("ThingsBoard sync: %d devices, %d racks placed", result.devices, len(result.racks))
+
+        return SyncWorker(settings, learnt, on_placed=placed)
 
     def readiness(self) -> dict[str, bool]:
         checks = {

@@ -104,6 +104,26 @@ def test_per_sensor_devices_are_placed_by_attributes(tb_double, ditto, settings_
     assert any(s.startswith("sensor-nowhere") for s in result.skipped)
 
 
+def test_placements_are_reported_before_the_telemetry_history_and_twins(tb_double, ditto, influxd, influx_db,
+                                                                        settings_factory):
+    """A bridge holding its messages for the first sync needs the placements only: they go to on_placed once every
+    device's attributes are read, before any telemetry or history request (a backfill can take minutes)."""
+    now = int(time.time() * 1000)
+    for i in range(3):
+        add_rack(tb_double, f"rack-0{i}", now - 60_000, 24.0, 20.0, attrs={"room": f"hall-{i}", "row": "B"})
+    seen: list[tuple[int, dict]] = []
+
+    def on_placed(result):
+        seen.append((len(tb_double.requests), {r: m.room for r, m in result.racks.items()}))
+
+    result = run_sync(settings_factory(sync_backfill_hours=1), on_placed=on_placed)
+    [(requests_then, rooms)] = seen
+    assert rooms == {"rack-00": "hall-0", "rack-01": "hall-1", "rack-02": "hall-2"}
+    assert not any("timeseries" in path for _, path in tb_double.requests[:requests_then])
+    assert any("timeseries" in path for _, path in tb_double.requests[requests_then:])
+    assert result.racks.keys() == rooms.keys() and result.devices == 3 and result.things_created == 3
+
+
 def test_history_backfill_into_influx_is_idempotent(tb_double, ditto, influxd, influx_db, settings_factory):
     now = int(time.time() * 1000)
     tb_double.add_device("rack-01", "rack-sensor", attributes={"room": "hall-1", "row": "A"})

@@ -185,7 +185,11 @@ class Progress:
 
 
 def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progress | None = None,
-             backfill_hours: float | None = None) -> SyncResult:
+             backfill_hours: float | None = None,
+             on_placed: Callable[[SyncResult], None] | None = None) -> SyncResult:
+    """``on_placed`` gets the result as soon as every device's placement is read (``placements`` and ``racks``
+    filled), before the telemetry, history and twins, which take most of a sync's time: a bridge waiting for its
+    first sync to place the racks need not wait for those."""
     own = tb is None
     tb = tb or ThingsBoard.from_settings(settings)
     ditto = DittoClient(settings)
@@ -200,8 +204,7 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
         keys = sorted(mapper.key_index)
         by_rack: dict[str, list[DevicePlacement]] = {}
         readings: dict[str, list[SensorReading]] = {}
-        now_ms = int(time.time() * 1000)
-        for done, device in enumerate(devices, 1):
+        for device in devices:  # placements first: attributes only
             try:
                 placement = placement_from_attributes(mapper, device, tb.server_attributes(device["id"]["id"]))
             except Rejected as exc:
@@ -209,6 +212,15 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
                 continue
             result.placements[placement.device] = placement
             by_rack.setdefault(placement.location.rack, []).append(placement)
+        for rack, placements in sorted(by_rack.items()):
+            location = placements[0].location
+            position_in_row = next((p.position_in_row for p in placements if p.position_in_row is not None), None)
+            result.racks[rack] = RackMeta(site=location.site, room=location.room, row=location.row,
+                                          position_in_row=position_in_row)
+        if on_placed is not None:
+            on_placed(result)
+        now_ms = int(time.time() * 1000)
+        for done, placement in enumerate(result.placements.values(), 1):
             placed = PlacedMapper(settings, {placement.device: placement})
             latest = tb.latest_timeseries(placement.device_id, keys)
             readings[placement.device] = _map_groups(placed, placement, latest, now_ms, result)
@@ -219,15 +231,13 @@ def run_sync(settings: Settings, tb: ThingsBoard | None = None, progress: Progre
                 except Exception as exc:  # noqa: BLE001 - InfluxDB trouble must not stop the twins' sync
                     result.errors.append(f"{placement.device}: history not written: {exc}")
                     log.warning("backfill of %s into InfluxDB failed: %s", placement.device, exc)
-            progress.update(done, len(devices))
+            progress.update(done, len(result.placements))
         progress.finish()
         result.devices = len(result.placements)
         ditto_policy_ready = False
         for rack, placements in sorted(by_rack.items()):
             location = placements[0].location
-            position_in_row = next((p.position_in_row for p in placements if p.position_in_row is not None), None)
-            result.racks[rack] = RackMeta(site=location.site, room=location.room, row=location.row,
-                                          position_in_row=position_in_row)
+            position_in_row = result.racks[rack].position_in_row
             rack_readings = [r for p in placements for r in readings.get(p.device, [])]
             devices_by_position: dict[Position, str] = {}
             ids_by_position: dict[Position, str] = {}
@@ -361,9 +371,11 @@ class SyncWorker:
     ``on_result`` gets each SyncResult (the bridge merges ``result.racks`` into its mapping).
     """
 
-    def __init__(self, settings: Settings, on_result: Callable[[SyncResult], None] | None = None):
+    def __init__(self, settings: Settings, on_result: Callable[[SyncResult], None] | None = None,
+                 on_placed: Callable[[SyncResult], None] | None = None):
         self.settings = settings
         self.on_result = on_result
+        self.on_placed = on_placed  # each sync's placements, as soon as they are read (run_sync)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tb-sync", daemon=True)
@@ -384,7 +396,7 @@ class SyncWorker:
         retry = 5.0
         while not self._stop.is_set():
             try:
-                self.last = run_sync(self.settings)
+                self.last = run_sync(self.settings, on_placed=self.on_placed)
                 if self.on_result:
                     self.on_result(self.last)
                 wait, retry = self.settings.sync_interval_s or None, 5.0
