@@ -43,19 +43,16 @@ class HeldUntilPlaced:
     def count(self) -> int:
         return len(self._held)
 
-    def release(self, stopped: threading.Event) -> int:
-        """Hand the held messages over in order, then stop holding; how many were held. Messages arriving
-        meanwhile queue behind them, so the order stays the broker's."""
-        released = 0
+    def release(self, stopped: threading.Event) -> None:
+        """Hand the held messages over in order, then stop holding. Messages arriving meanwhile queue behind them,
+        so the order stays the broker's."""
         while not stopped.is_set():
             with self._lock:
                 if not self._held:
                     self._holding = False
-                    return released
+                    return
                 topic, payload, ack, received_ms = self._held.popleft()
             self._handle(topic, payload, ack, now_ms=received_ms)
-            released += 1
-        return released
 
 
 class Bridge:

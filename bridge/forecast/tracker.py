@@ -40,7 +40,7 @@ import requests
 from ..config import Settings
 from ..mapping import POSITIONS, Position, RackLocation, SensorReading
 from ..metrics import FORECAST_PATCH_RESULTS, Metrics
-from ..sinks.ditto import DITTO_WIDE_STATUSES, DittoError
+from ..sinks.ditto import DittoError, ditto_wide
 from ..sinks.influx import escape_tag, format_float
 from ..twin import SUFFIX, dew_point, iso_ms, thing_id
 from .estimator import Status, TrendWindow, minutes_until
@@ -276,15 +276,14 @@ def heading_for_trouble(forecasts: Iterable[Forecast], horizon_min: float) -> li
 # timeouts, and sends it three requests rather than one per rack. A failure of one twin's own (404, 400, ...) ends
 # the run of failures: Ditto answered.
 TWIN_FAILURES_TO_STOP = 3
+
+
 # 403 counts too although it is a thing's policy: every rack thing shares one policy, so 403 for racks in a row is
 # that policy no longer letting the bridge write. A round stopped by a few odd twins in a row costs little: the
 # next round starts after the rack that stopped it (see ``_resume_after``).
-_DITTO_WIDE = DITTO_WIDE_STATUSES | {403}
-
-
 def _ditto_wide(exc: BaseException) -> bool:
     status = exc.status if isinstance(exc, DittoError) else None
-    return status is None or status >= 500 or status in _DITTO_WIDE
+    return ditto_wide(status) or status == 403
 
 
 @dataclass

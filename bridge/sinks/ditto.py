@@ -58,6 +58,11 @@ ADOPT_RETRY_S = 30.0  # reading the twins already in Ditto at start, while Ditto
 MAX_UNEXPECTED_FAILURES = 3
 
 
+def ditto_wide(status: int | None) -> bool:
+    """No answer, a server or proxy error, or a DITTO_WIDE_STATUSES answer: Ditto's trouble, not one twin's."""
+    return status is None or status >= 500 or status in DITTO_WIDE_STATUSES
+
+
 def retryable(status: int | None) -> bool:
     """No answer, a server or proxy error, overload, or a policy/thing not there yet: worth waiting for."""
     return status is None or status >= 500 or status in RETRY_STATUSES
@@ -733,7 +738,7 @@ class DittoUpdater:
         self.last_error, self._last_error_kind = error, kind
         if status in (401, 403, 404):
             thing.ensured = False
-        if status is None or status >= 500 or status in DITTO_WIDE_STATUSES or getattr(exc, "of_policy", False):
+        if ditto_wide(status) or getattr(exc, "of_policy", False):
             self._ditto_wide_failure = True
         elif status == 403:
             # One twin refused is that twin's policy; refusals of two twins with none taken meanwhile are our
