@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -1040,3 +1041,41 @@ def test_a_reconnect_while_a_sink_is_down_does_not_take_in_the_redelivered_windo
     finally:
         source.stop()
         publisher.close()
+
+
+def test_a_twin_dated_ahead_of_the_clock_is_named_once_while_it_holds_readings_back(bridge_environ, ditto, caplog):
+    """A device clock running fast (mapping accepts up to max_future_s ahead) dates the twin ahead: readings older
+    than that are stale until real time catches up. The stale counter alone would leave ops guessing; one warning
+    per twin names it, and comes again only after a write went through."""
+    from bridge.mapping import RackLocation, SensorReading
+
+    updater, metrics = started_updater()
+    loc = RackLocation("site1", "room1", "row1", "rack-fast-clock")
+    tid = "dc.test:rack-fast-clock"
+    now = int(time.time() * 1000)
+    confirmed: list[int] = []
+
+    def submit(ts_ms: int, temp: float) -> None:
+        updater.submit(SensorReading(loc, "top", "d", ts_ms, temp, 45.0), lambda: confirmed.append(ts_ms))
+        wait_until(lambda: ts_ms in confirmed, what=f"reading {ts_ms} confirmed")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "ahead of this bridge's clock" in r.getMessage()]
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="bridge.sinks.ditto"):
+            submit(now - 5_000, 21.0)
+            submit(now - 6_000, 21.5)  # stale, but the twin is not dated ahead: an ordinary duplicate
+            assert warnings() == [] and metrics.value("racktwin_ditto_stale_total") == 1
+            submit(now + 200_000, 22.0)  # the device's clock jumps 200 s ahead
+            submit(now + 1_000, 23.0)
+            submit(now + 2_000, 23.5)
+            assert props(ditto, tid)["tempTop"] == 22.0
+            assert len(warnings()) == 1, warnings()
+            ahead_s = float(re.search(r"dated (\d+) s ahead", warnings()[0]).group(1))
+            assert tid in warnings()[0] and "its top reading" in warnings()[0] and 190 <= ahead_s <= 200
+            submit(now + 210_000, 24.0)  # a write goes through: the next hold-back is news again
+            submit(now + 3_000, 24.5)
+            assert len(warnings()) == 2 and metrics.value("racktwin_ditto_stale_total") == 4
+    finally:
+        updater.stop(timeout=2)

@@ -56,6 +56,9 @@ ADOPT_RETRY_S = 30.0  # reading the twins already in Ditto at start, while Ditto
 # A twin update that raised something unexpected (a bug, or a twin edited into a shape we cannot read) is retried
 # this many times, reading the twin afresh each time, and then given up: its readings stay in InfluxDB.
 MAX_UNEXPECTED_FAILURES = 3
+# A twin position dated further ahead of our clock than this makes every reading older than it stale until then:
+# a device clock running fast (mapping accepts up to ``max_future_s`` ahead), worth one warning per twin.
+FUTURE_WARN_AFTER_MS = 60_000
 
 
 def ditto_wide(status: int | None) -> bool:
@@ -287,6 +290,7 @@ class DittoUpdater:
         self.last_error: str | None = None
         self._last_error_kind: str | None = None
         self._refused: set[str] = set()  # twins refused (403) since Ditto last took an update
+        self._dated_ahead: set[str] = set()  # twins warned of as dated ahead of our clock, until their next write
         self.channel = self._channel(settings)
         # Stall detection (module docstring): readings waiting on Ditto, since when Ditto last made progress for
         # them (an update taken, or the first of them arriving), and whether we are releasing.
@@ -479,6 +483,7 @@ class DittoUpdater:
             if stale:
                 self.metrics.stale.inc(len(stale))
                 result = "stale"
+                self._note_dated_ahead(thing, stale)
             if not fresh:
                 return result, answered
             known = dict(thing.known)
@@ -500,10 +505,27 @@ class DittoUpdater:
                 thing.known = known
                 thing.attributes_sent = attributes
                 thing.envelope = envelope
+                self._dated_ahead.discard(thing.tid)
                 return ("created" if created else "ok"), answered
             self._reread(client, thing)
             fresh, stale = twin.drop_stale(fresh, thing.known)
         raise DittoError(412, f"condition kept failing on {thing.tid}")
+
+    def _note_dated_ahead(self, thing: _Thing, stale: list[Position]) -> None:
+        """Readings held back by a twin position dated ahead of our clock freeze that position until then, which
+        the stale counter alone does not explain: say so once per twin (until a write goes through again)."""
+        if thing.tid in self._dated_ahead:
+            return
+        now_ms = time.time() * 1000
+        ahead = {p: thing.known[p].ts_ms - now_ms for p in stale if p in thing.known}
+        ahead = {p: ms for p, ms in ahead.items() if ms > FUTURE_WARN_AFTER_MS}
+        if not ahead:
+            return
+        self._dated_ahead.add(thing.tid)
+        position, ms = max(ahead.items(), key=lambda item: item[1])
+        log.warning("%s: its %s reading is dated %.0f s ahead of this bridge's clock, so older readings of it are "
+                    "not written to the twin (InfluxDB gets them) until then: a device clock running fast, or this "
+                    "host's clock slow?", thing.tid, position, ms / 1000)
 
     def _reread(self, client: DittoClient, thing: _Thing) -> None:
         """A condition failed: someone else wrote the twin; take what it holds now."""
