@@ -4,8 +4,9 @@
 
 Supported: ``{{ if P }}``, ``{{ else if P }}``, ``{{ else }}``, ``{{ end }}``, ``{{ P }}``; pipelines of one
 command (a function call or an operand, operands may be parenthesised); the functions and, eq, ne, lt, le, gt,
-ge, printf (``%.Nf`` only), urlquery. Everything else raises TemplateError, as does what Go rejects at run time:
-comparing a float64 with an integer constant, comparing or reading a field of a missing value.
+ge, printf (``%.Nf`` only), urlquery, and Prometheus' externalURL (Grafana passes its root_url, which always ends in
+"/"). Everything else raises TemplateError, as does what Go rejects at run time: comparing a float64 with an integer
+constant, comparing or reading a field of a missing value.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class Value:
 ACTION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 TOKEN = re.compile(r'\s*(?:(?P<lp>\()|(?P<rp>\))|(?P<str>"(?:[^"\\]|\\.)*")|(?P<num>-?\d+(?:\.\d+)?)'
                    r"|(?P<var>\$[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)|(?P<ident>[A-Za-z_]\w*))")
-FUNCS = {"and", "eq", "ne", "lt", "le", "gt", "ge", "printf", "urlquery"}
+FUNCS = {"and", "eq", "ne", "lt", "le", "gt", "ge", "printf", "urlquery", "externalURL"}
+EXTERNAL_URL = "http://localhost:3000/"  # Grafana's AppURL for the default GRAFANA_ROOT_URL
 KEYWORDS = {"if", "else", "end", "range", "with", "define", "template", "block", "break", "continue", "nil"}
 
 
@@ -307,6 +309,10 @@ def _eval(node, scope: dict):
         if not values or not isinstance(values[0], str):
             raise TemplateError("printf needs a format")
         return _printf(values[0], values[1:])
+    if fn == "externalURL":
+        if values:
+            raise TemplateError("externalURL takes no arguments")
+        return scope["__external_url__"]
     if fn == "urlquery":  # url.QueryEscape of fmt.Sprint(args)
         return urllib.parse.quote_plus("".join(_sprint(v) for v in values), safe="-_.~")
     raise TemplateError(f"unsupported function {fn}")
@@ -338,7 +344,8 @@ def _run(body: list, scope: dict) -> str:
     return "".join(out)
 
 
-def render(template: str, labels: dict[str, str], values: dict[str, float]) -> str:
+def render(template: str, labels: dict[str, str], values: dict[str, float], external_url: str = EXTERNAL_URL) -> str:
     """What Grafana's template.Expand gives (an error raises): ``values`` maps refId -> its float value."""
-    scope = {"labels": dict(labels), "values": {k: Value(float(v)) for k, v in values.items()}}
+    scope = {"labels": dict(labels), "values": {k: Value(float(v)) for k, v in values.items()},
+             "__external_url__": external_url}
     return _run(parse(template), scope).replace("<no value>", "[no value]")

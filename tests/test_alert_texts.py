@@ -156,8 +156,20 @@ def test_an_alert_without_values_or_series_labels_reads_cleanly(uid):
 def test_the_rack_detail_link_without_a_rack_is_the_wall(uid):
     link = RULES[uid]["annotations"]["rack_detail_url"]
     assert render(link, SENSOR | {"rack": "a#1 b&c+"}, {"B": 1.0, "C": 1.0}) == (
-        "${GRAFANA_ROOT_URL}/d/racktwin-rack/rack-detail?var-rack=a%231+b%26c%2B")
-    assert render(link, no_data_labels(RULES[uid]), {}) == "${GRAFANA_ROOT_URL}/d/racktwin-wall/data-hall-wall"
+        "http://localhost:3000/d/racktwin-rack/rack-detail?var-rack=a%231+b%26c%2B")
+    assert render(link, no_data_labels(RULES[uid]), {}) == "http://localhost:3000/d/racktwin-wall/data-hall-wall"
+    # Grafana behind a path: its root_url with a sub-path, which Grafana ends with "/" like any other.
+    assert render(link, SENSOR, {}, external_url="https://noc.example/grafana/") == (
+        "https://noc.example/grafana/d/racktwin-rack/rack-detail?var-rack=hall1-a03")
+
+
+def test_no_rule_annotation_relies_on_env_expansion():
+    """File provisioning takes rule annotations raw (grafana/grafana pkg/services/provisioning/alerting/rules_types.go,
+    ``alertRule.Annotations = rule.Annotations.Raw``; its file-provisioning docs list them as not interpolated):
+    a ``${VAR}`` there would reach the notification as it stands."""
+    for rule in RULES.values():
+        for name, text in rule["annotations"].items():
+            assert "${" not in text, (rule["uid"], name)
 
 
 # ------------------------------------------------------------------------------------------- the renderer

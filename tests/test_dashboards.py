@@ -15,8 +15,7 @@ from dashboards import alerts, generate
 from dashboards.thresholds import Thresholds, from_env
 from tests.dashboard_data import DASHBOARDS, DATASOURCES, PROVISIONING, RULE_GROUPS
 
-ENV_VARS = {"INFLUX_BUCKET", "GRAFANA_INFLUX_TOKEN", "DITTO_GRAFANA_PASSWORD", "ALERT_WEBHOOK_URL", "ALERT_EMAIL_TO",
-            "GRAFANA_ROOT_URL"}
+ENV_VARS = {"INFLUX_BUCKET", "GRAFANA_INFLUX_TOKEN", "DITTO_GRAFANA_PASSWORD", "ALERT_WEBHOOK_URL", "ALERT_EMAIL_TO"}
 DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w))+$")
 GRID_COLUMNS = 24
 WALL_MAX_HEIGHT = 27  # grid units visible on a 1080p screen in kiosk mode (30 px rows + 8 px gaps)
@@ -449,7 +448,7 @@ def test_rule_fields_and_expression_chain(rule):
             assert f'"{label}"' in group_by, f"{rule['uid']}: not multi-dimensional by {label}"
         assert '"position"' in group_by or rule["labels"].get("position")
         assert rule["annotations"]["rack_detail_url"].startswith(
-            "{{ if $labels.rack }}${GRAFANA_ROOT_URL}/d/racktwin-rack/rack-detail?")
+            "{{ if $labels.rack }}{{ externalURL }}d/racktwin-rack/rack-detail?")
         assert rule["dashboardUid"] in {d["uid"] for d in DASHBOARDS.values()}
 
 
