@@ -1,4 +1,4 @@
-"""Grafana-managed alert rules, contact points and notification policy as plain data (file-provisioning shape).
+"""Grafana-managed alert rules, contact points, notification templates and policy as plain data (provisioning files).
 
 grafanalib's alert classes emit the ruler-API shape, ``mode: strict`` reducers and no threshold expression,
 none of which Grafana's file loader accepts, so the rules are built here as dicts: each rule is one InfluxQL
@@ -84,6 +84,7 @@ def latest(field_name: str) -> str:
 # out of the result and its alert resolves, so this is a day, not an hour: the engineer paged at 3 a.m. must not
 # see it "resolve" at 4 while the sensor is still dead. (Cost: one count per sensor over the lookback.)
 SILENT_LOOKBACK_S = 24 * 3600
+SILENT_TITLE = "Sensor stopped reporting"
 
 
 VALUE = '{{ printf "%.1f" $values.B.Value }}'
@@ -223,7 +224,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                         f"(limit {num(t.rate_limit_c_per_h)} °C/h)",
                         f"{WHERE_SENSOR} inlet changed {VALUE} °C within {RATE_WINDOW_S // 60} min, back within "
                         f"the limit of {num(t.rate_limit_c)} °C ({num(t.rate_limit_c_per_h)} °C/h)")),
-        RuleSpec("racktwin-sensor-silent", "Sensor stopped reporting",
+        RuleSpec("racktwin-sensor-silent", SILENT_TITLE,
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
                  breach(f"{WHERE_SENSOR} sent no reading for more than {t.silent_after_s} s "
                         f"({COUNT} readings in {t.silent_after_s // t.reading_interval_s} intervals of "
@@ -343,12 +344,93 @@ def rules_file(t: Thresholds, watchdog: bool = False) -> dict:
     return out
 
 
+# --- notifications --------------------------------------------------------------------------------------------
+# Grafana's default message prints each alert's annotations as they are. An alert that resolves without an
+# evaluation of its own keeps the text it was last rendered with, its firing text: the state manager resolves a
+# series gone from the result for missing_series_evals_to_resolve evaluations as stale (processMissingSeriesStates:
+# State Normal, StateReason "MissingSeries", annotations untouched), and a rule whose query finds nothing at all
+# with noDataState OK (setNextStateForAll copies each alert, reason "NoData"). StateToPostableAlert hands the reason
+# on as the annotation grafana_state_reason, which the template data keeps (removePrivateItems drops only __x__).
+# So "resolved: rack-07 top inlet 29.0 °C outside recommended 18–27 °C" went out for a rack that merely stopped
+# reporting. The template below prints the summary of an alert resolved by an evaluation (it says "back inside"),
+# and for one resolved without says so. A "no data" or "error" alert (alertname DatasourceNoData/DatasourceError,
+# the rule's title in rulename) resolves as MissingSeries once its rule answers with series: that one did end.
+TEMPLATE_GROUP = "racktwin"
+TITLE_TEMPLATE = "racktwin.title"
+MESSAGE_TEMPLATE = "racktwin.message"
+STATE_REASON = ".Annotations.grafana_state_reason"
+MISSING_SERIES = f'(match "MissingSeries" {STATE_REASON})'
+DATASOURCE_ALERT = '(or (eq .Labels.alertname "DatasourceNoData") (eq .Labels.alertname "DatasourceError"))'
+JUDGED = f"or (not {STATE_REASON}) (and {MISSING_SERIES} {DATASOURCE_ALERT})"  # a resolved alert that did end
+
+
+def template_call(name: str) -> str:
+    return f'{{{{ template "{name}" . }}}}'
+
+
+def notification_templates() -> str:
+    """The template group: racktwin.title (email subject, webhook title) and racktwin.message, one entry per alert:
+    its state, its text, the rule and the labels a reader needs, the rack detail (else the rule's dashboard)."""
+    silent = f'(eq .Labels.alertname "{SILENT_TITLE}")'
+    lookback = f"{SILENT_LOOKBACK_S // 3600} h"
+    where = ("{{ if .Labels.rack }}{{ .Labels.rack }}{{ if .Labels.position }} {{ .Labels.position }}{{ end }}"
+             "{{ else if .Labels.instance }}Bridge {{ .Labels.instance }}"
+             "{{ else if .Labels.rulename }}{{ .Labels.rulename }}{{ else }}{{ .Labels.alertname }}{{ end }}")
+    text = (
+        '{{ if eq .Status "firing" }}FIRING: {{ .Annotations.summary }}'
+        f"{{{{ else if {JUDGED} }}}}RESOLVED: {{{{ if {DATASOURCE_ALERT} }}}}{{{{ .Labels.rulename }}}}: "
+        '{{ if eq .Labels.alertname "DatasourceError" }}its query works again{{ else }}its query finds series again'
+        "{{ end }} (was: {{ .Annotations.summary }}){{ else }}{{ .Annotations.summary }}{{ end }}"
+        f'{{{{ else if {MISSING_SERIES} }}}}NO LONGER REPORTED: {{{{ template "racktwin.where" . }}}}: '
+        f"{{{{ if {silent} }}}}silent for more than {lookback}, or removed: past this rule's {lookback} look-back, "
+        "it ends without a reading{{ else }}no longer reported, so this alert can no longer be judged{{ end }} "
+        f"(last: {{{{ .Annotations.summary }}}}){{{{ if and .Labels.rack (not {silent}) }}}}; "
+        f'see "{SILENT_TITLE}"{{{{ end }}}}'
+        '{{ else }}ENDED UNJUDGED: {{ template "racktwin.where" . }}: ended without a new judgement '
+        f'({{{{ if eq {STATE_REASON} "NoData" }}}}its query found no data at all'
+        f'{{{{ else if eq {STATE_REASON} "Error" }}}}its query failed'
+        f"{{{{ else }}}}Grafana's reason: {{{{ {STATE_REASON} }}}}{{{{ end }}}}; last: {{{{ .Annotations.summary }}}})"
+        "{{ end }}\n")
+    labels = ("  {{ if .Labels.rulename }}{{ .Labels.rulename }} ({{ .Labels.alertname }}){{ else }}"
+              "{{ .Labels.alertname }}{{ end }}{{ if .Labels.severity }} | {{ .Labels.severity }}{{ end }}"
+              "{{ if .Labels.room }} | room {{ .Labels.room }}{{ end }}"
+              "{{ if .Labels.rack }} | rack {{ .Labels.rack }}{{ if .Labels.position }} {{ .Labels.position }}{{ end }}"
+              "{{ end }}{{ if .Labels.instance }} | instance {{ .Labels.instance }}{{ end }}\n")
+    link = ("{{ if .Annotations.rack_detail_url }}  {{ .Annotations.rack_detail_url }}\n"
+            "{{ else if .DashboardURL }}  {{ .DashboardURL }}\n{{ end }}")
+    # The title's states: FIRING with its count; RESOLVED, NO LONGER REPORTED and ENDED UNJUDGED where one is.
+    title = (
+        "{{ $resolved := false }}{{ $gone := false }}{{ $unjudged := false }}{{ range .Alerts.Resolved }}"
+        f"{{{{ if {JUDGED} }}}}{{{{ $resolved = true }}}}{{{{ else if {MISSING_SERIES} }}}}{{{{ $gone = true }}}}"
+        "{{ else }}{{ $unjudged = true }}{{ end }}{{ end }}"
+        '[{{ $sep := "" }}{{ if .Alerts.Firing }}FIRING:{{ len .Alerts.Firing }}{{ $sep = ", " }}{{ end }}'
+        '{{ if $resolved }}{{ $sep }}RESOLVED{{ $sep = ", " }}{{ end }}'
+        '{{ if $gone }}{{ $sep }}NO LONGER REPORTED{{ $sep = ", " }}{{ end }}'
+        "{{ if $unjudged }}{{ $sep }}ENDED UNJUDGED{{ end }}] "
+        "{{ if .CommonLabels.rulename }}{{ .CommonLabels.rulename }} ({{ .CommonLabels.alertname }})"
+        "{{ else if .CommonLabels.alertname }}{{ .CommonLabels.alertname }}{{ else }}{{ len .Alerts }} alerts{{ end }}"
+        "{{ if .GroupLabels.room }} | {{ .GroupLabels.room }}"
+        "{{ if .GroupLabels.site }} ({{ .GroupLabels.site }}){{ end }}{{ end }}")
+    message = ('{{ range .Alerts.Firing }}{{ template "racktwin.alert" . }}{{ end }}'
+               '{{ range .Alerts.Resolved }}{{ template "racktwin.alert" . }}{{ end }}')
+    defines = {"racktwin.where": where, "racktwin.alert": text + labels + link, TITLE_TEMPLATE: title,
+               MESSAGE_TEMPLATE: message}
+    return "".join(f'{{{{ define "{name}" }}}}{body}{{{{ end }}}}\n' for name, body in defines.items())
+
+
+def templates_file() -> dict:
+    """Notification templates; their content is not env-expanded by file provisioning (Grafana's docs), so
+    the $ of template variables needs no escaping there (the contact points' settings are expanded)."""
+    return {"apiVersion": 1, "templates": [{"orgId": 1, "name": TEMPLATE_GROUP, "template": notification_templates()}]}
+
+
 def contact_points_file(watchdog: bool = False) -> dict:
+    title, message = template_call(TITLE_TEMPLATE), template_call(MESSAGE_TEMPLATE)
     points = [{"orgId": 1, "name": RECEIVER, "receivers": [
         {"uid": "racktwin-webhook", "type": "webhook", "disableResolveMessage": False,
-         "settings": {"url": "${ALERT_WEBHOOK_URL}", "httpMethod": "POST"}},
+         "settings": {"url": "${ALERT_WEBHOOK_URL}", "httpMethod": "POST", "title": title, "message": message}},
         {"uid": "racktwin-email", "type": "email", "disableResolveMessage": False,
-         "settings": {"addresses": "${ALERT_EMAIL_TO}", "singleEmail": True}},
+         "settings": {"addresses": "${ALERT_EMAIL_TO}", "singleEmail": True, "subject": title, "message": message}},
     ]}]
     if watchdog:  # no resolve message: the switch would take it for one more sign of life
         points.append({"orgId": 1, "name": WATCHDOG_RECEIVER, "receivers": [

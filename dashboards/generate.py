@@ -40,6 +40,14 @@ class _NoAliasDumper(yaml.SafeDumper):
         return True
 
 
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    """Text of several lines (the notification templates) as a literal block, as it reads."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_NoAliasDumper.add_representer(str, _str)
+
+
 def dump_yaml(data: dict) -> str:
     return HEADER + yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=True, allow_unicode=True, width=4096,
                               default_flow_style=False)
@@ -56,6 +64,7 @@ def build_all(t: Thresholds, site: Site = Site(), watchdog: bool = False) -> dic
         "alerting/rules.yaml": dump_yaml(alerts.rules_file(t, watchdog)),
         "alerting/contact-points.yaml": dump_yaml(alerts.contact_points_file(watchdog)),
         "alerting/policies.yaml": dump_yaml(alerts.policies_file(watchdog)),
+        "alerting/templates.yaml": dump_yaml(alerts.templates_file()),
     }
 
 
