@@ -87,6 +87,21 @@ SILENT_LOOKBACK_S = 24 * 3600
 SILENT_TITLE = "Sensor stopped reporting"
 
 
+# Bridge-down's window: an instance whose newest stats are older than this is down (stats come every 10 s).
+BRIDGE_RECENT_S = 120
+
+
+def bridge_ready_per_instance() -> str:
+    """Per bridge instance that wrote stats in the range: its newest ``ready`` of the last 2 min (1 ready, 0 not),
+    or -1 when it wrote none in that time. Every instance of the range gets a row from the second subquery, the
+    silent-sensor rule's way: with only the recent stats, a replica that died beside a live one left the result
+    (no "no data" either, the live one is there) and Grafana dropped its alert without a page."""
+    recent = (f'SELECT last("ready") + 1 AS "r" FROM "racktwin_bridge" WHERE time > now() - {BRIDGE_RECENT_S}s '
+              'GROUP BY "instance"')
+    known = 'SELECT last("ready") * 0 - 1 AS "r" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"'
+    return f'SELECT sum("r") AS "ready" FROM ({recent}), ({known}) GROUP BY "instance"'
+
+
 VALUE = '{{ printf "%.1f" $values.B.Value }}'
 MINUTES = COUNT = '{{ printf "%.0f" $values.B.Value }}'
 
@@ -242,19 +257,22 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                         f"{WHERE_SENSOR} readings vary again (spread {VALUE} over {t.stuck_window_s // 60} min)")),
         forecast_rule(t),
         RuleSpec("racktwin-bridge-down", "Bridge down or not ready",
-                 'SELECT last("ready") AS "ready" FROM "racktwin_bridge" WHERE $timeFilter GROUP BY "instance"',
-                 120, "last", "lt", (1,), "critical",
-                 # No data (no bridge wrote stats) with an alert of the bridge already there: Grafana copies it
+                 bridge_ready_per_instance(), SILENT_LOOKBACK_S, "last", "lt", (1,), "critical",
+                 # A bridge silent for 2 min has B = -1 (bridge_ready_per_instance) and fires by name. No data
+                 # (no bridge wrote stats for a day) with an alert of the bridge already there: Grafana copies it
                  # to the no-data state without rendering its annotations again (state manager,
-                 # setNextStateForAll), so it fires with the text rendered while the bridge was ready (B >= 1).
-                 # That text therefore tells of the silence; it is also the text of the "resolved" once the
-                 # bridge is ready again. No alert there yet: a new one without values (third branch), as is
-                 # one with a placeholder below 0 or NaN for B.
+                 # setNextStateForAll), so it fires with the text rendered at its last evaluation, maybe while the
+                 # bridge was ready (B >= 1). That text therefore tells of the silence; it is also the text of the
+                 # "resolved" once the bridge is ready again. No alert there yet: a new one without values (last
+                 # branch), as is one with NaN for B.
                  "{{ if and $values (ge $values.B.Value 1.0) }}No stats from bridge {{ $labels.instance }} in "
                  f"InfluxDB for 2 min (its last said ready; {RESOLVED_READY}): the bridge is down or cut off from "
                  "InfluxDB, or Grafana cannot query InfluxDB"
                  "{{ else if and $values (ge $values.B.Value 0.0) }}Bridge {{ $labels.instance }} is not ready "
-                 "(ready = {{ $values.B.Value }}): MQTT, Ditto or InfluxDB unreachable, see its /readyz{{ else }}"
+                 "(ready = {{ $values.B.Value }}): MQTT, Ditto or InfluxDB unreachable, see its /readyz"
+                 "{{ else if and $values $labels.instance (lt $values.B.Value 0.0) }}Bridge {{ $labels.instance }} "
+                 f"sent no stats to InfluxDB for {BRIDGE_RECENT_S // 60} min (it did in the last "
+                 f"{SILENT_LOOKBACK_S // 3600} h): it is down or cut off from InfluxDB{{{{ else }}}}"
                  "No bridge stats in InfluxDB for 2 min: the bridge is down or cut off from InfluxDB, or Grafana "
                  "cannot query InfluxDB{{ end }}",
                  for_="1m", no_data="Alerting", exec_err="Error", labels={"component": "bridge"}, group="bridge",

@@ -123,21 +123,31 @@ def _replica_stats(instance: str, ready: bool, oldest_in_flight_s: float, now_ms
 def test_bridge_rules(fed, influxd, influx_db):
     # Two more replicas: one not ready (a sink unreachable), one ready whose oldest message has waited 2 min for a
     # sink that hangs: it confirms nothing, so it writes no lag, and only the waiting message shows it.
+    # And one that died an hour ago, ready to its last: beside live replicas the rule still has data, so only a
+    # row of its own tells of it (without one, Grafana dropped its series, Normal, without a page).
     lines = (_replica_stats("replica-not-ready", False, 0.0, fed.now_ms)
-             + _replica_stats("replica-stalled", True, 120.0, fed.now_ms))
+             + _replica_stats("replica-stalled", True, 120.0, fed.now_ms)
+             + _replica_stats("replica-died", True, 0.0, fed.now_ms - 3_600_000))
     requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"},
                   data="\n".join(lines), timeout=10).raise_for_status()
     run = make_runner(influxd, influx_db, fed.now_ms + 5000)
     down = evaluate_rule(RULES["racktwin-bridge-down"], run)
-    assert down.state == "Evaluated" and len(down.values) == 3
-    assert {dict(k)["instance"] for k in down.firing} == {"replica-not-ready"}, "a running, ready bridge must not fire"
+    assert down.state == "Evaluated" and len(down.values) == 4
+    by_instance = {dict(k)["instance"]: v for k, v in down.values.items()}
+    assert by_instance == {fed.instance: 1.0, "replica-stalled": 1.0, "replica-not-ready": 0.0, "replica-died": -1.0}
+    assert {dict(k)["instance"] for k in down.firing} == {"replica-not-ready", "replica-died"}, \
+        "a running, ready bridge must not fire"
     # The crafted history was published up to 19 min after its source timestamps: that is real lag.
     lag = evaluate_rule(RULES["racktwin-bridge-lagging"], run)
     assert {dict(k)["instance"] for k in lag.firing} == {fed.instance, "replica-stalled"}
     assert {dict(k)["instance"]: v for k, v in lag.values.items()}["replica-not-ready"] == 0.0
-    # Ten minutes later with no stats (the bridge is stopped): no data, which this rule treats as firing.
+    # Ten minutes later with no stats (every bridge stopped): each fires by name, as silent.
     later = evaluate_rule(RULES["racktwin-bridge-down"], make_runner(influxd, influx_db, fed.now_ms + 600_000))
-    assert later.state == "NoData" and RULES["racktwin-bridge-down"]["noDataState"] == "Alerting"
+    assert {dict(k)["instance"]: v for k, v in later.values.items()} == dict.fromkeys(by_instance, -1.0)
+    assert {dict(k)["instance"] for k in later.firing} == set(by_instance)
+    # A day and more without stats (or a fresh stack): no data, which this rule treats as firing.
+    gone = evaluate_rule(RULES["racktwin-bridge-down"], make_runner(influxd, influx_db, fed.now_ms + 25 * 3_600_000))
+    assert gone.state == "NoData" and RULES["racktwin-bridge-down"]["noDataState"] == "Alerting"
 
 
 def test_a_rack_with_one_position_silent_is_not_taken_for_recirculation(fed, influxd, influx_db):

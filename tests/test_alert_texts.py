@@ -22,6 +22,8 @@ BRIDGE = {"instance": "bridge-1", "component": "bridge"}
 NOT_READY = "Bridge bridge-1 is not ready (ready = 0): MQTT, Ditto or InfluxDB unreachable, see its /readyz"
 NO_STATS = ("No bridge stats in InfluxDB for 2 min: the bridge is down or cut off from InfluxDB, or Grafana cannot "
             "query InfluxDB")
+SILENT_BRIDGE = ("Bridge bridge-1 sent no stats to InfluxDB for 2 min (it did in the last 24 h): it is down or cut "
+                 "off from InfluxDB")
 STALE = ("No stats from bridge bridge-1 in InfluxDB for 2 min (its last said ready; in a resolved notification: "
          "ready again): the bridge is down or cut off from InfluxDB, or Grafana cannot query InfluxDB")
 
@@ -120,8 +122,9 @@ def test_a_bridge_that_goes_silent_fires_with_the_text_of_its_last_ready_evaluat
     assert rendered_while_ready == STALE and "not ready" not in rendered_while_ready
     # Not ready is told by its value; a placeholder below 0 or NaN, or no values at all, by the no-stats text.
     assert summary("racktwin-bridge-down", BRIDGE, {"B": 0.0, "C": 1.0}) == NOT_READY
-    for b in (-1.0, float("nan")):
-        assert summary("racktwin-bridge-down", BRIDGE, {"B": b, "C": 1.0}) == NO_STATS
+    # A bridge silent for 2 min while known from the last day: -1, by name.
+    assert summary("racktwin-bridge-down", BRIDGE, {"B": -1.0, "C": 1.0}) == SILENT_BRIDGE
+    assert summary("racktwin-bridge-down", BRIDGE, {"B": float("nan"), "C": 1.0}) == NO_STATS
     assert summary("racktwin-bridge-down", {"component": "bridge", "alertname": "DatasourceNoData"}, {}) == NO_STATS
 
 

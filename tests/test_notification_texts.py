@@ -182,7 +182,7 @@ def test_a_bridge_alert_links_its_dashboard():
     assert title == "[FIRING:1] Bridge lagging"
     assert message.splitlines()[1:] == ["  Bridge lagging | warning | instance bridge-1",
                                         "  http://localhost:3000/d/racktwin-bridge"]
-    # A replica gone: its lag series missing; nothing to point at (bridge-down's series for it went too).
+    # A replica gone: its lag series missing, nothing to point at (bridge-down names it as silent).
     _, message = text_of(stale("racktwin-bridge-lagging", {"instance": "bridge-1"}, {"B": 45.0, "C": 1.0}),
                          group_labels={})
     assert message.splitlines()[0].startswith("NO LONGER REPORTED: Bridge bridge-1: no longer reported")
