@@ -378,6 +378,7 @@ TITLE_TEMPLATE = "racktwin.title"
 MESSAGE_TEMPLATE = "racktwin.message"
 STATE_REASON = ".Annotations.grafana_state_reason"
 MISSING_SERIES = f'(match "MissingSeries" {STATE_REASON})'
+KEPT_LAST = f'(match "KeepLast" {STATE_REASON})'
 DATASOURCE_ALERT = '(or (eq .Labels.alertname "DatasourceNoData") (eq .Labels.alertname "DatasourceError"))'
 JUDGED = f"or (not {STATE_REASON}) (and {MISSING_SERIES} {DATASOURCE_ALERT})"  # a resolved alert that did end
 
@@ -396,6 +397,10 @@ def notification_templates() -> str:
              "{{ else if .Labels.rulename }}{{ .Labels.rulename }}{{ else }}{{ .Labels.alertname }}{{ end }}")
     text = (
         '{{ if eq .Status "firing" }}FIRING: {{ .Annotations.summary }}'
+        # Held by KeepLast (no data, or a query error): the state manager keeps it firing with reason
+        # "NoData, KeepLast" / "Error, KeepLast" and the text of its last evaluation, which may be hours old.
+        f'{{{{ if {KEPT_LAST} }}}} (held as last judged: its query {{{{ if match "^Error" {STATE_REASON} }}}}fails'
+        "{{ else }}finds no data{{ end }}){{ end }}"
         f"{{{{ else if {JUDGED} }}}}RESOLVED: {{{{ if {DATASOURCE_ALERT} }}}}{{{{ .Labels.rulename }}}}: "
         '{{ if eq .Labels.alertname "DatasourceError" }}its query works again{{ else }}its query finds series again'
         "{{ end }} (was: {{ .Annotations.summary }}){{ else }}{{ .Annotations.summary }}{{ end }}"

@@ -266,3 +266,15 @@ def test_the_renderer_models_notification_templates_as_go_does():
                 "{{ .Alerts | len }}"):
         with pytest.raises(TemplateError):
             run(bad)
+
+
+@pytest.mark.parametrize("reason, why", [("NoData, KeepLast", "finds no data"), ("Error, KeepLast", "fails")])
+def test_a_firing_alert_held_by_keep_last_says_its_text_is_its_last_judgement(reason, why):
+    """When a limit rule's query finds nothing (all telemetry stopped) or fails, KeepLast keeps its alerts firing
+    (state manager, resultKeepLast: reason "<result>, KeepLast") with the text of their last evaluation: each
+    repeat of the notification must not read as a fresh measurement."""
+    held = alert(INLET, "firing", SENSOR, {"B": 28.4, "C": 1.0}, reason=reason)
+    title, message = text_of(held)
+    assert title == "[FIRING:1] Inlet temperature outside recommended envelope | hall1 (site1)"
+    assert message.splitlines()[0] == f"FIRING: {FIRING_TEXT} (held as last judged: its query {why})"
+    assert "held" not in text_of(firing())[1]
