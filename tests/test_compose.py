@@ -1072,6 +1072,46 @@ def test_grafana_entrypoint_takes_the_viewer_role_off_the_operations_folder(tmp_
     assert double.calls == 3  # two 404s while Grafana has not provisioned the folder yet, then done
 
 
+class _Ok(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("service, port", [("ditto-ui", 8080), ("grafana", 3000)])
+@pytest.mark.parametrize("client", ["curl", "wget"])
+def test_http_healthchecks_pass_with_either_curl_or_wget(tmp_path, service, port, client):
+    """ditto-ui's base has been nginx-unprivileged's Alpine image (busybox wget, curl) and its Debian `latest`
+    (curl only), Grafana's Alpine or Ubuntu: the healthcheck must pass with just one of the two tools; a
+    ditto-ui that never turns healthy keeps ditto-nginx, and everything after it, from starting."""
+    model, _ = load_model("demo")
+    test = model["services"][service]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", client):
+        found = shutil.which(tool)
+        if found is None:
+            pytest.skip(f"{tool} not installed")
+        (bin_dir / tool).symlink_to(found)
+    command = test[1].replace(f"127.0.0.1:{port}/", f"127.0.0.1:{server.server_address[1]}/")
+    assert command != test[1], "the healthcheck no longer probes the service's own port"
+    try:
+        up = subprocess.run(["sh", "-c", command], env={"PATH": str(bin_dir)}, capture_output=True, timeout=20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    down = subprocess.run(["sh", "-c", command], env={"PATH": str(bin_dir)}, capture_output=True, timeout=20)
+    assert up.returncode == 0, up.stderr
+    assert down.returncode != 0
+
+
 def _fake_docker(bin_dir: Path, compose_version: str = "2.29.1", running: str = "", buildx: str = "0.29.1") -> None:
     """A `docker` that answers `compose version [--short]`, `buildx version` and `ps -q`, and echoes anything else."""
     bin_dir.mkdir(exist_ok=True)
