@@ -36,9 +36,10 @@ WATCHDOG_REPEAT = "5m"  # how often the switch hears from a healthy Grafana
 # Rack names may hold & # +. A "no data" or "error" alert carries only the rule's labels, no rack: it links the
 # wall (unguarded, Grafana's missing key reaches urlquery as nil, and the link read ?var-rack=%3Cnil%3E).
 # The address is Grafana's own root_url (GF_SERVER_ROOT_URL, from GRAFANA_ROOT_URL), which annotation templates
-# get as externalURL, always ending in "/" (pkg/setting parseAppUrlAndSubUrl). Not ${GRAFANA_ROOT_URL}: file
-# provisioning takes rule annotations raw, without env expansion (rules_types.go: Annotations.Raw; its docs list
-# them as not interpolated), so that would reach the notification literally.
+# get as externalURL, always ending in "/" (pkg/setting parseAppUrlAndSubUrl). Not ${GRAFANA_ROOT_URL}: which
+# file provisioning expands depends on the release (rules_types.go: one stored version takes annotations raw,
+# Annotations.Raw, a later one expands braced variables only, ValueWithBracedVars), so that might reach the
+# notification literally; externalURL works either way.
 RACK_LINK = ("{{ if $labels.rack }}{{ externalURL }}" + RACK_PATH.lstrip("/")
              + "?var-rack={{ urlquery $labels.rack }}{{ else }}{{ externalURL }}" + WALL_PATH.lstrip("/") + "{{ end }}")
 WHERE_SENSOR = "{{ $labels.rack }} {{ $labels.position }}"

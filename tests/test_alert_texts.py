@@ -167,9 +167,9 @@ def test_the_rack_detail_link_without_a_rack_is_the_wall(uid):
 
 
 def test_no_rule_annotation_relies_on_env_expansion():
-    """File provisioning takes rule annotations raw (grafana/grafana pkg/services/provisioning/alerting/rules_types.go,
-    ``alertRule.Annotations = rule.Annotations.Raw``; its file-provisioning docs list them as not interpolated):
-    a ``${VAR}`` there would reach the notification as it stands."""
+    """Which file provisioning expands in rule annotations depends on the release (grafana/grafana
+    pkg/services/provisioning/alerting/rules_types.go: ``rule.Annotations.Raw`` in one stored version,
+    ``ValueWithBracedVars()`` in a later one): a ``${VAR}`` there might reach the notification as it stands."""
     for rule in RULES.values():
         for name, text in rule["annotations"].items():
             assert "${" not in text, (rule["uid"], name)
