@@ -242,7 +242,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                         f"the limit of {num(t.rate_limit_c)} °C ({num(t.rate_limit_c_per_h)} °C/h)")),
         RuleSpec("racktwin-sensor-silent", SILENT_TITLE,
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
-                 breach(f"{WHERE_SENSOR} sent no reading for more than {t.silent_after_s} s "
+                 breach(f"{WHERE_SENSOR} sent no reading (or no humidity) for more than {t.silent_after_s} s "
                         f"({COUNT} readings in {t.silent_after_s // t.reading_interval_s} intervals of "
                         f"{t.reading_interval_s} s)",
                         f"{WHERE_SENSOR} reporting again ({COUNT} readings in the last {t.silent_after_s} s)",

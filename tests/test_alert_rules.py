@@ -227,3 +227,28 @@ def test_wall_tile_states_agree_with_the_envelope_rules(fed, ditto):
     assert {r for r, s in states.items() if s in ENVELOPE_CRITICAL} == critical, states
     assert silent and {r for r, s in states.items() if s == SILENT} == silent, states
     assert {r for r, s in states.items() if s not in ENVELOPE_CRITICAL | {SILENT, "OK"}} == warning - silent, states
+
+
+def test_a_sensor_whose_humidity_stops_is_reported_silent(fed, influxd, influx_db):
+    """Its temperature still arrives, its humidity stopped 20 min ago (at 75 %, above the RH cap): the RH and
+    dew-point rules have no series for it, so they neither fire nor judge it, and a count of temperature alone
+    called the sensor healthy: nothing paged while its humidity went unwatched. A position that never reported
+    humidity (a rack with one humidity sensor, at the top) is judged on its temperature and stays quiet."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks.influx import reading_line
+
+    loc = RackLocation("site1", "hall-1", "A", "rack-hum")
+    lines = []
+    for m in range(40, -1, -1):
+        ts = fed.now_ms - m * 60_000
+        lines.append(reading_line(SensorReading(loc, "top", "t", ts, 24.0 + m % 3 / 10, 75.0 if m >= 20 else None)))
+        lines.append(reading_line(SensorReading(loc, "bottom", "b", ts, 21.0 + m % 2 / 10, None)))
+    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"}, data="\n".join(lines),
+                  timeout=10).raise_for_status()
+    run = make_runner(influxd, influx_db, fed.now_ms)
+    humidity = evaluate_rule(RULES["racktwin-humidity-recommended"], run)
+    assert not {k for k in humidity.values if dict(k)["rack"] == "rack-hum"}, "no RH series left to judge"
+    silent = evaluate_rule(RULES["racktwin-sensor-silent"], run)
+    by_position = {dict(k)["position"]: v for k, v in silent.values.items() if dict(k)["rack"] == "rack-hum"}
+    assert by_position == {"top": 0.0, "bottom": 3.0}
+    assert firing_set(silent) == EXPECTED["racktwin-sensor-silent"] | {("rack-hum", "top")}

@@ -57,7 +57,8 @@ TEXTS = {
         SENSOR, (6.2, "hall1-a03 top inlet changed 6.2 °C within 15 min (limit 20 °C/h)"),
         (1.5, "hall1-a03 top inlet changed 1.5 °C within 15 min, back within the limit of 5 °C (20 °C/h)")),
     "racktwin-sensor-silent": (
-        SENSOR, (0.0, "hall1-a03 top sent no reading for more than 180 s (0 readings in 3 intervals of 60 s)"),
+        SENSOR, (0.0, ("hall1-a03 top sent no reading (or no humidity) for more than 180 s (0 readings in 3 intervals "
+                 "of 60 s)")),
         (3.0, "hall1-a03 top reporting again (3 readings in the last 180 s)")),
     "racktwin-sensor-stuck": (
         SENSOR, (0.0, ("hall1-a03 top reported identical temperature and humidity for 15 min (spread 0.0, at "
