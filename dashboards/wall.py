@@ -102,11 +102,17 @@ SENSOR_TAGS = '"site", "room", "row", "rack", "position"'
 
 def stuck_sensors_per_series(where: str = "") -> str:
     """Per sensor position: spread of temperature plus humidity over the window, for positions with enough
-    readings. 0 means every reading was identical."""
-    inner = (f'SELECT spread("temperature") AS "st", spread("humidity") AS "sh", count("temperature") AS "n" '
-             f'FROM "{MEASUREMENT}" WHERE $timeFilter{and_(where)} GROUP BY {SENSOR_TAGS}')
-    return (f'SELECT "st" + "sh" AS "spread" FROM ({inner}) WHERE "n" >= {STUCK_MIN_READINGS} '
-            f"GROUP BY {SENSOR_TAGS}")
+    readings. 0 means every reading was identical.
+
+    Summed from one subquery per quantity rather than as "st" + "sh": a position without a humidity sensor has
+    no humidity spread, the sum of a number and null was null, and Grafana takes that for firing, so every such
+    position paged "stuck" however its temperature varied. A missing quantity now adds nothing."""
+    temperature = (f'SELECT spread("temperature") AS "s", count("temperature") AS "n" FROM "{MEASUREMENT}" '
+                   f'WHERE $timeFilter{and_(where)} GROUP BY {SENSOR_TAGS}')
+    humidity = (f'SELECT spread("humidity") AS "s" FROM "{MEASUREMENT}" '
+                f'WHERE $timeFilter{and_(where)} GROUP BY {SENSOR_TAGS}')
+    both = f'SELECT sum("s") AS "spread", sum("n") AS "n" FROM ({temperature}), ({humidity}) GROUP BY {SENSOR_TAGS}'
+    return f'SELECT "spread" FROM ({both}) WHERE "n" >= {STUCK_MIN_READINGS} GROUP BY {SENSOR_TAGS}'
 
 
 # Ditto search columns (gjson paths into each item); order matters for the tile title's ${__cell_N}.

@@ -252,3 +252,29 @@ def test_a_sensor_whose_humidity_stops_is_reported_silent(fed, influxd, influx_d
     by_position = {dict(k)["position"]: v for k, v in silent.values.items() if dict(k)["rack"] == "rack-hum"}
     assert by_position == {"top": 0.0, "bottom": 3.0}
     assert firing_set(silent) == EXPECTED["racktwin-sensor-silent"] | {("rack-hum", "top")}
+
+
+def test_a_position_without_a_humidity_sensor_is_judged_stuck_on_its_temperature(fed, influxd, influx_db):
+    """A rack with one humidity sensor (at the top): the bottom's spread of humidity is null, and temperature +
+    null was null, which Grafana takes for firing: every such position paged "stuck" while its readings varied.
+    Its temperature alone now judges it: varying, quiet; identical for the window, stuck."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks.influx import reading_line
+
+    lines = []
+    for rack, varies in (("rack-nohum-ok", True), ("rack-nohum-stuck", False)):
+        loc = RackLocation("site1", "hall-1", "A", rack)
+        for m in range(20, -1, -1):
+            ts = fed.now_ms - m * 60_000
+            lines.append(reading_line(SensorReading(loc, "top", "t", ts, 24.0 + m % 3 / 10, 40.0 + m % 2)))
+            lines.append(reading_line(SensorReading(loc, "bottom", "b", ts, 21.0 + (m % 2 / 10 if varies else 0),
+                                                    None)))
+    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"}, data="\n".join(lines),
+                  timeout=10).raise_for_status()
+    stuck = evaluate_rule(RULES["racktwin-sensor-stuck"], make_runner(influxd, influx_db, fed.now_ms))
+    spread = {(dict(k)["rack"], dict(k)["position"]): v for k, v in stuck.values.items()
+              if dict(k)["rack"].startswith("rack-nohum")}
+    assert spread[("rack-nohum-ok", "bottom")] == pytest.approx(0.1)
+    assert spread[("rack-nohum-stuck", "bottom")] == 0.0
+    assert {k for k in firing_set(stuck) if k[0].startswith("rack-nohum")} == {("rack-nohum-stuck", "bottom")}
+    assert firing_set(stuck) - {("rack-nohum-stuck", "bottom")} == EXPECTED["racktwin-sensor-stuck"]

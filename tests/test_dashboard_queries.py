@@ -72,7 +72,7 @@ def expected_shape(query: str) -> tuple[list[str], set[str]]:
     columns = []
     for item in _split_top(select.removeprefix("SELECT "), ", "):
         m = re.search(r' AS "([^"]+)"$', item)
-        columns.append(m.group(1) if m else item.split("(")[0])
+        columns.append(m.group(1) if m else item.split("(")[0].strip('"'))  # a bare "field" comes back unquoted
     tags: set[str] = set()
     group = _split_top(rest, " GROUP BY ")
     if len(group) > 1:
