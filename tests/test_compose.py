@@ -455,9 +455,9 @@ def test_grafana_provisioning_is_generated_in_the_stack_with_the_env_thresholds(
     assert stack == committed
     interval = int(parse_env_file(ENV_EXAMPLE)[0]["READING_INTERVAL_S"])
     assert gen["environment"]["RACKTWIN_READING_INTERVAL_S"] == str(interval)
-    assert f"no reading for more than {3 * interval} s" in _silent_rule(stack)["annotations"]["summary"]
+    assert f"no humidity) for more than {3 * interval} s" in _silent_rule(stack)["annotations"]["summary"]
     slower = _generated_provisioning(tmp_path / "slower", {**gen["environment"], "RACKTWIN_READING_INTERVAL_S": "300"})
-    assert "no reading for more than 900 s" in _silent_rule(slower)["annotations"]["summary"]
+    assert "no humidity) for more than 900 s" in _silent_rule(slower)["annotations"]["summary"]
     # An unusable value stops the one-shot (and with it Grafana's start) with a message naming it.
     proc = subprocess.run([sys.executable, "-m", "dashboards.generate", "--out", str(tmp_path / "bad")], cwd=REPO,
                           env={**os.environ, **gen["environment"], "RACKTWIN_READING_INTERVAL_S": "ten"},

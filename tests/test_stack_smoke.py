@@ -152,4 +152,4 @@ def test_grafana_shows_anonymous_visitors_the_wall_only_and_uses_the_env_thresho
     # grafana-provisioning generated the rules with .env's reporting interval (3 x READING_INTERVAL_S).
     rule = requests.get(f"{grafana}/api/v1/provisioning/alert-rules/racktwin-sensor-silent", auth=admin, timeout=10)
     assert rule.ok, rule.text
-    assert f"no reading for more than {3 * int(env['READING_INTERVAL_S'])} s" in rule.json()["annotations"]["summary"]
+    assert f"no humidity) for more than {3 * int(env['READING_INTERVAL_S'])} s" in rule.json()["annotations"]["summary"]
