@@ -15,7 +15,7 @@ from bridge.thresholds import (FORECAST_ALERT_FOR_S, FORECAST_ALERT_INTERVAL_S, 
 
 from .common import BRIDGE_UID, FORECAST_MEASUREMENT, INFLUX_UID, MEASUREMENT, RACK_PATH, RACK_UID, WALL_PATH
 from .datasources import WALL_FOLDER
-from .thresholds import RATE_WINDOW_S, STUCK_MIN_READINGS, Thresholds
+from .thresholds import STUCK_MIN_READINGS, Thresholds
 from .wall import SENSOR_TAGS, delta_per_rack, num, silent_sensors_per_series, stuck_sensors_per_series
 
 FOLDER = WALL_FOLDER  # beside the wall, whose anonymous viewers must read the rules for its alert count
@@ -235,11 +235,12 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                    reduce_settings={"mode": "replaceNN", "replaceWithValue": 0}),
         RuleSpec("racktwin-rate-of-change", "Inlet temperature changing too fast",
                  f'SELECT spread("temperature") AS "spread" FROM "{MEASUREMENT}" WHERE $timeFilter '
-                 f"GROUP BY {SENSOR_TAGS}", RATE_WINDOW_S, "last", "gt", (t.rate_limit_c,), "warning",
-                 breach(f"{WHERE_SENSOR} inlet changed {VALUE} °C within {RATE_WINDOW_S // 60} min "
+                 f"GROUP BY {SENSOR_TAGS}", t.rate_window_s, "last", "gt", (t.rate_limit_c,), "warning",
+                 breach(f"{WHERE_SENSOR} inlet changed {VALUE} °C within {t.rate_window_s // 60} min "
                         f"(limit {num(t.rate_limit_c_per_h)} °C/h)",
-                        f"{WHERE_SENSOR} inlet changed {VALUE} °C within {RATE_WINDOW_S // 60} min, back within "
-                        f"the limit of {num(t.rate_limit_c)} °C ({num(t.rate_limit_c_per_h)} °C/h)")),
+                        f"{WHERE_SENSOR} inlet changed {VALUE} °C within {t.rate_window_s // 60} min, back within "
+                        f"the limit of {num(t.rate_limit_c)} °C{'' if t.rate_span_s == t.rate_window_s else ' between readings'} "
+                        f"({num(t.rate_limit_c_per_h)} °C/h)")),
         RuleSpec("racktwin-sensor-silent", SILENT_TITLE,
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
                  breach(f"{WHERE_SENSOR} sent no reading (or no humidity) for more than {t.silent_after_s} s "

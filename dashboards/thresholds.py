@@ -84,9 +84,21 @@ class Thresholds:
         return ALLOWABLE_RH_MIN_PCT, self.allowable["rh_max"]
 
     @property
+    def rate_window_s(self) -> int:
+        """The rate-of-change window: ASHRAE's 15 min, longer where that may hold a single reading (at least two
+        reporting intervals, in whole minutes); else readings 15 min or more apart never show a change."""
+        return max(RATE_WINDOW_S, -(-2 * self.reading_interval_s // 60) * 60)
+
+    @property
+    def rate_span_s(self) -> int:
+        """The time the allowed change is pro-rated over: the 15-min window, or where it grew, one reporting
+        interval (its readings, two or three, are that far apart)."""
+        return RATE_WINDOW_S if self.rate_window_s == RATE_WINDOW_S else self.reading_interval_s
+
+    @property
     def rate_limit_c(self) -> float:
-        """Allowed max − min inlet temperature within RATE_WINDOW_S."""
-        return round(self.rate_limit_c_per_h * RATE_WINDOW_S / 3600.0, 3)
+        """Allowed max − min inlet temperature within ``rate_window_s`` (the hourly limit, pro rata)."""
+        return round(self.rate_limit_c_per_h * self.rate_span_s / 3600.0, 3)
 
     @property
     def silent_after_s(self) -> int:

@@ -278,3 +278,35 @@ def test_a_position_without_a_humidity_sensor_is_judged_stuck_on_its_temperature
     assert spread[("rack-nohum-stuck", "bottom")] == 0.0
     assert {k for k in firing_set(stuck) if k[0].startswith("rack-nohum")} == {("rack-nohum-stuck", "bottom")}
     assert firing_set(stuck) - {("rack-nohum-stuck", "bottom")} == EXPECTED["racktwin-sensor-stuck"]
+
+
+@pytest.mark.parametrize("interval_s", [900, 1200])
+def test_the_rate_rule_sees_a_fast_rise_of_a_sensor_reporting_every_15_min_or_more(fed, influxd, influx_db,
+                                                                                    interval_s):
+    """With readings 15 min or more apart a 15-min window holds one reading at most: the spread was always 0 and
+    the rule could not fire, whatever the ramp. Its window grows to two intervals, its limit pro rata."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks.influx import reading_line
+
+    t = Thresholds(reading_interval_s=interval_s)
+    rule = next(r for g in alerts.rules_file(t)["groups"] for r in g["rules"] if r["uid"] == "racktwin-rate-of-change")
+    window_s = rule["data"][0]["relativeTimeRange"]["from"]
+    # The readings in the window are one interval apart: the limit is the hourly one for that interval.
+    assert window_s == 2 * interval_s and rule["data"][2]["model"]["conditions"][0]["evaluator"]["params"] == [
+        pytest.approx(t.rate_limit_c_per_h * interval_s / 3600, abs=1e-3)]
+    assert "between readings (20 °C/h)" in rule["annotations"]["summary"]
+    assert f"within {window_s // 60} min" in rule["annotations"]["summary"]
+    lines = []
+    for rack, c_per_h in ((f"rack-ramp-{interval_s}", 40.0), (f"rack-slow-{interval_s}", 10.0)):
+        loc = RackLocation("site1", "hall-1", "A", rack)
+        for i in range(6, -1, -1):
+            ts = fed.now_ms - i * interval_s * 1000 - 30_000
+            lines.append(reading_line(SensorReading(loc, "top", "t", ts, 20.0 - c_per_h * i * interval_s / 3600,
+                                                    45.0)))
+    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"}, data="\n".join(lines),
+                  timeout=10).raise_for_status()
+    result = evaluate_rule(rule, make_runner(influxd, influx_db, fed.now_ms))
+    spread = {dict(k)["rack"]: v for k, v in result.values.items() if dict(k)["rack"].endswith(f"-{interval_s}")}
+    assert spread[f"rack-ramp-{interval_s}"] == pytest.approx(40.0 * interval_s / 3600)
+    assert spread[f"rack-slow-{interval_s}"] == pytest.approx(10.0 * interval_s / 3600)
+    assert {k for k in firing_set(result) if k[0].endswith(f"-{interval_s}")} == {(f"rack-ramp-{interval_s}", "top")}
