@@ -173,6 +173,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
     (dp_rec_lo, dp_rec_hi), (dp_all_lo, dp_all_hi) = t.dew_point_recommended, t.dew_point_allowable
     rh_lo, rh_hi = t.rh_allowable
     cls = t.ashrae_class
+    between_readings = "" if t.rate_span_s == t.rate_window_s else " between readings"  # the window grew (thresholds)
     return [
         limit_rule("racktwin-inlet-recommended", "Inlet temperature outside recommended envelope",
                    latest("temperature"), 600, "last", "outside_range", (t_rec_lo, t_rec_hi), "warning",
@@ -239,7 +240,7 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                  breach(f"{WHERE_SENSOR} inlet changed {VALUE} °C within {t.rate_window_s // 60} min "
                         f"(limit {num(t.rate_limit_c_per_h)} °C/h)",
                         f"{WHERE_SENSOR} inlet changed {VALUE} °C within {t.rate_window_s // 60} min, back within "
-                        f"the limit of {num(t.rate_limit_c)} °C{'' if t.rate_span_s == t.rate_window_s else ' between readings'} "
+                        f"the limit of {num(t.rate_limit_c)} °C{between_readings} "
                         f"({num(t.rate_limit_c_per_h)} °C/h)")),
         RuleSpec("racktwin-sensor-silent", SILENT_TITLE,
                  silent_sensors_per_series(t, "", SENSOR_TAGS), SILENT_LOOKBACK_S, "last", "lt", (0.001,), "warning",
