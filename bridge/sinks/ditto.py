@@ -152,6 +152,7 @@ class _Thing:
     envelope: str | None = None  # the rack state the twin holds, as last written or read
     recheck: bool = False  # scheduled by the silence sweep, with nothing pending: mark the twin SILENT
     unexpected_failures: int = 0
+    dated_ahead_told: bool = False  # warned of as dated ahead of our clock, until its next write goes through
 
 
 class DittoClient:
@@ -290,7 +291,6 @@ class DittoUpdater:
         self.last_error: str | None = None
         self._last_error_kind: str | None = None
         self._refused: set[str] = set()  # twins refused (403) since Ditto last took an update
-        self._dated_ahead: set[str] = set()  # twins warned of as dated ahead of our clock, until their next write
         self.channel = self._channel(settings)
         # Stall detection (module docstring): readings waiting on Ditto, since when Ditto last made progress for
         # them (an update taken, or the first of them arriving), and whether we are releasing.
@@ -505,7 +505,7 @@ class DittoUpdater:
                 thing.known = known
                 thing.attributes_sent = attributes
                 thing.envelope = envelope
-                self._dated_ahead.discard(thing.tid)
+                thing.dated_ahead_told = False
                 return ("created" if created else "ok"), answered
             self._reread(client, thing)
             fresh, stale = twin.drop_stale(fresh, thing.known)
@@ -514,14 +514,14 @@ class DittoUpdater:
     def _note_dated_ahead(self, thing: _Thing, stale: list[Position]) -> None:
         """Readings held back by a twin position dated ahead of our clock freeze that position until then, which
         the stale counter alone does not explain: say so once per twin (until a write goes through again)."""
-        if thing.tid in self._dated_ahead:
+        if thing.dated_ahead_told:
             return
         now_ms = time.time() * 1000
         ahead = {p: thing.known[p].ts_ms - now_ms for p in stale if p in thing.known}
         ahead = {p: ms for p, ms in ahead.items() if ms > FUTURE_WARN_AFTER_MS}
         if not ahead:
             return
-        self._dated_ahead.add(thing.tid)
+        thing.dated_ahead_told = True
         position, ms = max(ahead.items(), key=lambda item: item[1])
         log.warning("%s: its %s reading is dated %.0f s ahead of this bridge's clock, so older readings of it are "
                     "not written to the twin (InfluxDB gets them) until then: a device clock running fast, or this "
