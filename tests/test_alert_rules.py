@@ -128,8 +128,7 @@ def test_bridge_rules(fed, influxd, influx_db):
     lines = (_replica_stats("replica-not-ready", False, 0.0, fed.now_ms)
              + _replica_stats("replica-stalled", True, 120.0, fed.now_ms)
              + _replica_stats("replica-died", True, 0.0, fed.now_ms - 3_600_000))
-    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"},
-                  data="\n".join(lines), timeout=10).raise_for_status()
+    influxd.write(lines, influx_db)
     run = make_runner(influxd, influx_db, fed.now_ms + 5000)
     down = evaluate_rule(RULES["racktwin-bridge-down"], run)
     assert down.state == "Evaluated" and len(down.values) == 4
@@ -159,8 +158,7 @@ def test_a_rack_with_one_position_silent_is_not_taken_for_recirculation(fed, inf
     loc = RackLocation("site1", "hall-1", "A", "rack-half")
     lines = [reading_line(SensorReading(loc, "bottom", "b", fed.now_ms - 20 * 60_000, 21.0, 45.0))]
     lines += [reading_line(SensorReading(loc, "top", "t", fed.now_ms - m * 60_000, 24.0, 45.0)) for m in range(4)]
-    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"}, data="\n".join(lines),
-                  timeout=10).raise_for_status()
+    influxd.write(lines, influx_db)
     result = evaluate_rule(RULES["racktwin-recirculation"], make_runner(influxd, influx_db, fed.now_ms))
     assert ("rack-half", None) not in firing_set(result)
     assert {k: v for k, v in result.values.items() if dict(k)["rack"] == "rack-half"} == {
@@ -243,8 +241,7 @@ def test_a_sensor_whose_humidity_stops_is_reported_silent(fed, influxd, influx_d
         ts = fed.now_ms - m * 60_000
         lines.append(reading_line(SensorReading(loc, "top", "t", ts, 24.0 + m % 3 / 10, 75.0 if m >= 20 else None)))
         lines.append(reading_line(SensorReading(loc, "bottom", "b", ts, 21.0 + m % 2 / 10, None)))
-    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"}, data="\n".join(lines),
-                  timeout=10).raise_for_status()
+    influxd.write(lines, influx_db)
     run = make_runner(influxd, influx_db, fed.now_ms)
     humidity = evaluate_rule(RULES["racktwin-humidity-recommended"], run)
     assert not {k for k in humidity.values if dict(k)["rack"] == "rack-hum"}, "no RH series left to judge"
@@ -269,8 +266,7 @@ def test_a_position_without_a_humidity_sensor_is_judged_stuck_on_its_temperature
             lines.append(reading_line(SensorReading(loc, "top", "t", ts, 24.0 + m % 3 / 10, 40.0 + m % 2)))
             lines.append(reading_line(SensorReading(loc, "bottom", "b", ts, 21.0 + (m % 2 / 10 if varies else 0),
                                                     None)))
-    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"}, data="\n".join(lines),
-                  timeout=10).raise_for_status()
+    influxd.write(lines, influx_db)
     stuck = evaluate_rule(RULES["racktwin-sensor-stuck"], make_runner(influxd, influx_db, fed.now_ms))
     spread = {(dict(k)["rack"], dict(k)["position"]): v for k, v in stuck.values.items()
               if dict(k)["rack"].startswith("rack-nohum")}
@@ -303,8 +299,7 @@ def test_the_rate_rule_sees_a_fast_rise_of_a_sensor_reporting_every_15_min_or_mo
             ts = fed.now_ms - i * interval_s * 1000 - 30_000
             lines.append(reading_line(SensorReading(loc, "top", "t", ts, 20.0 - c_per_h * i * interval_s / 3600,
                                                     45.0)))
-    requests.post(influxd.url + "/write", params={"db": influx_db, "precision": "ms"}, data="\n".join(lines),
-                  timeout=10).raise_for_status()
+    influxd.write(lines, influx_db)
     result = evaluate_rule(rule, make_runner(influxd, influx_db, fed.now_ms))
     spread = {dict(k)["rack"]: v for k, v in result.values.items() if dict(k)["rack"].endswith(f"-{interval_s}")}
     assert spread[f"rack-ramp-{interval_s}"] == pytest.approx(40.0 * interval_s / 3600)

@@ -852,9 +852,7 @@ def test_tag_values_with_separators_and_control_characters_reach_influxdb_intact
     ts = int(time.time() * 1000) - 60_000
     lines = [reading_line(SensorReading(RackLocation("site1", name, "row1", f"rack-{i}"), "top", f"dev {i}",
                                         ts, 21.0 + i, 40.0)) for i, name in enumerate(names)]
-    resp = requests.post(f"{influxd.url}/write", params={"db": influx_db, "precision": "ms"},
-                         data="\n".join(lines).encode(), timeout=5)
-    assert resp.status_code == 204, resp.text
+    influxd.write(lines, influx_db, timeout=5)
     rows = influxd.rows("SELECT temperature, room, device FROM rack_environment", influx_db)
     assert sorted((r["room"], r["temperature"]) for r in rows) == sorted(
         (stored, 21.0 + i) for i, stored in enumerate(names.values()))

@@ -9,7 +9,6 @@ chain is evaluated as Grafana would (tests/grafana_sim.py).
 from __future__ import annotations
 
 import pytest
-import requests
 
 from bridge.config import MappingConfig, Settings
 from bridge.decode import decode
@@ -54,9 +53,7 @@ def write_history(influxd, db: str, specs: list[str], now_s: float) -> None:
             payload = ('{"ts": %d, "values": %s}' % (int(ts * 1000), str(values).replace("'", '"'))).encode()
             for group in decode(f"racktwin/telemetry/{device}", payload, int(now_s * 1000), 65536):
                 lines += [line for r in mapper.map_group(group, int(now_s * 1000)) if (line := reading_line(r))]
-    resp = requests.post(f"{influxd.url}/write", params={"db": db, "precision": "ms"}, data="\n".join(lines),
-                         timeout=30)
-    assert resp.status_code == 204, resp.text
+    influxd.write(lines, db)
 
 
 def fired(influxd, db: str, now_s: float) -> dict[str, set]:

@@ -174,6 +174,13 @@ class InfluxD:
                 raise RuntimeError(f"InfluxQL error for {q!r}: {result['error']}")
         return body
 
+    def write(self, lines: list[str], db: str, timeout: float = 30) -> None:
+        """Line protocol with millisecond timestamps, as the bridge writes it; anything but 204 raises."""
+        resp = requests.post(self.url + "/write", params={"db": db, "precision": "ms"},
+                             data="\n".join(lines).encode(), timeout=timeout)
+        if resp.status_code != 204:
+            raise RuntimeError(f"InfluxDB write: HTTP {resp.status_code}: {resp.text}")
+
     def create_db(self, name: str) -> None:
         self.query(f'CREATE DATABASE "{name}"')
 
