@@ -754,10 +754,12 @@ class DittoUpdater:
         error = str(exc)
         # One line per kind of failure, not per twin: Ditto's answer names the thing.
         kind = error.replace(thing.tid, "<thing>").replace(thing.tid.split(":", 1)[-1], "<thing>")
-        if self.healthy or kind != self._last_error_kind:
+        with self._cond:  # checked and set at once: workers failing together would each see healthy and log
+            first_of_kind = self.healthy or kind != self._last_error_kind
+            self.healthy = False
+            self.last_error, self._last_error_kind = error, kind
+        if first_of_kind:
             log.warning("Ditto update of %s failed, will retry: %s", thing.tid, error[:200])
-        self.healthy = False
-        self.last_error, self._last_error_kind = error, kind
         if status in (401, 403, 404):
             thing.ensured = False
         if ditto_wide(status) or getattr(exc, "of_policy", False):
@@ -854,7 +856,9 @@ class DittoUpdater:
         return True
 
     def _mark_healthy(self) -> None:
-        if not self.healthy:
+        if self.healthy:  # the common case, read without the lock: each update that goes through comes here
+            return
+        with self._cond:
+            recovered, self.healthy, self.last_error = not self.healthy, True, None
+        if recovered:
             log.info("Ditto updates recovered")
-        self.healthy = True
-        self.last_error = None
