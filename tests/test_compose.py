@@ -850,6 +850,9 @@ def test_nginx_authenticates_and_sets_the_ditto_subject(nginx_in_front_of_echo):
     seen = _Echo.seen[-1]
     assert seen["headers"]["x-ditto-pre-authenticated"] == "nginx:grafana"
     assert seen["path"] == "/api/2/things/dc.site1:rack%20a01?fields=thingId"  # passed as sent
+    # The server's other headers too, though the location sets headers of its own (nginx inherits none then).
+    assert seen["headers"]["host"] == base.removeprefix("http://")
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
 
     # /health needs no login and never carries a subject, even a forged one.
     resp = requests.get(base + "/health", headers=spoof, timeout=5)
