@@ -128,21 +128,41 @@ def duration(seconds: int) -> str:
     return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
 
+# The forecast rule's value for a position forecast (trend known) with no crossing ahead: below the threshold's
+# range, so it reads as judged and resolves as such.
+NO_CROSSING = -1
+
+
+def minutes_to_recommended_per_series() -> str:
+    """Per rack position with a forecast in the range: the newest minutes to the recommended limit, or
+    ``NO_CROSSING`` where no forecast of the range has one (the field is absent when none is forecast,
+    bridge/forecast/tracker.py). Every forecast carries its trend, so the second subquery gives each forecast
+    position a row: with the crossing forecasts alone, a rack whose rise levelled off left the result, and Grafana
+    ended its alert as a missing series ("no longer reported"), or, the only one, as no data at all."""
+    crossing = (f'SELECT last("minutes_to_recommended") AS "m" FROM "{FORECAST_MEASUREMENT}" WHERE $timeFilter '
+                f"GROUP BY {SENSOR_TAGS}")
+    forecast = (f'SELECT last("trend_c_per_h") * 0 + {NO_CROSSING} AS "m" FROM "{FORECAST_MEASUREMENT}" '
+                f"WHERE $timeFilter GROUP BY {SENSOR_TAGS}")
+    return f'SELECT max("m") AS "minutes_to_recommended" FROM ({crossing}), ({forecast}) GROUP BY {SENSOR_TAGS}'
+
+
 def forecast_rule(t: Thresholds) -> RuleSpec:
     """Fires per rack position whose newest forecast (bridge/forecast, measurement rack_forecast) reaches the
-    recommended limit within the horizon. No crossing forecast = field absent = no series = OK."""
+    recommended limit within the horizon. A position forecast to cross no limit reads ``NO_CROSSING`` (judged OK);
+    one with no forecast at all (held back: silent, stuck, warming up) has no series."""
     limit = t.temp_recommended[1]
     return RuleSpec(
         "racktwin-forecast-recommended", "Rack heading for the recommended temperature limit",
-        f'SELECT last("minutes_to_recommended") AS "minutes_to_recommended" FROM "{FORECAST_MEASUREMENT}" '
-        f"WHERE $timeFilter GROUP BY {SENSOR_TAGS}",
+        minutes_to_recommended_per_series(),
         # Within (0, horizon): 0 means the line is already above the limit, which the inlet rule reports; counted
         # in, the alert would fire and resolve after the breach as the trend of a rack at its peak wavers.
         FORECAST_ALERT_QUERY_RANGE_S, "last", "within_range", (0, t.forecast_horizon_min), "warning",
         breach(f"{WHERE_SENSOR} forecast to pass {num(limit)} °C in {MINUTES} min",
                f"{{{{ if gt $values.B.Value 0.0 }}}}{WHERE_SENSOR} no longer forecast to pass {num(limit)} °C "
-               f"within {num(t.forecast_horizon_min)} min (in {MINUTES} min){{{{ else }}}}{WHERE_SENSOR} forecast "
-               f"already at or above {num(limit)} °C (the inlet rule reports it){{{{ end }}}}"),
+               f"within {num(t.forecast_horizon_min)} min (in {MINUTES} min){{{{ else if lt $values.B.Value 0.0 }}}}"
+               f"{WHERE_SENSOR} no longer heading for {num(limit)} °C (its trend forecasts no crossing)"
+               f"{{{{ else }}}}{WHERE_SENSOR} forecast already at or above {num(limit)} °C (the inlet rule reports "
+               "it){{ end }}"),
         for_=duration(FORECAST_ALERT_FOR_S), labels={"kind": "forecast"}, group=FORECAST_GROUP,
         keep_firing_for=duration(FORECAST_ALERT_KEEP_FIRING_S))
 

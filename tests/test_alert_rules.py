@@ -95,9 +95,12 @@ def test_forecast_rule_fires_for_the_fast_riser_only(fed, influxd, influx_db):
     rule = RULES["racktwin-forecast-recommended"]
     result = evaluate_rule(rule, make_runner(influxd, influx_db, fed.forecast_ms + 1000))
     minutes = {(dict(k)["rack"], dict(k)["position"]): v for k, v in result.values.items()}
-    # Only positions with a forecast crossing carry the field: the flat bottoms have none (absent = no series).
-    assert set(minutes) == {RISING_FAST, RISING_SLOW}
+    # Every forecast position has a series, so its alert ends judged when its rise levels off: a crossing's minutes,
+    # or NO_CROSSING for the rest (the flat bottoms among them), whose forecasts carry no minutes_to_recommended.
+    assert set(minutes) == set(FORECAST_POSITIONS)
     assert 20 <= minutes[RISING_FAST] < 30 and minutes[RISING_SLOW] > 60
+    others = set(FORECAST_POSITIONS) - {RISING_FAST, RISING_SLOW}
+    assert set(FLAT) <= others and {minutes[p] for p in others} == {alerts.NO_CROSSING}
     assert firing_set(result) == {RISING_FAST}
     # The flat positions do have forecasts (a level, trend about 0): silent about a crossing, not missing.
     rows = influxd.rows('SELECT last("trend_c_per_h") AS "trend" FROM "rack_forecast" GROUP BY "rack", "position"',

@@ -109,6 +109,16 @@ def test_an_alert_whose_condition_no_longer_holds_says_so(uid):
     assert summary(uid, labels, {"B": b, "C": 0.0}) == text
 
 
+def test_the_forecast_of_a_rack_whose_rise_levelled_off():
+    """No crossing forecast any more (the query's NO_CROSSING): judged, so its "resolved" is a real one, and says
+    why; not "in -1 min", nor "already at or above"."""
+    from dashboards.alerts import NO_CROSSING
+
+    assert condition("racktwin-forecast-recommended", NO_CROSSING) == 0.0
+    assert summary("racktwin-forecast-recommended", SENSOR, {"B": float(NO_CROSSING), "C": 0.0}) == (
+        "hall1-a03 top no longer heading for 27 °C (its trend forecasts no crossing)")
+
+
 def test_the_forecast_of_a_rack_already_past_the_limit():
     """0 minutes: the line is above the limit already (not a crossing within the horizon): the inlet rule's."""
     assert summary("racktwin-forecast-recommended", SENSOR, {"B": 0.0, "C": 0.0}) == (

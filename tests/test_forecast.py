@@ -413,7 +413,8 @@ def test_alert_replay_needs_the_condition_for_the_whole_for_duration():
 
 
 def test_alert_replay_reads_the_newest_point_that_has_minutes_to_recommended():
-    """Grafana's query is last("minutes_to_recommended"): a newer point without the field does not hide an older one."""
+    """Grafana's query is last("minutes_to_recommended"): a newer point without the field does not hide an older one;
+    once none in the range has it, the position's forecasts read "no crossing", judged, not missing."""
     replay = ev.AlertReplay(horizon_min=30, for_s=60, query_range_s=90)
 
     def publish(t, minutes, status="ok"):
@@ -427,9 +428,28 @@ def test_alert_replay_reads_the_newest_point_that_has_minutes_to_recommended():
     replay.evaluate(60)  # last() still returns the 25 written at t=0
     assert replay.fired == [(60, "rack-a01", "top")]
     publish(90, None)
-    replay.evaluate(120)  # that 25 is now 120 s old, outside the 90 s range: no series
-    replay.evaluate(130)  # ... at a second evaluation: resolved
-    assert replay.firing == set() and replay.resolved == [(130, "rack-a01", "top")]
+    replay.evaluate(120)  # that 25 is now 120 s old, outside the 90 s range: no crossing, judged (Recovering)
+    replay.evaluate(130)
+    assert replay.firing == {("rack-a01", "top")} and replay.resolved == []
+    for t in range(140, 730, 10):
+        publish(t - 5, None)
+        replay.evaluate(t)
+    # resolved by keepFiringFor (600 s from the first evaluation without a crossing), not as a missing series
+    assert replay.firing == set() and replay.resolved == [(720, "rack-a01", "top")]
+
+
+def test_alert_replay_resolves_a_position_without_any_forecast_as_a_missing_series():
+    """Held back (stuck, silent) or no publisher: no point at all, so no series, resolved after two evaluations."""
+    replay = ev.AlertReplay(horizon_min=30, for_s=0, query_range_s=90, keep_firing_for_s=600)
+    replay.publish([Forecast(LOC, "top", "ok", 0, trend_c_per_h=6.0, minutes_to_recommended=25)])
+    replay.evaluate(0)
+    assert replay.fired == [(0, "rack-a01", "top")]
+    replay.publish([Forecast(LOC, "top", "silent", 30_000, minutes_to_recommended=None)])
+    replay.evaluate(90)  # the t=0 point is still in range
+    replay.evaluate(100)  # no point of the position in the range: missing, once
+    assert replay.firing == {("rack-a01", "top")}
+    replay.evaluate(110)
+    assert replay.firing == set() and replay.resolved == [(110, "rack-a01", "top")]
 
 
 def test_alert_replay_keeps_firing_for_its_keep_firing_for_once_the_forecast_moves_above_the_horizon():

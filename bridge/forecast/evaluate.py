@@ -7,10 +7,11 @@ same pure, seeded model that feeds the demo wall, with its noise, daily load dri
 the real ``ForecastTracker``; forecasts are computed on the publisher's schedule
 (``forecast_publish_interval_s``). The Grafana forecast rule is then replayed exactly: every
 ``ALERT_INTERVAL_S`` its query takes ``last("minutes_to_recommended")`` over the last
-``ALERT_QUERY_RANGE_S``, i.e. the newest point that has the field, and the instance fires once that
-value has been within (0, ``ALERT_HORIZON_MIN``) at every evaluation for ``ALERT_FOR_S``; it keeps
-firing until the condition has been false for ``ALERT_KEEP_FIRING_S``, or the series has been missing
-from ``ALERT_MISSING_EVALS_TO_RESOLVE`` evaluations (``AlertReplay``). The table counts refires: a
+``ALERT_QUERY_RANGE_S``, i.e. the newest point that has the field (or "no crossing" for a position
+with forecasts but none that has it), and the instance fires once that value has been within
+(0, ``ALERT_HORIZON_MIN``) at every evaluation for ``ALERT_FOR_S``; it keeps firing until the
+condition has been false for ``ALERT_KEEP_FIRING_S``, or the series (no forecast of the position
+in the range) has been missing from ``ALERT_MISSING_EVALS_TO_RESOLVE`` evaluations (``AlertReplay``). The table counts refires: a
 series that resolved and fired again, two more notifications for one event.
 
 Runs (PASS/FAIL comes from these):
@@ -70,7 +71,7 @@ from .limits import (
     ForecastLimits,
     heading_for_limit,
 )
-from .tracker import Forecast, ForecastTracker, WindowSettings
+from .tracker import Forecast, ForecastTracker, WindowSettings, writes_forecast_point
 
 STEP_S = 10.0
 START_S = 1_764_000_000.0  # a Monday, 16:00 UTC; any fixed epoch will do
@@ -111,8 +112,8 @@ class AlertReplay:
     As Grafana's state manager does it: the condition must hold at every evaluation for ``for_s`` to fire;
     a firing instance whose condition turns false keeps firing (Recovering) until it has been false for
     ``keep_firing_for_s`` counted from that first false evaluation, and fires on if it comes back; a series
-    missing from the query's result is left as it is, and resolved once it has been missing from
-    ``missing_evals_to_resolve`` evaluations.
+    missing from the query's result (no forecast of the position in the range, not just no crossing) is left
+    as it is, and resolved once it has been missing from ``missing_evals_to_resolve`` evaluations.
     """
 
     horizon_min: float = ALERT_HORIZON_MIN
@@ -123,6 +124,9 @@ class AlertReplay:
     # Per series the newest point that has minutes_to_recommended: what last("minutes_to_recommended") returns
     # when it lies within the query range (every older point with the field is older still).
     latest: dict[tuple[str, str], Forecast] = field(default_factory=dict)
+    # Per series the time (s) of its newest forecast of any kind: within the range, a series without a crossing
+    # still has a row, NO_CROSSING (dashboards/alerts.py: minutes_to_recommended_per_series), judged not heading.
+    forecast_at: dict[tuple[str, str], float] = field(default_factory=dict)
     pending_since: dict[tuple[str, str], float] = field(default_factory=dict)
     recovering_since: dict[tuple[str, str], float] = field(default_factory=dict)
     missing: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -134,6 +138,8 @@ class AlertReplay:
         for f in forecasts:
             # A held-back position writes no point, one with no crossing a point without the field: either
             # way last() still returns the older value, for as long as it lies within the query range.
+            if writes_forecast_point(f):
+                self.forecast_at[(f.rack, f.position)] = f.computed_at_ms / 1000
             if f.status == "ok" and f.minutes_to_recommended is not None:
                 self.latest[(f.rack, f.position)] = f
 
@@ -146,14 +152,16 @@ class AlertReplay:
 
     def evaluate(self, t: float) -> None:
         for key, f in self.latest.items():
-            if t - f.computed_at_ms / 1000 > self.query_range_s:  # no point with the field: no series
+            if t - self.forecast_at.get(key, -math.inf) > self.query_range_s:  # no forecast at all: no series
                 self.missing[key] = self.missing.get(key, 0) + 1
                 if self.missing[key] >= self.missing_evals_to_resolve:
                     self._resolve(key, t)
                 continue
             self.missing[key] = 0
-            # The value as written: forecast_line rounds it to 3 decimals.
-            if not heading_for_limit(round(f.minutes_to_recommended, 3), self.horizon_min):
+            # The value as written (forecast_line rounds it to 3 decimals), or none without a crossing in the range.
+            crossing = t - f.computed_at_ms / 1000 <= self.query_range_s
+            minutes = round(f.minutes_to_recommended, 3) if crossing else None
+            if not heading_for_limit(minutes, self.horizon_min):
                 if key in self.firing and self.keep_firing_for_s > 0:
                     since = self.recovering_since.setdefault(key, t)
                     if t - since < self.keep_firing_for_s:

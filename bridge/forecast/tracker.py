@@ -229,9 +229,14 @@ def forecast_patch(forecasts_for_rack: Iterable[Forecast]) -> dict[str, Any]:
     return {"features": {FEATURE: {"properties": forecast_properties(forecasts_for_rack)}}}
 
 
+def writes_forecast_point(f: Forecast) -> bool:
+    """Whether ``f`` goes to ``rack_forecast``: not for a held-back position, nor one without a trend yet."""
+    return f.status == "ok" and f.trend_c_per_h is not None
+
+
 def forecast_line(f: Forecast) -> str | None:
     """Line protocol for measurement ``rack_forecast``; None for a held-back position."""
-    if f.status != "ok" or f.trend_c_per_h is None:
+    if not writes_forecast_point(f):
         return None
     values = {
         "trend_c_per_h": f.trend_c_per_h,
