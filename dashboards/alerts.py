@@ -179,6 +179,15 @@ ENVELOPE_KEEP_FIRING = "10m"
 LIMIT_MISSING_SERIES_EVALS = SILENT_LOOKBACK_S // GROUP_INTERVAL_S
 
 
+def measured_delta_per_rack() -> str:
+    """Top − bottom per rack where both positions have a reading in the range. One position silent leaves the rack's
+    row with a null delta: reduced to NaN it fired (Grafana takes a NaN condition for firing), counted as 0 it
+    resolved a firing alert by evaluation, "top − bottom 0.0 °C, back at or below 5 °C", a difference nobody
+    measured. ``last`` over the rows drops the null, so such a rack has no series: a firing alert stays firing as a
+    missing series (LIMIT_MISSING_SERIES_EVALS), none starts, and the silent-sensor rule names the position."""
+    return f'SELECT last("delta") AS "delta" FROM ({delta_per_rack("", RACK_TAGS)}) GROUP BY {RACK_TAGS}'
+
+
 def limit_rule(*args: Any, **kwargs: Any) -> RuleSpec:
     """A rule on the last reading against an ASHRAE (or top − bottom) limit: it flaps at the threshold, and its
     sensor going silent says nothing about the rack. Nor does every sensor going silent (bridge or broker down):
@@ -243,17 +252,14 @@ def rule_specs(t: Thresholds) -> list[RuleSpec]:
                           f"{WHERE_SENSOR} RH {VALUE} %, back at or above allowable {num(rh_lo)} %"), for_="1m"),
         limit_rule("racktwin-recirculation", "Top − bottom inlet difference (recirculation)",
                    # The window holds a reading of each live position: 5 min, or 3 reporting intervals if longer
-                   # (a position with none in it counts as 0 below, and would reset the 10-minute "for").
-                   delta_per_rack("", RACK_TAGS), max(300, t.silent_after_s), "last", "gt", (t.delta_t_limit_c,),
+                   # (a rack with a position without one in it has no series, and would restart the 10-minute "for").
+                   measured_delta_per_rack(), max(300, t.silent_after_s), "last", "gt", (t.delta_t_limit_c,),
                    "warning",
                    breach(f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C above {num(t.delta_t_limit_c)} °C "
                           f"for {t.delta_t_for} (recirculation?)",
                           f"{{{{ $labels.rack }}}} top − bottom {VALUE} °C, back at or below "
                           f"{num(t.delta_t_limit_c)} °C"),
-                   for_=t.delta_t_for, labels={"position": "top-bottom"},
-                   # One position silent leaves the rack's row with a null delta: dropped, it would reduce to NaN,
-                   # which Grafana takes for firing. As 0 it is not recirculation (the silent rule reports it).
-                   reduce_settings={"mode": "replaceNN", "replaceWithValue": 0}),
+                   for_=t.delta_t_for, labels={"position": "top-bottom"}),
         RuleSpec("racktwin-rate-of-change", "Inlet temperature changing too fast",
                  f'SELECT spread("temperature") AS "spread" FROM "{MEASUREMENT}" WHERE $timeFilter '
                  f"GROUP BY {SENSOR_TAGS}", t.rate_window_s, "last", "gt", (t.rate_limit_c,), "warning",

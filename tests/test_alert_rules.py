@@ -152,9 +152,11 @@ def test_bridge_rules(fed, influxd, influx_db):
     assert gone.state == "NoData" and RULES["racktwin-bridge-down"]["noDataState"] == "Alerting"
 
 
-def test_a_rack_with_one_position_silent_is_not_taken_for_recirculation(fed, influxd, influx_db):
-    """Its top still reports, its bottom went quiet: the recirculation query gives the rack a row with a null
-    top − bottom, which reduced to NaN would fire (Grafana takes a NaN condition for firing)."""
+def test_a_rack_with_one_position_silent_is_not_judged_for_recirculation(fed, influxd, influx_db):
+    """Its top still reports, its bottom went quiet: there is no top − bottom to judge. Reduced to NaN it would
+    fire (Grafana takes a NaN condition for firing); counted as 0 it resolved a firing alert by evaluation, and
+    the engineer read "rack top − bottom 0.0 °C, back at or below 5 °C", a difference nobody measured. The rack
+    has no series instead: a firing alert stays firing as a missing series (the limit rules' day), none starts."""
     from bridge.mapping import RackLocation, SensorReading
     from bridge.sinks.influx import reading_line
 
@@ -162,11 +164,12 @@ def test_a_rack_with_one_position_silent_is_not_taken_for_recirculation(fed, inf
     lines = [reading_line(SensorReading(loc, "bottom", "b", fed.now_ms - 20 * 60_000, 21.0, 45.0))]
     lines += [reading_line(SensorReading(loc, "top", "t", fed.now_ms - m * 60_000, 24.0, 45.0)) for m in range(4)]
     influxd.write(lines, influx_db)
-    result = evaluate_rule(RULES["racktwin-recirculation"], make_runner(influxd, influx_db, fed.now_ms))
-    assert ("rack-half", None) not in firing_set(result)
-    assert {k: v for k, v in result.values.items() if dict(k)["rack"] == "rack-half"} == {
-        k: 0.0 for k in result.values if dict(k)["rack"] == "rack-half"} != {}
+    rule = RULES["racktwin-recirculation"]
+    result = evaluate_rule(rule, make_runner(influxd, influx_db, fed.now_ms))
+    assert result.state == "Evaluated"
+    assert not {k for k in result.values if dict(k)["rack"] == "rack-half"}, result.values
     assert firing_set(result) == EXPECTED["racktwin-recirculation"]
+    assert rule["missing_series_evals_to_resolve"] * 60 >= alerts.SILENT_LOOKBACK_S
 
 
 def test_when_all_telemetry_stops_the_silent_sensors_and_the_bridge_page_and_nothing_else(fed, influxd, influx_db):

@@ -491,7 +491,7 @@ def test_a_limit_alert_outlives_its_sensor_going_silent_as_long_as_the_silent_ru
 
 
 def test_the_recirculation_window_holds_a_reading_of_each_live_position():
-    """A position with no reading in the window counts as 0 (replaceNN), which resets the 10-minute "for": at a
+    """A rack with a position with no reading in the window has no series, which restarts the 10-minute "for": at a
     long reporting interval the window must still hold one."""
     for interval, expected in ((60, 300), (300, 900)):
         rules = alerts.rules_file(from_env({"RACKTWIN_READING_INTERVAL_S": str(interval)}))
