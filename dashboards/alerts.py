@@ -409,7 +409,12 @@ STATE_REASON = ".Annotations.grafana_state_reason"
 MISSING_SERIES = f'(match "MissingSeries" {STATE_REASON})'
 KEPT_LAST = f'(match "KeepLast" {STATE_REASON})'
 DATASOURCE_ALERT = '(or (eq .Labels.alertname "DatasourceNoData") (eq .Labels.alertname "DatasourceError"))'
-JUDGED = f"or (not {STATE_REASON}) (and {MISSING_SERIES} {DATASOURCE_ALERT})"  # a resolved alert that did end
+# An alert of the rule as a whole: a "no data" or "error" alert, or one a no-data state of Alerting raised
+# (bridge-down without any stats), which keeps the rule's title as alertname but carries no series label (every
+# rack rule's series has a rack, every bridge rule's an instance). Resolved as a missing series, it did end: its
+# rule answers with series again.
+RULE_WIDE = f"(or {DATASOURCE_ALERT} (and (not .Labels.rack) (not .Labels.instance)))"
+JUDGED = f"or (not {STATE_REASON}) (and {MISSING_SERIES} {RULE_WIDE})"  # a resolved alert that did end
 
 
 def template_call(name: str) -> str:
@@ -430,7 +435,8 @@ def notification_templates() -> str:
         # "NoData, KeepLast" / "Error, KeepLast" and the text of its last evaluation, which may be hours old.
         f'{{{{ if {KEPT_LAST} }}}} (held as last judged: its query {{{{ if match "^Error" {STATE_REASON} }}}}fails'
         "{{ else }}finds no data{{ end }}){{ end }}"
-        f"{{{{ else if {JUDGED} }}}}RESOLVED: {{{{ if {DATASOURCE_ALERT} }}}}{{{{ .Labels.rulename }}}}: "
+        f"{{{{ else if {JUDGED} }}}}RESOLVED: {{{{ if {RULE_WIDE} }}}}"
+        "{{ if .Labels.rulename }}{{ .Labels.rulename }}{{ else }}{{ .Labels.alertname }}{{ end }}: "
         '{{ if eq .Labels.alertname "DatasourceError" }}its query works again{{ else }}its query finds series again'
         "{{ end }} (was: {{ .Annotations.summary }}){{ else }}{{ .Annotations.summary }}{{ end }}"
         f'{{{{ else if {MISSING_SERIES} }}}}NO LONGER REPORTED: {{{{ template "racktwin.where" . }}}}: '

@@ -278,3 +278,23 @@ def test_a_firing_alert_held_by_keep_last_says_its_text_is_its_last_judgement(re
     assert title == "[FIRING:1] Inlet temperature outside recommended envelope | hall1 (site1)"
     assert message.splitlines()[0] == f"FIRING: {FIRING_TEXT} (held as last judged: its query {why})"
     assert "held" not in text_of(firing())[1]
+
+
+def test_the_bridge_down_alert_raised_by_no_data_ends_as_stats_returning():
+    """Bridge-down's no-data state is Alerting: with no bridge stats at all (a fresh stack whose bridge has not
+    written yet, every bridge gone for a day) it fires as an alert of the rule's labels alone, alertname its title,
+    no instance. Once stats arrive, that label set is missing from the result and Grafana resolves it as a missing
+    series with its old text: it ended because the query finds series again, not because something went unjudged."""
+    uid = "racktwin-bridge-down"
+    rule = RULES[uid]
+    assert rule["noDataState"] == "Alerting"
+    raised = alert(uid, "firing", {}, {})
+    summary = raised["Annotations"]["summary"]
+    assert summary.startswith("No bridge stats in InfluxDB for 2 min")
+    title, message = text_of(alert(uid, "resolved", {}, {}, reason="MissingSeries"), group_labels={})
+    assert title == f"[RESOLVED] {rule['title']}"
+    assert message.splitlines()[0] == f"RESOLVED: {rule['title']}: its query finds series again (was: {summary})"
+    assert "NO LONGER REPORTED" not in title + message and "can no longer be judged" not in message
+    # A bridge instance's own alert, gone from the result, is still one that can no longer be judged.
+    _, message = text_of(stale(uid, {"instance": "bridge-1"}, {"B": 0.0, "C": 1.0}), group_labels={})
+    assert message.splitlines()[0].startswith("NO LONGER REPORTED: Bridge bridge-1: no longer reported")
