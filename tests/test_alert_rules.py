@@ -311,3 +311,37 @@ def test_the_rate_rule_sees_a_fast_rise_of_a_sensor_reporting_every_15_min_or_mo
     assert spread[f"rack-ramp-{interval_s}"] == pytest.approx(40.0 * interval_s / 3600)
     assert spread[f"rack-slow-{interval_s}"] == pytest.approx(10.0 * interval_s / 3600)
     assert {k for k in firing_set(result) if k[0].endswith(f"-{interval_s}")} == {(f"rack-ramp-{interval_s}", "top")}
+
+
+def test_a_rising_sensor_that_goes_silent_is_not_resolved_by_its_shrinking_window(influxd, influx_db):
+    """A sensor rising 0.5 °C a minute fires (7 °C in 15 min), then stops. Its last readings stay in the 15-min
+    window as it slides on, the spread of what is left shrinks, and five minutes on the rule judged 4.5 °C "back
+    within the limit": a RESOLVED for a rack nobody measured since. A position without a reading in the silent
+    rule's 3 intervals has no series instead (Grafana ends its alert as no longer reported, see the silent rule);
+    one still reporting is judged on its window."""
+    from bridge.mapping import RackLocation, SensorReading
+    from bridge.sinks.influx import reading_line
+
+    t = Thresholds()
+    rule = RULES["racktwin-rate-of-change"]
+    now_ms = 1_790_000_000_000
+    lines = []
+    for rack, stops_min in (("rack-dies", 0), ("rack-lives", 99)):
+        loc = RackLocation("site1", "hall-1", "A", rack)
+        for m in range(-30, 1):
+            ts = now_ms + m * 60_000
+            lines.append(reading_line(SensorReading(loc, "top", "t", ts, 27.0 + 0.5 * m, 45.0)))
+        # the live one goes on rising; the dead one's last reading is at now_ms
+        if stops_min:
+            lines += [reading_line(SensorReading(loc, "top", "t", now_ms + m * 60_000, 27.0 + 0.5 * m, 45.0))
+                      for m in range(1, 6)]
+    influxd.write(lines, influx_db)
+    at_death = evaluate_rule(rule, make_runner(influxd, influx_db, now_ms + 1000))
+    assert firing_set(at_death) == {("rack-dies", "top"), ("rack-lives", "top")}
+    later = evaluate_rule(rule, make_runner(influxd, influx_db, now_ms + 5 * 60_000 + 1000))
+    spread = {dict(k)["rack"]: v for k, v in later.values.items()}
+    assert "rack-dies" not in spread, spread
+    assert spread["rack-lives"] == pytest.approx(7.0) and firing_set(later) == {("rack-lives", "top")}
+    # Still silent for less than the silent rule's 3 intervals: judged on the readings it has.
+    soon = evaluate_rule(rule, make_runner(influxd, influx_db, now_ms + t.silent_after_s * 1000 - 5000))
+    assert {dict(k)["rack"] for k in soon.values} == {"rack-dies", "rack-lives"}
